@@ -1,0 +1,99 @@
+"""Bad input fails loudly, naming the argument, on every path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import make_inputs
+
+from titans.ops.memory import MemoryState, chunk_memory, naive_memory, step_memory
+
+PATHS = [chunk_memory, naive_memory]
+
+
+def _kw(T=5, **over):
+    kw, _ = make_inputs(T=T, seed=0)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize("fn", PATHS)
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (lambda kw: kw.update(q=kw["q"][0]), ValueError, "q must have 4 dimensions"),
+        (lambda kw: kw.update(k=kw["k"][:, :, :1]), ValueError, "share the shape"),
+        (lambda kw: kw.update(v=kw["v"].float()), TypeError, "v has dtype"),
+        (lambda kw: kw.update(q=kw["q"].long()), TypeError, "q must be a floating-point"),
+        (lambda kw: kw.update(theta=kw["theta"][..., :1]), ValueError, "theta must have shape"),
+        (lambda kw: kw.update(alpha=kw["alpha"][:, :, :, None]), ValueError, "alpha must have 3"),
+        (lambda kw: kw.update(theta=None), ValueError, "theta"),
+        (lambda kw: kw.update(q=kw["q"].index_fill(1, torch.tensor([2]), float("nan"))), ValueError, "non-finite values .* q"),
+        (lambda kw: kw.update(v=kw["v"].index_fill(1, torch.tensor([0]), float("inf"))), ValueError, "non-finite values .* v"),
+        (lambda kw: kw.update(theta=-kw["theta"] - 0.1), ValueError, "theta .* must be >= 0"),
+        (lambda kw: kw.update(eta=kw["eta"] + 1.5), ValueError, "eta must lie in"),
+        (lambda kw: kw.update(alpha=kw["alpha"] - 1.0), ValueError, "alpha must lie in"),
+        (lambda kw: kw.update(weights=[w[:, :2] for w in kw["weights"]]), ValueError, "memory layer|expected head dim"),
+        (lambda kw: kw.update(weights=[kw["weights"][0][:1]] + kw["weights"][1:]), ValueError, r"weights\[0\] must have shape"),
+        (lambda kw: kw.update(weights=kw["weights"][0]), TypeError, "weights must be a non-empty list"),
+        (lambda kw: kw.update(weights=None), ValueError, "exactly one of weights"),
+        (lambda kw: kw.update(q=kw["q"][:, :0], k=kw["k"][:, :0], v=kw["v"][:, :0], theta=kw["theta"][:, :0], eta=kw["eta"][:, :0], alpha=kw["alpha"][:, :0]), ValueError, "empty time dimension"),
+    ],
+)  # fmt: skip
+def test_bad_inputs(fn, change, exc, match):
+    kw = _kw()
+    change(kw)
+    with pytest.raises(exc, match=match):
+        fn(**kw, chunk_size=4)
+
+
+@pytest.mark.parametrize("fn", PATHS + [step_memory])
+@pytest.mark.parametrize("chunk_size, exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_bad_chunk_size(fn, chunk_size, exc):
+    with pytest.raises(exc, match="chunk_size"):
+        fn(**_kw(T=1), chunk_size=chunk_size)
+
+
+def test_bad_activation():
+    with pytest.raises(ValueError, match="activation"):
+        chunk_memory(**_kw(), chunk_size=4, activation="tanh")
+
+
+def test_step_takes_one_token():
+    with pytest.raises(ValueError, match="exactly one token"):
+        step_memory(**_kw(T=3), chunk_size=4)
+
+
+def test_state_mismatches():
+    kw = _kw(T=6)
+    weights = kw.pop("weights")
+    _, state = chunk_memory(**kw, weights=weights, chunk_size=4)
+    assert state.position == 2
+    with pytest.raises(ValueError, match="another chunk_size"):
+        chunk_memory(**kw, state=state, chunk_size=2)
+    with pytest.raises(ValueError, match="exactly one of"):
+        chunk_memory(**kw, state=state, weights=weights, chunk_size=4)
+    with pytest.raises(TypeError, match="MemoryState"):
+        chunk_memory(**kw, state={"weights": weights}, chunk_size=4)
+    small = MemoryState(
+        weights=tuple(w[:1] for w in state.weights),
+        momentum=tuple(s[:1] for s in state.momentum),
+        chunk_weights=tuple(w[:1] for w in state.chunk_weights),
+        position=state.position,
+    )
+    with pytest.raises(ValueError, match=r"state.weights\[0\] must have shape \[B=2"):
+        chunk_memory(**kw, state=small, chunk_size=4)
+
+
+def test_bad_checkpoint_chunks():
+    with pytest.raises(ValueError, match="checkpoint_chunks"):
+        chunk_memory(**_kw(), chunk_size=4, checkpoint_chunks=-1)
+
+
+@pytest.mark.parametrize("name", ["v", "theta"])
+def test_device_mismatch(name):
+    """The 'meta' device stands in for a second device: the check runs before any compute."""
+    kw = _kw()
+    kw[name] = kw[name].to("meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta"):
+        chunk_memory(**kw, chunk_size=4)

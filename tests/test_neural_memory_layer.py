@@ -1,0 +1,174 @@
+"""The NeuralMemory layer: streaming, causality, gradients to every parameter, ablations, errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _helpers import rel_rms
+
+from titans.layers import NeuralMemory, NeuralMemoryState
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    opts = dict(dim=24, heads=2, depth=2, expansion=2.0, chunk_size=8)
+    opts.update(kw)
+    return NeuralMemory(**opts).double()
+
+
+ABLATIONS = {
+    "full": {},
+    "linear memory": dict(depth=1),
+    "no momentum": dict(momentum=False),
+    "no forgetting": dict(forgetting=False),
+    "no convolution": dict(conv_kernel=0),
+    "residual memory, gelu, sigmoid lr": dict(residual=True, activation="gelu", theta_activation="sigmoid"),
+}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_streaming_equals_one_call(name):
+    layer = _layer(**ABLATIONS[name])
+    x = torch.randn(2, 45, 24, dtype=torch.float64)
+    with torch.no_grad():
+        y_full, s_full = layer(x)
+        rng = random.Random(0)
+        cuts = sorted(rng.sample(range(1, 45), 9)) + [45]
+        ys, state, a = [], None, 0
+        for b in [1, 2, 3] + [c for c in cuts if c > 3]:  # single tokens first, then pieces
+            y, state = layer(x[:, a:b], state)
+            ys.append(y)
+            a = b
+    assert rel_rms(torch.cat(ys, 1), y_full) < 1e-12
+    assert state.memory.position == s_full.memory.position
+    for u, w in zip(state.memory.weights, s_full.memory.weights):
+        assert rel_rms(u, w) < 1e-12
+    if state.conv is not None:
+        assert rel_rms(state.conv, s_full.conv) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_parameter_gets_a_gradient(name):
+    layer = _layer(**ABLATIONS[name])
+    x = torch.randn(2, 30, 24, dtype=torch.float64)
+    y, _ = layer(x)
+    (y * torch.randn_like(y)).sum().backward()
+    missing = [n for n, p in layer.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient for {missing}"
+    names = dict(layer.named_parameters())
+    assert any(n.startswith("initial_weights") for n in names)
+    assert "to_theta.weight" in names
+    assert ("to_eta.weight" in names) == ABLATIONS[name].get("momentum", True)
+    assert ("to_alpha.weight" in names) == ABLATIONS[name].get("forgetting", True)
+
+
+def test_ablation_switches_shape_the_memory():
+    assert len(_layer(depth=1).initial_weights) == 1
+    assert _layer(depth=3).initial_weights[1].shape == (2, 24, 24)  # hidden = 2 x head dim 12
+    x = torch.randn(1, 10, 24, dtype=torch.float64)
+    with torch.no_grad():
+        assert _layer(momentum=False)(x)[1].memory.momentum is None
+        assert _layer(conv_kernel=0)(x)[1].conv is None
+        assert _layer(conv_kernel=4)(x)[1].conv.shape == (1, 3, 3 * 24)
+
+
+def test_causal():
+    layer = _layer()
+    x = torch.randn(2, 40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)[0]
+        for t in (0, 7, 12, 30):
+            x2 = x.clone()
+            x2[:, t + 1 :] = torch.randn_like(x2[:, t + 1 :])
+            y2 = layer(x2)[0]
+            assert torch.equal(y[:, : t + 1], y2[:, : t + 1])
+            assert not torch.equal(y[:, t + 1 :], y2[:, t + 1 :])
+
+
+def test_batch_isolation():
+    layer = _layer()
+    x = torch.randn(3, 20, 24, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)[0]
+        x2 = x.clone()
+        x2[1] += 1.0
+        y2 = layer(x2)[0]
+    assert torch.equal(y[0], y2[0]) and torch.equal(y[2], y2[2])
+
+
+def test_gate_initialisation():
+    layer = _layer(theta_init=0.02, eta_init=0.8, alpha_init=0.005)
+    x = torch.zeros(1, 3, 24, dtype=torch.float64)
+    theta, eta, alpha = layer.gates(x)
+    assert torch.allclose(theta, torch.full_like(theta, 0.02))
+    assert torch.allclose(eta, torch.full_like(eta, 0.8))
+    assert torch.allclose(alpha, torch.full_like(alpha, 0.005))
+    s = _layer(theta_activation="sigmoid", max_lr=0.05, theta_init=0.01)
+    assert torch.allclose(s.gates(x)[0], torch.full_like(theta, 0.01))
+
+
+def test_gates_are_per_token_and_per_sequence():
+    """Gates are never averaged over the batch or the chunk (a bug we saw in ports)."""
+    layer = _layer()
+    x = torch.randn(2, 10, 24, dtype=torch.float64)
+    theta, eta, alpha = layer.gates(x)
+    for g in (theta, eta, alpha):
+        assert g.shape == (2, 10, 2)
+        assert not torch.allclose(g[0], g[1]) and not torch.allclose(g[:, 0], g[:, 1])
+
+
+def test_state_helpers():
+    layer = _layer()
+    x = torch.randn(2, 10, 24, dtype=torch.float64, requires_grad=True)
+    _, s = layer(x)
+    d = s.detach()
+    assert all(not t.requires_grad for t in d.memory.tensors())
+    assert d.to(torch.float32).memory.weights[0].dtype == torch.float32
+    assert d.num_bytes() == s.num_bytes() > 0
+
+
+def test_float32_module_runs_and_backprops():
+    torch.manual_seed(0)
+    layer = NeuralMemory(dim=32, heads=4, chunk_size=16)
+    x = torch.randn(2, 100, 32)
+    y, s = layer(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    y.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dim=24, heads=5), "must divide"),
+        (dict(dim=24, chunk_size=0), "chunk_size"),
+        (dict(dim=24, depth=0), "depth"),
+        (dict(dim=24, activation="tanh"), "activation"),
+        (dict(dim=24, theta_activation="exp"), "theta_activation"),
+        (dict(dim=24, eta_init=1.0), "eta_init"),
+        (dict(dim=24, conv_kernel=-1), "conv_kernel"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(**kwargs)
+
+
+def test_bad_forward_inputs():
+    layer = _layer()
+    with pytest.raises(ValueError, match="shape"):
+        layer(torch.randn(2, 5, 23, dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty time"):
+        layer(torch.randn(2, 0, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(torch.full((1, 3, 24), float("nan"), dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(1, 3, 24, dtype=torch.long))
+    _, s = layer(torch.randn(2, 5, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch size 2"):
+        layer(torch.randn(3, 5, 24, dtype=torch.float64), s)
+    with pytest.raises(TypeError, match="NeuralMemoryState"):
+        layer(torch.randn(2, 5, 24, dtype=torch.float64), s.memory)
+    assert isinstance(s, NeuralMemoryState)

@@ -1,0 +1,3 @@
+from .neural_memory import NeuralMemory, NeuralMemoryState
+
+__all__ = ["NeuralMemory", "NeuralMemoryState"]

@@ -1,0 +1,235 @@
+"""NeuralMemory: the paper's long-term memory module as a drop-in sequence-mixing layer.
+
+    x ──► W_qkv ──► causal depthwise conv ──► SiLU ──► q, k (l2-normalised), v     [B, T, H, D]
+    x ──► W_theta, W_eta, W_alpha ──► per-token, per-head gates                      [B, T, H]
+    (q, k, v, gates) ──► memory (ops/memory: memorise by gradient descent, retrieve y_t = M_t(q_t))
+    y ──► RMSNorm ──► * SiLU(x W_gate) ──► W_out                                      [B, T, dim]
+
+The memory's initial weights M_0 are parameters (one MLP per head), trained by backpropagating
+through the test-time updates. ``forward(x, state)`` returns ``(output, new_state)``; feeding a
+sequence in pieces with the returned state gives the same outputs as one call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
+
+__all__ = ["NeuralMemory", "NeuralMemoryState"]
+
+
+@dataclass
+class NeuralMemoryState:
+    """memory: the test-time-trained MLPs (see MemoryState); conv: the last ``kernel - 1``
+    projected inputs, so the causal convolution continues across calls (None without conv)."""
+
+    memory: MemoryState
+    conv: Tensor | None
+
+    def detach(self) -> "NeuralMemoryState":
+        return replace(
+            self, memory=self.memory.detach(), conv=None if self.conv is None else self.conv.detach()
+        )
+
+    def to(self, *args, **kwargs) -> "NeuralMemoryState":
+        conv = None if self.conv is None else self.conv.to(*args, **kwargs)
+        return replace(self, memory=self.memory.to(*args, **kwargs), conv=conv)
+
+    def num_bytes(self) -> int:
+        conv = 0 if self.conv is None else self.conv.numel() * self.conv.element_size()
+        return self.memory.num_bytes() + conv
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+class NeuralMemory(nn.Module):
+    """The neural long-term memory layer (paper section 3, section 4.4).
+
+    Args:
+        dim: model width (input and output).
+        heads: number of memory heads; each head has its own memory MLP.
+        head_dim: width of q/k/v per head (default ``dim // heads``).
+        depth: layers of the memory MLP (1 = linear memory, the "linear memory" ablation).
+        expansion: hidden width of the memory MLP = expansion * head_dim.
+        chunk_size: tokens per chunk: their gradients are taken at the chunk-start weights.
+        activation: activation of the memory MLP ('silu', 'gelu', 'relu').
+        residual: memory MLP with a residual connection, ``M(x) = MLP(x) + x``.
+        momentum: use the momentum (past surprise) term; False is the "w/o momentum" ablation.
+        forgetting: use the forget gate (weight decay); False is the "w/o weight decay" ablation.
+        conv_kernel: kernel of the causal depthwise convolution on q, k, v; 0 or 1 = no
+            convolution (the "w/o convolution" ablation).
+        theta_activation: 'softplus' (theta in (0, inf)) or 'sigmoid' (theta = max_lr * sigmoid).
+        max_lr: upper bound of theta for 'sigmoid'.
+        theta_init, eta_init, alpha_init: gate values of an untrained layer (through the biases):
+            a small learning rate that is stable for unit-norm keys, strong momentum, and slow
+            forgetting (alpha 1e-3 keeps ~37% of a memory after 1000 tokens).
+        checkpoint_chunks: chunks per activation-checkpoint group in training (0 = off).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        head_dim: int | None = None,
+        depth: int = 2,
+        expansion: float = 4.0,
+        chunk_size: int = 64,
+        activation: str = "silu",
+        residual: bool = False,
+        momentum: bool = True,
+        forgetting: bool = True,
+        conv_kernel: int = 4,
+        theta_activation: str = "softplus",
+        max_lr: float = 0.1,
+        theta_init: float = 0.01,
+        eta_init: float = 0.9,
+        alpha_init: float = 1e-3,
+        checkpoint_chunks: int = 8,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or heads < 1:
+            raise ValueError(f"dim and heads must be >= 1, got dim={dim}, heads={heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"heads ({heads}) must divide dim ({dim}) unless head_dim is given")
+            head_dim = dim // heads
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if activation not in ("silu", "gelu", "relu"):
+            raise ValueError(f"activation must be 'silu', 'gelu' or 'relu', got {activation!r}")
+        if theta_activation not in ("softplus", "sigmoid"):
+            raise ValueError(f"theta_activation must be 'softplus' or 'sigmoid', got {theta_activation!r}")
+        if not 0 < theta_init < (max_lr if theta_activation == "sigmoid" else math.inf):
+            raise ValueError(f"theta_init must be in (0, max_lr) for sigmoid / > 0, got {theta_init}")
+        if not (0 < eta_init < 1 and 0 < alpha_init < 1):
+            raise ValueError("eta_init and alpha_init must lie in (0, 1)")
+        if conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be >= 0, got {conv_kernel}")
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.depth, self.expansion, self.chunk_size = depth, expansion, chunk_size
+        self.activation, self.residual = activation, residual
+        self.momentum, self.forgetting = momentum, forgetting
+        self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
+        self.theta_activation, self.max_lr = theta_activation, max_lr
+        self.checkpoint_chunks = checkpoint_chunks
+        inner = heads * head_dim
+
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        if self.conv_kernel:
+            self.conv = nn.Conv1d(3 * inner, 3 * inner, self.conv_kernel, groups=3 * inner, bias=False)
+        self.to_theta = nn.Linear(dim, heads)
+        self.to_eta = nn.Linear(dim, heads) if momentum else None
+        self.to_alpha = nn.Linear(dim, heads) if forgetting else None
+        # M_0: one MLP per head, learned through the test-time updates.
+        self.initial_weights = nn.ParameterList(
+            nn.Parameter(torch.empty(heads, o, i)) for o, i in memory_shapes(head_dim, depth, expansion)
+        )
+        self.out_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.to_gate = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self._theta_init, self._eta_init, self._alpha_init = theta_init, eta_init, alpha_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in self.initial_weights:
+            nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+        for lin, bias in (
+            (self.to_theta, self._theta_bias()),
+            (self.to_eta, None if self.to_eta is None else _logit(self._eta_init)),
+            (self.to_alpha, None if self.to_alpha is None else _logit(self._alpha_init)),
+        ):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.constant_(lin.bias, bias)
+
+    def _theta_bias(self) -> float:
+        if self.theta_activation == "softplus":
+            return math.log(math.expm1(self._theta_init))  # softplus^-1
+        return _logit(self._theta_init / self.max_lr)
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor, state: NeuralMemoryState | None) -> None:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError("x must be a floating-point tensor [batch, time, dim]")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [batch, time, dim={self.dim}], got {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("x has an empty time dimension (T = 0)")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains non-finite values (NaN or inf)")
+        if state is not None:
+            if not isinstance(state, NeuralMemoryState):
+                raise TypeError(f"state must be a NeuralMemoryState, got {type(state).__name__}")
+            if state.memory.batch_size != x.shape[0]:
+                raise ValueError(
+                    f"state was made for batch size {state.memory.batch_size}, x has {x.shape[0]}"
+                )
+            if (state.conv is None) != (self.conv_kernel == 0):
+                raise ValueError("state.conv does not match this layer's convolution setting")
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def _conv(self, u: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Causal depthwise convolution over time, continuing from ``tail`` ``[B, K-1, C]``."""
+        if not self.conv_kernel:
+            return u, None
+        B, T, C = u.shape
+        if tail is None:
+            tail = u.new_zeros(B, self.conv_kernel - 1, C)
+        full = torch.cat([tail.to(u.dtype), u], dim=1)  # (B, K-1+T, C)
+        out = F.conv1d(full.transpose(1, 2), self.conv.weight, groups=C).transpose(1, 2)
+        return out, full[:, -(self.conv_kernel - 1) :]
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Per-token, per-head (theta, eta, alpha), each ``[B, T, H]``, from the layer input."""
+        if self.theta_activation == "softplus":
+            theta = F.softplus(self.to_theta(x))
+        else:
+            theta = self.max_lr * torch.sigmoid(self.to_theta(x))
+        eta = None if self.to_eta is None else torch.sigmoid(self.to_eta(x))
+        alpha = None if self.to_alpha is None else torch.sigmoid(self.to_alpha(x))
+        return theta, eta, alpha
+
+    def forward(
+        self, x: Tensor, state: NeuralMemoryState | None = None
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """x ``[B, T, dim]`` -> ``(y [B, T, dim], state)``. Memorises every token of x and returns
+        for each token the memory's answer to its query, with the weights as of that token."""
+        self._check_input(x, state)
+        qkv, conv_tail = self._conv(self.to_qkv(x), None if state is None else state.conv)
+        qkv = F.silu(qkv)
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        theta, eta, alpha = self.gates(x)
+        kwargs = dict(
+            q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
+            chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
+        )  # fmt: skip
+        if state is None:
+            kwargs["weights"] = tuple(self.initial_weights)
+        else:
+            kwargs["state"] = state.memory
+        if x.shape[1] == 1:
+            y, mem = step_memory(**kwargs)
+        else:
+            y, mem = chunk_memory(**kwargs, checkpoint_chunks=self.checkpoint_chunks)
+        y = self.out_norm(y.to(x.dtype))  # (B, T, H, D)
+        y = rearrange(y, "b t h d -> b t (h d)") * F.silu(self.to_gate(x))
+        return self.to_out(y), NeuralMemoryState(memory=mem, conv=conv_tail)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
+            f"expansion={self.expansion}, chunk_size={self.chunk_size}, momentum={self.momentum}, "
+            f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}"
+        )

@@ -1,0 +1,1 @@
+"""Math as plain functions."""

@@ -1,0 +1,78 @@
+"""The memory MLP, its activation with an explicit derivative, and the analytic per-token gradient
+of the associative loss ``l(W; k, v) = ||M_W(k) - v||^2``.
+
+Layers: ``z_l = h_{l-1} @ W_l.T``, ``h_l = act(z_l)`` for l < L, no activation after the last
+layer, optional residual ``M(x) = z_L + x``. Weights are batched as ``[N, out, in]`` (N = any
+number of independent memories, e.g. batch x heads) and inputs as ``[N, n, in]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SQRT_2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def activation(name: str, z: Tensor) -> Tensor:
+    if name == "silu":
+        return F.silu(z)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "relu":
+        return F.relu(z)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def activation_grad(name: str, z: Tensor) -> Tensor:
+    """d act / d z, written out so that it is itself differentiable (outer gradients need it)."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if name == "gelu":  # exact (erf) GELU: Phi(z) + z * phi(z)
+        return 0.5 * (1 + torch.erf(z / _SQRT_2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def mlp_forward(weights: Sequence[Tensor], x: Tensor, act: str, residual: bool) -> Tensor:
+    """M_W(x) for x ``[N, n, D]`` and weights ``[N, out, in]``."""
+    h = x
+    for i, w in enumerate(weights):
+        z = h @ w.transpose(-1, -2)
+        h = activation(act, z) if i < len(weights) - 1 else z
+    return h + x if residual else h
+
+
+def key_gradients(
+    weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str, residual: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-token gradients of ``||M_W(k_i) - v_i||^2`` at ``weights``, in factored form.
+
+    Returns ``(hs, dzs)`` with ``hs[l]`` the input of layer l (``[N, n, in_l]``) and ``dzs[l]`` the
+    loss gradient at its pre-activation (``[N, n, out_l]``): token i's gradient for layer l is the
+    outer product ``dzs[l][:, i, :, None] * hs[l][:, i, None, :]``. One batched forward/backward,
+    no per-sample autograd.
+    """
+    hs, zs = [k], []
+    h = k
+    for i, w in enumerate(weights):
+        z = h @ w.transpose(-1, -2)
+        zs.append(z)
+        if i < len(weights) - 1:
+            h = activation(act, z)
+            hs.append(h)
+    out = zs[-1] + k if residual else zs[-1]
+    dz = 2 * (out - v)
+    dzs = [dz]
+    for i in range(len(weights) - 1, 0, -1):
+        dz = (dz @ weights[i]) * activation_grad(act, zs[i - 1])
+        dzs.append(dz)
+    dzs.reverse()
+    return hs, dzs

@@ -1,0 +1,95 @@
+"""The token-by-token reference of SPEC section 1. Ground truth for every test; kept simple.
+
+Per token t (gradients at the chunk-start weights M_c, everything else token by token):
+
+    u_t = grad_W ||M_c(k_t) - v_t||^2
+    S_t = eta_t * S_{t-1} - theta_t * u_t
+    M_t = (1 - alpha_t) * M_{t-1} + S_t
+    y_t = M_t(q_t)
+
+The per-token gradient is taken with ``torch.func.grad`` (autograd), independently of the
+analytic gradients of the chunk path. Every token's weights stay alive for the backward pass,
+so use it on short sequences only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .mlp import activation
+from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state
+
+__all__ = ["naive_memory"]
+
+
+def _mlp(weights: Sequence[Tensor], x: Tensor, act: str, residual: bool) -> Tensor:
+    """M_W(x) with weights ``[B, H, out, in]`` and x ``[B, H, D]``."""
+    h = x
+    for i, w in enumerate(weights):
+        z = torch.einsum("bhoi,bhi->bho", w, h)
+        h = activation(act, z) if i < len(weights) - 1 else z
+    return h + x if residual else h
+
+
+def naive_memory(
+    *,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor | None = None,
+    alpha: Tensor | None = None,
+    weights: Sequence[Tensor] | None = None,
+    state: MemoryState | None = None,
+    chunk_size: int = 64,
+    activation: str = "silu",
+    residual: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """Token loop. q, k, v ``[B, T, H, D]``; theta, eta, alpha ``[B, T, H]`` (eta / alpha = None:
+    no momentum / no forgetting). Start from ``weights`` (M_0, per layer ``[H, out, in]`` or
+    ``[B, H, out, in]``) or continue from ``state``. Returns ``(y [B, T, H, D], final state)``."""
+    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation)
+    dtype = q.dtype
+    cd = compute_dtype(dtype)
+    if state is None:
+        state = initial_memory_state(weights, q.shape[0], momentum=eta is not None, dtype=cd)
+    W, Wc, pos = state.weights, state.chunk_weights, state.position
+    S = state.momentum
+    if S is None and eta is not None:
+        S = tuple(torch.zeros_like(w) for w in W)
+    q, k, v, theta = q.to(cd), k.to(cd), v.to(cd), theta.to(cd)
+
+    def loss(ws, k_t, v_t):  # summed over batch and heads: each memory gets its own gradient
+        return (_mlp(ws, k_t, activation, residual) - v_t).pow(2).sum()
+
+    grad_fn = torch.func.grad(loss)
+    ys = []
+    for t in range(q.shape[1]):
+        if pos == 0:
+            Wc = W
+        u = grad_fn(tuple(Wc), k[:, t], v[:, t])
+        th = theta[:, t, :, None, None]
+        if eta is not None:
+            et = eta[:, t, :, None, None].to(cd)
+            S = tuple(et * s - th * g for s, g in zip(S, u))
+            step = S
+        else:
+            step = tuple(-th * g for g in u)
+        if alpha is not None:
+            keep = 1 - alpha[:, t, :, None, None].to(cd)
+            W = tuple(keep * w + s for w, s in zip(W, step))
+        else:
+            W = tuple(w + s for w, s in zip(W, step))
+        ys.append(_mlp(W, q[:, t], activation, residual))
+        pos = (pos + 1) % chunk_size
+    y = torch.stack(ys, dim=1).to(dtype)
+    final = MemoryState(
+        weights=tuple(W),
+        momentum=None if eta is None else tuple(S),
+        chunk_weights=tuple(W) if pos == 0 else tuple(Wc),
+        position=pos,
+    )
+    return y, final

@@ -1,0 +1,254 @@
+"""The recurrent state of the neural memory and the input checks every path shares.
+
+Weights of the memory MLP are stored per batch element and head as ``[B, H, out, in]``
+(``z = h @ W.T``), one tensor per layer. Depth L = 1 is the linear (matrix) memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["MemoryState", "memory_shapes", "initial_memory_state", "check_inputs"]
+
+
+def memory_shapes(head_dim: int, depth: int, expansion: float = 4.0) -> list[tuple[int, int]]:
+    """(out, in) of each layer of the memory MLP: D -> E -> ... -> E -> D, with E = expansion * D."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if depth == 1:
+        return [(head_dim, head_dim)]
+    hidden = int(round(expansion * head_dim))
+    if hidden < 1:
+        raise ValueError(f"expansion * head_dim must be >= 1, got {expansion} * {head_dim}")
+    dims = [head_dim] + [hidden] * (depth - 1) + [head_dim]
+    return [(dims[i + 1], dims[i]) for i in range(depth)]
+
+
+@dataclass
+class MemoryState:
+    """Everything needed to continue the memory exactly where a call stopped.
+
+    weights:       M_t, the running weights after the last token seen, each ``[B, H, out, in]``.
+    momentum:      S_t, the running surprise, same shapes; ``None`` when momentum is off.
+    chunk_weights: M_c, the weights at the start of the pending chunk: every remaining token of
+                   that chunk takes its gradient there. Equal to ``weights`` when position == 0.
+    position:      tokens of the pending chunk already seen (0 <= position < chunk_size).
+    """
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...] | None
+    chunk_weights: tuple[Tensor, ...]
+    position: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.weights[0].shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.weights[0].shape[1]
+
+    @property
+    def depth(self) -> int:
+        return len(self.weights)
+
+    def tensors(self) -> list[Tensor]:
+        out = list(self.weights) + list(self.chunk_weights)
+        return out + (list(self.momentum) if self.momentum is not None else [])
+
+    def num_bytes(self) -> int:
+        """Bytes held by the state (chunk weights shared with the running weights count once)."""
+        seen, total = set(), 0
+        for t in self.tensors():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def _map(self, fn) -> "MemoryState":
+        same = self.chunk_weights is self.weights or all(
+            a is b for a, b in zip(self.chunk_weights, self.weights)
+        )
+        weights = tuple(fn(w) for w in self.weights)
+        chunk = weights if same else tuple(fn(w) for w in self.chunk_weights)
+        momentum = None if self.momentum is None else tuple(fn(s) for s in self.momentum)
+        return replace(self, weights=weights, momentum=momentum, chunk_weights=chunk)
+
+    def detach(self) -> "MemoryState":
+        """Cut the autograd history (truncated backprop through time between calls)."""
+        return self._map(lambda t: t.detach())
+
+    def to(self, *args, **kwargs) -> "MemoryState":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+
+def initial_memory_state(
+    weights: Sequence[Tensor], batch_size: int, momentum: bool, dtype: torch.dtype | None = None
+) -> MemoryState:
+    """The state before any token: M_0 = ``weights`` (``[H, out, in]`` shared by the batch, or
+    ``[B, H, out, in]``), S_0 = 0, position 0. Broadcasting keeps gradients flowing to ``weights``."""
+    ws = []
+    for w in weights:
+        if w.dim() == 3:
+            w = w.unsqueeze(0).expand(batch_size, *w.shape)
+        ws.append(w if dtype is None else w.to(dtype))
+    ws = tuple(ws)
+    mom = tuple(torch.zeros_like(w) for w in ws) if momentum else None
+    return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks. Shapes, dtypes and devices are checked always; values (NaN/inf, gate ranges) are
+# checked too because a silent NaN in a memory that runs for millions of tokens is worse than the
+# cost of one reduction per call.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, x, ndim: int, ref: Tensor | None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if ref is not None:
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has dtype {ref.dtype}")
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {ref.device}")
+
+
+def _check_finite(named: dict[str, Tensor]) -> None:
+    flags = torch.stack([torch.isfinite(t).all() for t in named.values()])
+    if not bool(flags.all()):
+        bad = [n for n, ok in zip(named, flags.tolist()) if not ok]
+        raise ValueError(f"non-finite values (NaN or inf) in {', '.join(bad)}")
+
+
+def check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor | None,
+    alpha: Tensor | None,
+    weights: Sequence[Tensor] | None,
+    state: MemoryState | None,
+    chunk_size: int,
+    activation: str,
+    single_token: bool = False,
+) -> None:
+    """Raise a ValueError/TypeError that names the bad argument."""
+    _check_tensor("q", q, 4, None)
+    _check_tensor("k", k, 4, q)
+    _check_tensor("v", v, 4, q)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must share the shape [B, T, H, D]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    B, T, H, D = q.shape
+    if T == 0:
+        raise ValueError("q has an empty time dimension (T = 0): nothing to memorise")
+    if B == 0 or H == 0 or D == 0:
+        raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)} (expected [B, T, H, D])")
+    if single_token and T != 1:
+        raise ValueError(f"step takes exactly one token: q must have T = 1, got T = {T}")
+    gates = {"theta": theta, "eta": eta, "alpha": alpha}
+    for name, g in gates.items():
+        if g is None:
+            if name == "theta":
+                raise ValueError("theta (the learning rate) is required")
+            continue
+        _check_tensor(name, g, 3, q)
+        if tuple(g.shape) != (B, T, H):
+            raise ValueError(f"{name} must have shape [B, T, H] = {(B, T, H)}, got {tuple(g.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if activation not in ("silu", "gelu", "relu"):
+        raise ValueError(f"activation must be 'silu', 'gelu' or 'relu', got {activation!r}")
+
+    if (weights is None) == (state is None):
+        raise ValueError("pass exactly one of weights (the initial memory M_0) or state (to continue)")
+    if state is not None:
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
+        layers = state.weights
+        if not 0 <= state.position < chunk_size:
+            raise ValueError(
+                f"state.position = {state.position} is outside [0, chunk_size = {chunk_size}): "
+                "the state was made with another chunk_size"
+            )
+        groups = [("state.weights", state.weights), ("state.chunk_weights", state.chunk_weights)]
+        if state.momentum is not None:
+            groups.append(("state.momentum", state.momentum))
+        for name, group in groups:
+            if len(group) != len(layers):
+                raise ValueError(f"{name} has {len(group)} layers, state.weights has {len(layers)}")
+            for i, w in enumerate(group):
+                if w.dim() != 4 or w.shape[:2] != (B, H):
+                    raise ValueError(
+                        f"{name}[{i}] must have shape [B={B}, H={H}, out, in], got {tuple(w.shape)}"
+                    )
+                if w.device != q.device:
+                    raise ValueError(f"{name}[{i}] is on {w.device} but q is on {q.device}")
+                if w.shape != layers[i].shape:
+                    raise ValueError(f"{name}[{i}] shape {tuple(w.shape)} != weights {tuple(layers[i].shape)}")
+    else:
+        if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)) or not weights:
+            raise TypeError("weights must be a non-empty list or tuple of tensors, one per layer")
+        layers = weights
+        for i, w in enumerate(weights):
+            if not isinstance(w, Tensor) or not w.is_floating_point():
+                raise TypeError(f"weights[{i}] must be a floating-point tensor")
+            if w.dim() == 3:
+                ok = w.shape[0] == H
+            elif w.dim() == 4:
+                ok = w.shape[:2] == (B, H)
+            else:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"weights[{i}] must have shape [H={H}, out, in] or [B={B}, H={H}, out, in], "
+                    f"got {tuple(w.shape)}"
+                )
+            if w.device != q.device:
+                raise ValueError(f"weights[{i}] is on {w.device} but q is on {q.device}")
+    # The layers must chain D -> ... -> D.
+    prev = D
+    for i, w in enumerate(layers):
+        out_dim, in_dim = w.shape[-2], w.shape[-1]
+        if in_dim != prev:
+            raise ValueError(f"memory layer {i} takes {in_dim} inputs, expected {prev}")
+        prev = out_dim
+    if prev != D:
+        raise ValueError(f"the memory's last layer gives {prev} outputs, expected head dim {D}")
+
+    named = {"q": q, "k": k, "v": v, "theta": theta}
+    if eta is not None:
+        named["eta"] = eta
+    if alpha is not None:
+        named["alpha"] = alpha
+    _check_finite(named)
+    if bool((theta < 0).any()):
+        raise ValueError("theta (learning rate) must be >= 0")
+    for name, g in (("eta", eta), ("alpha", alpha)):
+        if g is not None and bool(((g < 0) | (g > 1)).any()):
+            raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The memory's recurrence runs in float32 at least: half precision drifts over long streams."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def log_gate(g: Tensor) -> Tensor:
+    """log(g) for g in [0, 1], finite at g = 0 (clamped to the dtype's tiny), so that products
+    taken as exp(sum of logs) are 0 there without NaN in value or gradient."""
+    return torch.log(g.clamp_min(torch.finfo(g.dtype).tiny))

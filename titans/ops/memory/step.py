@@ -1,0 +1,82 @@
+"""One-token update for decoding: the body of the token loop with analytic gradients.
+
+Same signature and results as ``naive_memory`` / ``chunk_memory`` with T = 1, but it touches
+each weight once (one rank-1 update per layer), so decoding costs O(1) per token.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from .mlp import key_gradients, mlp_forward
+from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state
+
+__all__ = ["step_memory"]
+
+
+def step_memory(
+    *,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor | None = None,
+    alpha: Tensor | None = None,
+    weights: Sequence[Tensor] | None = None,
+    state: MemoryState | None = None,
+    chunk_size: int = 64,
+    activation: str = "silu",
+    residual: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """One token: q, k, v ``[B, 1, H, D]``, gates ``[B, 1, H]``. Returns ``(y [B, 1, H, D], state)``."""
+    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True)
+    dtype, cd = q.dtype, compute_dtype(q.dtype)
+    B, _, H, D = q.shape
+    N = B * H
+    if state is None:
+        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd)
+
+    def flat_w(w: Tensor) -> Tensor:  # (B, H, o, i) -> (B*H, o, i)
+        return w.to(cd).reshape(N, *w.shape[2:])
+
+    def gate(g: Tensor) -> Tensor:  # (B, 1, H) -> (B*H, 1, 1)
+        return g.to(cd).reshape(N, 1, 1)
+
+    def tok(x: Tensor) -> Tensor:  # (B, 1, H, D) -> (B*H, 1, D)
+        return x.to(cd).reshape(N, 1, D)
+
+    W = tuple(flat_w(w) for w in state.weights)
+    Wc = W if state.position == 0 else tuple(flat_w(w) for w in state.chunk_weights)
+    hs, dzs = key_gradients(Wc, tok(k), tok(v), activation, residual)
+    th = gate(theta)
+    u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]  # rank-1 gradient per layer
+    if eta is not None:
+        S_prev = (
+            tuple(flat_w(s) for s in state.momentum)
+            if state.momentum is not None
+            else tuple(w.new_zeros(w.shape) for w in W)
+        )
+        et = gate(eta)
+        S = tuple(et * s - th * g for s, g in zip(S_prev, u))
+        step = S
+    else:
+        S, step = None, tuple(-th * g for g in u)
+    keep = None if alpha is None else 1 - gate(alpha)
+    W = tuple((w if keep is None else keep * w) + s for w, s in zip(W, step))
+    y = mlp_forward(W, tok(q), activation, residual)
+
+    pos = (state.position + 1) % chunk_size
+
+    def unflat(w: Tensor) -> Tensor:
+        return w.reshape(B, H, *w.shape[1:])
+
+    Wu = tuple(unflat(w) for w in W)
+    final = MemoryState(
+        weights=Wu,
+        momentum=None if S is None else tuple(unflat(s) for s in S),
+        chunk_weights=Wu if pos == 0 else tuple(unflat(w) for w in Wc),
+        position=pos,
+    )
+    return y.reshape(B, H, 1, D).transpose(1, 2).to(dtype), final
