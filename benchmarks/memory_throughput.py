@@ -1,0 +1,191 @@
+"""Throughput and peak memory of the neural memory layer, ours against titans-pytorch.
+
+Prints one table: tokens/s for forward+backward (training) and forward only (no_grad), and the
+peak memory of the forward+backward step, for
+
+- ``titans`` chunk path (``NeuralMemory``) at B=4, dim 256, 4 heads of 64, depth 2, expansion 4,
+  chunk 64, T in {1K, 4K, 16K};
+- the naive token loop at a small T (it keeps every token's weights for backward);
+- ``titans-pytorch``'s ``NeuralMemory`` at the matching configuration, when installed, with its
+  default setting (all gradients at the initial weights of the call) and with ``batch_size=64``
+  (gradients at the chunk-start weights, as ours).
+
+Each configuration runs in its own subprocess so that peak memory is measured in isolation: on CPU
+it is the rise of the resident set's high-water mark (VmHWM, reset before the step) over the
+resident size after setup; on CUDA, ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/memory_throughput.py                 # full table (several minutes)
+    python benchmarks/memory_throughput.py --lengths 1024 4096 --skip-naive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+B, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION, CHUNK = 4, 256, 4, 64, 2, 4.0, 64
+
+
+# ---- measurement inside one subprocess -------------------------------------------------------
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
+        f.write("5")
+
+
+def _build(impl: str, device):
+    import torch
+
+    if impl in ("titans", "titans-naive"):
+        from titans.layers import NeuralMemory
+
+        layer = NeuralMemory(DIM, heads=HEADS, head_dim=HEAD_DIM, depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK)
+        if impl == "titans-naive":
+            from titans.ops.memory import chunk_memory, naive_memory
+            import titans.layers.neural_memory as nm
+
+            def naive_as_chunk(**kw):
+                kw.pop("checkpoint_chunks", None)
+                return naive_memory(**kw)
+
+            nm.chunk_memory = naive_as_chunk  # route the layer through the token loop
+            assert chunk_memory is not naive_as_chunk
+        layer = layer.to(device)
+        return lambda x: layer(x)[0], layer
+    from titans_pytorch import NeuralMemory as TPNeuralMemory
+
+    kwargs = dict(dim=DIM, heads=HEADS, dim_head=HEAD_DIM, chunk_size=CHUNK,
+                  default_model_kwargs=dict(depth=DEPTH, expansion_factor=EXPANSION))  # fmt: skip
+    if impl == "titans-pytorch-b64":
+        kwargs["batch_size"] = CHUNK
+    layer = TPNeuralMemory(**kwargs).to(device)
+
+    def run(x):
+        out = layer(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run, layer
+
+
+def measure(impl: str, T: int, mode: str, min_seconds: float) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run, layer = _build(impl, device)
+    x = torch.randn(B, T, DIM, device=device)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                run(x)
+        else:
+            layer.zero_grad(set_to_none=True)
+            run(x).square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up (allocations, lazy init)
+    layer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes("VmRSS")
+        _reset_peak()
+    iters, start = 0, time.perf_counter()
+    while True:
+        step()
+        iters += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            break
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes("VmHWM")) - base
+    return dict(impl=impl, T=T, mode=mode, tokens_per_s=B * T * iters / elapsed, peak_bytes=peak, iters=iters)
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+
+def _run_one(impl: str, T: int, mode: str, min_seconds: float) -> dict | None:
+    cmd = [sys.executable, __file__, "--one", impl, str(T), mode, str(min_seconds)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  [{impl} T={T} {mode}] failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--peer-lengths", type=int, nargs="+", default=[4096], help="lengths for titans-pytorch")
+    p.add_argument("--naive-length", type=int, default=256)
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--min-seconds", type=float, default=5.0, help="time each measurement at least this long")
+    p.add_argument("--one", nargs=4, metavar=("IMPL", "T", "MODE", "SECONDS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        impl, T, mode, secs = args.one
+        print(json.dumps(measure(impl, int(T), mode, float(secs))))
+        return
+
+    try:
+        import titans_pytorch  # noqa: F401
+
+        have_peer = True
+    except ImportError:
+        have_peer = False
+    plan = [("titans", T) for T in args.lengths]
+    if not args.skip_naive:
+        plan.append(("titans-naive", args.naive_length))
+    if have_peer:
+        plan += [(impl, T) for impl in ("titans-pytorch", "titans-pytorch-b64") for T in args.peer_lengths]
+    else:
+        print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)\n")
+
+    print(f"B={B}, dim={DIM}, heads={HEADS}x{HEAD_DIM}, memory depth {DEPTH}, expansion {EXPANSION:g}, "
+          f"chunk {CHUNK}; threads={os.cpu_count()}")  # fmt: skip
+    header = f"{'implementation':<20} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} | {'fwd tok/s':>10}"
+    print(header)
+    print("-" * len(header))
+    rows = {}
+    for impl, T in plan:
+        train = _run_one(impl, T, "fwdbwd", args.min_seconds)
+        infer = _run_one(impl, T, "fwd", args.min_seconds)
+        rows[(impl, T)] = (train, infer)
+        tr = f"{train['tokens_per_s']:>13,.0f} {train['peak_bytes'] / 2**20:>8,.0f}" if train else f"{'failed':>13} {'':>8}"
+        fw = f"{infer['tokens_per_s']:>10,.0f}" if infer else f"{'failed':>10}"
+        print(f"{impl:<20} {T:>6} | {tr} | {fw}", flush=True)
+
+    # Ratios measured in this run.
+    print()
+    ours = {T: rows.get(("titans", T)) for T in args.lengths}
+    if ours.get(1024) and ours.get(16384) and ours[1024][0] and ours[16384][0]:
+        r = ours[16384][0]["tokens_per_s"] / ours[1024][0]["tokens_per_s"]
+        print(f"linear cost: fwd+bwd tok/s at 16K / at 1K = {r:.2f}")
+    for peer in ("titans-pytorch", "titans-pytorch-b64"):
+        for T in args.peer_lengths:
+            theirs, mine = rows.get((peer, T)), rows.get(("titans", T))
+            if theirs and mine and theirs[0] and mine[0]:
+                speed = mine[0]["tokens_per_s"] / theirs[0]["tokens_per_s"]
+                mem = mine[0]["peak_bytes"] / max(theirs[0]["peak_bytes"], 1)
+                fwd = mine[1]["tokens_per_s"] / theirs[1]["tokens_per_s"] if mine[1] and theirs[1] else float("nan")
+                print(f"vs {peer} at T={T}: {speed:.2f}x fwd+bwd tok/s, {mem:.2f}x peak memory, {fwd:.2f}x fwd tok/s")
+
+
+if __name__ == "__main__":
+    main()
