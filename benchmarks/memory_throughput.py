@@ -58,7 +58,6 @@ def _build(impl: str, device):
             import titans.layers.neural_memory as nm
 
             def naive_as_chunk(**kw):
-                kw.pop("checkpoint_chunks", None)
                 return naive_memory(**kw)
 
             nm.chunk_memory = naive_as_chunk  # route the layer through the token loop
@@ -80,7 +79,11 @@ def _build(impl: str, device):
     return run, layer
 
 
-def measure(impl: str, T: int, mode: str, min_seconds: float) -> dict:
+def measure(impl: str, T: int, mode: str, min_seconds: float, tune: bool) -> dict:
+    if tune:  # the same allocator setting for every implementation measured
+        from titans.utils import tune_cpu_allocator
+
+        tune_cpu_allocator()
     import torch
 
     torch.manual_seed(0)
@@ -98,14 +101,14 @@ def measure(impl: str, T: int, mode: str, min_seconds: float) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up (allocations, lazy init)
-    layer.zero_grad(set_to_none=True)
+    # The peak covers the warm-up step too: allocations made there count.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes("VmRSS")
         _reset_peak()
+    step()  # warm-up (allocations, lazy init)
     iters, start = 0, time.perf_counter()
     while True:
         step()
@@ -120,8 +123,8 @@ def measure(impl: str, T: int, mode: str, min_seconds: float) -> dict:
 # ---- driver ----------------------------------------------------------------------------------
 
 
-def _run_one(impl: str, T: int, mode: str, min_seconds: float) -> dict | None:
-    cmd = [sys.executable, __file__, "--one", impl, str(T), mode, str(min_seconds)]
+def _run_one(impl: str, T: int, mode: str, min_seconds: float, tune: bool) -> dict | None:
+    cmd = [sys.executable, __file__, "--one", impl, str(T), mode, str(min_seconds), str(int(tune))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  [{impl} T={T} {mode}] failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -136,12 +139,15 @@ def main() -> None:
     p.add_argument("--naive-length", type=int, default=256)
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--min-seconds", type=float, default=5.0, help="time each measurement at least this long")
-    p.add_argument("--one", nargs=4, metavar=("IMPL", "T", "MODE", "SECONDS"), help=argparse.SUPPRESS)
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="do not apply titans.utils.tune_cpu_allocator() (applied to every implementation by default)")
+    p.add_argument("--one", nargs=5, metavar=("IMPL", "T", "MODE", "SECONDS", "TUNE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        impl, T, mode, secs = args.one
-        print(json.dumps(measure(impl, int(T), mode, float(secs))))
+        impl, T, mode, secs, tune = args.one
+        print(json.dumps(measure(impl, int(T), mode, float(secs), tune == "1")))
         return
+    tune = not args.no_tune_allocator
 
     try:
         import titans_pytorch  # noqa: F401
@@ -158,14 +164,14 @@ def main() -> None:
         print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)\n")
 
     print(f"B={B}, dim={DIM}, heads={HEADS}x{HEAD_DIM}, memory depth {DEPTH}, expansion {EXPANSION:g}, "
-          f"chunk {CHUNK}; threads={os.cpu_count()}")  # fmt: skip
+          f"chunk {CHUNK}; threads={os.cpu_count()}; allocator tuned: {tune}")  # fmt: skip
     header = f"{'implementation':<20} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} | {'fwd tok/s':>10}"
     print(header)
     print("-" * len(header))
     rows = {}
     for impl, T in plan:
-        train = _run_one(impl, T, "fwdbwd", args.min_seconds)
-        infer = _run_one(impl, T, "fwd", args.min_seconds)
+        train = _run_one(impl, T, "fwdbwd", args.min_seconds, tune)
+        infer = _run_one(impl, T, "fwd", args.min_seconds, tune)
         rows[(impl, T)] = (train, infer)
         tr = f"{train['tokens_per_s']:>13,.0f} {train['peak_bytes'] / 2**20:>8,.0f}" if train else f"{'failed':>13} {'':>8}"
         fw = f"{infer['tokens_per_s']:>10,.0f}" if infer else f"{'failed':>10}"

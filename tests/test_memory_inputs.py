@@ -85,9 +85,9 @@ def test_state_mismatches():
         chunk_memory(**kw, state=small, chunk_size=4)
 
 
-def test_bad_checkpoint_chunks():
-    with pytest.raises(ValueError, match="checkpoint_chunks"):
-        chunk_memory(**_kw(), chunk_size=4, checkpoint_chunks=-1)
+def test_bad_backward_mode():
+    with pytest.raises(ValueError, match="backward"):
+        chunk_memory(**_kw(), chunk_size=4, backward="numeric")
 
 
 @pytest.mark.parametrize("name", ["v", "theta"])

@@ -32,7 +32,7 @@ def test_chunk_equals_naive_float64(depth, chunk_size, T):
         )  # fmt: skip
         opts = dict(chunk_size=chunk_size, residual=residual)
         y_ref, s_ref = naive_memory(**kw, **opts)
-        y, s = chunk_memory(**kw, **opts, checkpoint_chunks=2)
+        y, s = chunk_memory(**kw, **opts)
         what = f"depth={depth} b={chunk_size} T={T} mom={momentum} forget={forgetting} res={residual}"
         assert torch.isfinite(y_ref).all(), f"reference diverged ({what}): inputs too aggressive"
         _assert_close(y, y_ref, 1e-10, f"output ({what})")
@@ -46,6 +46,27 @@ def test_chunk_equals_naive_float64(depth, chunk_size, T):
         g = torch.autograd.grad(probe(y, s), leaves)
         for i, (a, b) in enumerate(zip(g, g_ref)):
             _assert_close(a, b, 1e-9, f"gradient of leaf {i} ({what})")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_analytic_backward_equals_autograd(activation, depth):
+    """The hand-derived backward against autograd through the same chunk forward, with the state
+    entered mid-chunk (gradient weights != running weights) and gradients of the final state."""
+    for momentum, forgetting, residual in FLAGS:
+        kw, leaves = make_inputs(T=29, depth=depth, momentum=momentum, forgetting=forgetting, requires_grad=True, seed=depth)
+        weights = kw.pop("weights")
+        head = {k: (v[:, :5] if v is not None else None) for k, v in kw.items()}
+        tail = {k: (v[:, 5:] if v is not None else None) for k, v in kw.items()}
+        grads = []
+        for mode in ("autograd", "analytic"):
+            opts = dict(chunk_size=8, activation=activation, residual=residual, backward=mode)
+            y1, s = chunk_memory(**head, weights=weights, **opts)
+            y2, s = chunk_memory(**tail, state=s, **opts)
+            loss = probe_loss(torch.cat([y1, y2], 1)) + sum(probe_loss(t) for t in s.tensors())
+            grads.append(torch.autograd.grad(loss, leaves))
+        for i, (a, b) in enumerate(zip(*grads)):
+            _assert_close(b, a, 1e-10, f"grad {i} act={activation} mom={momentum} forget={forgetting} res={residual}")
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -70,7 +91,7 @@ def test_gradcheck_small_float64():
 
         def fn(*xs):
             args = dict(zip(names, xs[:6]), weights=list(xs[6:]))
-            y, s = chunk_memory(**args, chunk_size=3, residual=residual, checkpoint_chunks=1)
+            y, s = chunk_memory(**args, chunk_size=3, residual=residual)
             return (y,) + tuple(s.weights) + tuple(s.momentum)
 
         assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-6)
@@ -280,3 +301,19 @@ def test_half_precision_inputs_run_in_float32():
     assert y16.dtype == torch.bfloat16
     assert s16.weights[0].dtype == torch.float32
     _assert_close(y16, y32, 1e-2, "bfloat16 inputs")
+
+
+def test_double_backward_needs_autograd_mode():
+    """Second derivatives through the analytic backward raise; backward='autograd' gives them."""
+    kw, leaves = make_inputs(T=12, requires_grad=True, seed=12)
+    y, _ = chunk_memory(**kw, chunk_size=4)
+    (g,) = torch.autograd.grad(probe_loss(y), [kw["v"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|double|once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), [kw["q"]])
+    y_a, _ = chunk_memory(**kw, chunk_size=4, backward="autograd")
+    y_n, _ = naive_memory(**kw, chunk_size=4)
+    (g_a,) = torch.autograd.grad(probe_loss(y_a), [kw["v"]], create_graph=True)
+    (g_n,) = torch.autograd.grad(probe_loss(y_n), [kw["v"]], create_graph=True)
+    (h_a,) = torch.autograd.grad(g_a.pow(2).sum(), [kw["q"]])
+    (h_n,) = torch.autograd.grad(g_n.pow(2).sum(), [kw["q"]])
+    _assert_close(h_a, h_n, 1e-9, "second derivative (autograd mode vs token loop)")

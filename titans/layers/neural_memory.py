@@ -72,7 +72,6 @@ class NeuralMemory(nn.Module):
         theta_init, eta_init, alpha_init: gate values of an untrained layer (through the biases):
             a small learning rate that is stable for unit-norm keys, strong momentum, and slow
             forgetting (alpha 1e-3 keeps ~37% of a memory after 1000 tokens).
-        checkpoint_chunks: chunks per activation-checkpoint group in training (0 = off).
     """
 
     def __init__(
@@ -93,7 +92,6 @@ class NeuralMemory(nn.Module):
         theta_init: float = 0.01,
         eta_init: float = 0.9,
         alpha_init: float = 1e-3,
-        checkpoint_chunks: int = 8,
     ) -> None:
         super().__init__()
         if dim < 1 or heads < 1:
@@ -120,7 +118,6 @@ class NeuralMemory(nn.Module):
         self.momentum, self.forgetting = momentum, forgetting
         self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
         self.theta_activation, self.max_lr = theta_activation, max_lr
-        self.checkpoint_chunks = checkpoint_chunks
         inner = heads * head_dim
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -222,7 +219,7 @@ class NeuralMemory(nn.Module):
         if x.shape[1] == 1:
             y, mem = step_memory(**kwargs)
         else:
-            y, mem = chunk_memory(**kwargs, checkpoint_chunks=self.checkpoint_chunks)
+            y, mem = chunk_memory(**kwargs)
         y = self.out_norm(y.to(x.dtype))  # (B, T, H, D)
         y = rearrange(y, "b t h d -> b t (h d)") * F.silu(self.to_gate(x))
         return self.to_out(y), NeuralMemoryState(memory=mem, conv=conv_tail)

@@ -4,9 +4,12 @@ Inside a chunk every quantity is linear in the per-token gradients ``u_i`` (all 
 chunk-start weights), so a chunk of n tokens is a handful of batched matrix products; the only
 loop runs over chunks. See README.md in this folder for the derivation, in these names.
 
-Memory: the sequence is processed in groups of chunks under activation checkpointing when
-gradients are needed, so training keeps one state per group alive instead of every chunk's
-weights, and the backward pass recomputes one group at a time. Cost stays linear in T.
+Training memory and speed: each chunk is one autograd node (``_ChunkFunction``) with a
+hand-derived backward. It saves only its inputs (the chunk-start state, which the previous chunk
+produced anyway, and views of q, k, v and the gates) and recomputes the chunk's intermediates in
+the backward pass, so memory is one state per chunk and no per-token weights are ever stored.
+``backward="autograd"`` differentiates the same forward with autograd instead: the simple
+reference the analytic backward is tested against (it keeps every intermediate alive).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from .mlp import activation as act_fn
-from .mlp import key_gradients
+from .mlp import activation_with_grads, key_gradients
 from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate
 
 __all__ = ["chunk_memory"]
@@ -37,98 +40,227 @@ def _segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
-def _chunk(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    theta: Tensor,
-    log_a: Tensor | None,
-    log_eta: Tensor | None,
-    W0: Sequence[Tensor],
-    S0: Sequence[Tensor] | None,
-    Wg: Sequence[Tensor],
-    act: str,
-    residual: bool,
-) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...] | None]:
-    """One chunk of n tokens for N independent memories.
+def _decay_products(theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None):
+    """The chunk's mixing coefficients from its gates (positions 1..n, all ``[N, n]`` inputs).
 
-    q, k, v: ``[N, n, D]``; theta, log_a (= log(1 - alpha)), log_eta: ``[N, n]``.
-    W0, S0: weights and momentum before the chunk's first token; Wg: the weights every token of
-    this chunk takes its gradient at (W0 itself unless the chunk was entered mid-way).
-    Returns ``(y [N, n, D], W_end, S_end)``.
-    """
-    n = q.shape[1]
-    # Decay products inside the chunk, from sums of logs (positions 1..n).
+    A_t = prod_{j<=t} a_j,  F[t,s] = prod_{s<j<=t} a_j,  e_s = prod_{j<=s} eta_j,
+    E[s,i] = prod_{i<j<=s} eta_j,  B = F e,  C = F E diag(theta).
+    Returns (A, B, C, e_end, m) with e_end = e_n and m = E[n, :] * theta (for the end momentum);
+    A is None without forgetting, B / e_end / m are None without momentum."""
+    n = theta.shape[-1]
     if log_a is not None:
-        A = log_a.cumsum(-1).exp()  # A_t = prod_{j<=t} a_j              (N, n)
-        Fm = _segsum(log_a).exp()  # F[t,s] = prod_{s<j<=t} a_j           (N, n, n)
+        A = log_a.cumsum(-1).exp()  # (N, n)
+        Fm = _segsum(log_a).exp()  # (N, n, n)
     else:
         A = None
-        Fm = torch.ones(n, n, dtype=q.dtype, device=q.device).tril()
-    if log_eta is not None:
-        e = log_eta.cumsum(-1).exp()  # e_s = prod_{j<=s} eta_j           (N, n)
-        E = _segsum(log_eta).exp()  # E[s,i] = prod_{i<j<=s} eta_j        (N, n, n)
-        B = (Fm @ e.unsqueeze(-1)).squeeze(-1)  # B_t = sum_s F[t,s] e_s   (N, n)
-        C = (Fm @ E) * theta.unsqueeze(-2)  # C[t,i] = sum_s F[t,s] E[s,i] theta_i
-    else:
-        B = None
-        C = Fm * theta.unsqueeze(-2)
+        Fm = torch.ones(n, n, dtype=theta.dtype, device=theta.device).tril()
+    if log_eta is None:
+        return A, None, Fm * theta.unsqueeze(-2), None, None
+    e = log_eta.cumsum(-1).exp()  # (N, n)
+    E = _segsum(log_eta).exp()  # (N, n, n)
+    B = (Fm @ e.unsqueeze(-1)).squeeze(-1)  # (N, n)
+    C = (Fm @ E) * theta.unsqueeze(-2)  # (N, n, n)
+    return A, B, C, e[:, -1], E[:, -1, :] * theta
 
-    # Per-token gradients at Wg in factored form: u_i(l) = dz_i(l) h_i(l-1)^T.
-    hs, dzs = key_gradients(Wg, k, v, act, residual)
 
-    # Retrieval with per-token weights M_t = A_t W0 + B_t S0 - sum_{i<=t} C[t,i] u_i.
+def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=False):
+    """One chunk of n tokens for N independent memories (differentiable by autograd, too).
+
+    q, k, v ``[N, n, D]``; A, B ``[N, n]``; C ``[N, n, n]``; e_end ``[N]``; m ``[N, n]``.
+    W0, S0: weights and momentum before the chunk's first token (S0 None without momentum);
+    Wg: the weights every token of the chunk takes its gradient at (W0 unless the chunk was
+    entered mid-way by a state). Returns ``(y, W_end, S_end)``, plus, when ``keep``, the
+    intermediates the backward pass needs: the key-side pre-activations, the factored gradients,
+    the retrieval pre-activations and the n x n scores.
+    """
     L = len(W0)
-    r = q
+    # Per-token gradients at Wg in factored form: u_i(l) = dz_i(l) h_i(l-1)^T.
+    hs, zks, dzs = key_gradients(Wg, k, v, act, residual)
+    # Retrieval with per-token weights M_t = A_t W0 + B_t S0 - sum_{i<=t} C[t,i] u_i, layer by layer.
+    r, zs, Qs = q, [], []
     for l in range(L):
         z = r @ W0[l].transpose(-1, -2)
         if A is not None:
             z = A.unsqueeze(-1) * z
-        if B is not None:
-            z = z + B.unsqueeze(-1) * (r @ S0[l].transpose(-1, -2))
-        z = z - ((r @ hs[l].transpose(-1, -2)) * C) @ dzs[l]
+        if S0 is not None:
+            z = torch.addcmul(z, B.unsqueeze(-1), r @ S0[l].transpose(-1, -2))
+        Q = r @ hs[l].transpose(-1, -2)  # (N, n, n): query-side against key-side activations
+        z = torch.baddbmm(z, Q * C, dzs[l], alpha=-1)
+        zs.append(z)
+        Qs.append(Q)
         r = act_fn(act, z) if l < L - 1 else z
     y = r + q if residual else r
 
     # State after the chunk's last token: the last row of the same formulas.
-    c_last = C[:, -1, :].unsqueeze(-1)  # (N, n, 1)
-    a_end = None if A is None else A[:, -1, None, None]
-    W_end = []
+    c = C[:, -1, :].unsqueeze(-1)  # (N, n, 1)
+    W_end, S_end = [], None if S0 is None else []
     for l in range(L):
-        w = W0[l] if a_end is None else a_end * W0[l]
-        if B is not None:
-            w = w + B[:, -1, None, None] * S0[l]
-        W_end.append(w - dzs[l].transpose(-1, -2) @ (c_last * hs[l]))
-    S_end = None
-    if log_eta is not None:
-        m_last = (E[:, -1, :] * theta).unsqueeze(-1)  # E[n,i] theta_i
-        S_end = tuple(
-            e[:, -1, None, None] * S0[l] - dzs[l].transpose(-1, -2) @ (m_last * hs[l]) for l in range(L)
+        w = W0[l] if A is None else A[:, -1, None, None] * W0[l]
+        if S0 is not None:
+            w = torch.addcmul(w, B[:, -1, None, None], S0[l])
+            s = e_end[:, None, None] * S0[l]
+            S_end.append(torch.baddbmm(s, dzs[l].transpose(-1, -2), m.unsqueeze(-1) * hs[l], alpha=-1))
+        W_end.append(torch.baddbmm(w, dzs[l].transpose(-1, -2), c * hs[l], alpha=-1))
+    if keep:
+        return y, W_end, S_end, (zks[:-1], dzs, zs[:-1], Qs)
+    return y, W_end, S_end
+
+
+class _ChunkFunction(torch.autograd.Function):
+    """One chunk with a hand-derived backward.
+
+    Saves the chunk-start state (produced by the previous chunk anyway), views of its inputs and
+    a few intermediates (pre-activations, factored gradients, n x n scores: O(n (D + E)) per
+    memory); activations are recomputed from the pre-activations in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, cfg, q, k, v, A, B, C, e_end, m, *states):
+        L, has_mom, shared, act, residual = cfg
+        W0, S0, Wg = _split_states(states, L, has_mom, shared)
+        y, W_end, S_end, (zks, dzs, zs, Qs) = _chunk_forward(
+            q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=True
         )
-    return y, tuple(W_end), S_end
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v, A, B, C, e_end, m, *states, *zks, *dzs, *zs, *Qs)
+        return (y, *W_end, *(S_end or ()))
+
+    @staticmethod
+    @once_differentiable  # double backward raises instead of being silently wrong: use "autograd"
+    def backward(ctx, gy, *g_end):
+        L, has_mom, shared, act, residual = ctx.cfg
+        q, k, v, A, B, C, e_end, m, *rest = ctx.saved_tensors
+        n_states = L * (1 + has_mom + (not shared))
+        states, rest = rest[:n_states], rest[n_states:]
+        zks, dzs, zs, Qs = rest[: L - 1], rest[L - 1 : 2 * L - 1], rest[2 * L - 1 : 3 * L - 2], rest[3 * L - 2 :]
+        W0, S0, Wg = _split_states(states, L, has_mom, shared)
+        gWe = g_end[:L]
+        gSe = g_end[L:] if has_mom else (None,) * L
+        return (None,) + _chunk_backward(
+            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, zks, dzs, zs, Qs
+        )
 
 
-def _run_group(spans, act, residual, L, has_eta, q, k, v, theta, log_a, log_eta, *state):
-    """Run consecutive chunk spans ``[(start, length, fresh), ...]`` (offsets relative to the
-    given slices); ``fresh`` = the span starts a new chunk (gradients at its own start weights).
-    ``state`` = W (L tensors), S (L tensors if has_eta), Wg (L tensors)."""
-    W = state[:L]
-    S = state[L : 2 * L] if has_eta else None
-    Wg = state[-L:]
-    ys = []
-    for start, n, fresh in spans:
-        if fresh:
-            Wg = W
-        sl = slice(start, start + n)
-        y, W, S = _chunk(
-            q[:, sl], k[:, sl], v[:, sl], theta[:, sl],
-            None if log_a is None else log_a[:, sl],
-            None if log_eta is None else log_eta[:, sl],
-            W, S, Wg, act, residual,
-        )  # fmt: skip
-        ys.append(y)
-    out = (torch.cat(ys, dim=1),) + tuple(W) + (tuple(S) if has_eta else ()) + tuple(Wg)
-    return out
+def _split_states(states, L, has_mom, shared):
+    W0 = states[:L]
+    S0 = states[L : 2 * L] if has_mom else None
+    Wg = W0 if shared else states[-L:]
+    return W0, S0, Wg
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-memory inner product of two ``[N, ...]`` tensors, as one batched GEMV."""
+    return (a.reshape(a.shape[0], 1, -1) @ b.reshape(b.shape[0], -1, 1)).reshape(-1)
+
+
+def _chunk_backward(
+    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, zks, dzs, zs, Qs
+):
+    """Reverse mode of ``_chunk_forward``; names as there, ``g*`` = gradient of the loss."""
+    L = len(W0)
+    mT = lambda x: x.transpose(-1, -2)  # noqa: E731
+    # Key side again: h_{l+1} = act(zk_l), and act', act'' where the backward needs them.
+    hs, dk1, dk2 = [k], [], []
+    for z in zks:
+        a, d1, d2 = activation_with_grads(act, z, second=True)
+        hs.append(a), dk1.append(d1), dk2.append(d2)
+    # Query side: r_{l+1} = act(z_l).
+    rs, dr1 = [q], []
+    for z in zs:
+        a, d1, _ = activation_with_grads(act, z)
+        rs.append(a), dr1.append(d1)
+
+    gA = None if A is None else torch.zeros_like(A)
+    gB = None if S0 is None else torch.zeros_like(B)
+    gC = torch.zeros_like(C)
+    gW0, gS0 = [None] * L, [None] * L
+    gh, gdz = [None] * L, [None] * L
+
+    # Retrieval: z_l = A * (r W0^T) + B * (r S0^T) - ((r h^T) * C) dz, through the layers.
+    gz = gy if gy is not None else torch.zeros_like(q)
+    for l in reversed(range(L)):
+        r, h, dz = rs[l], hs[l], dzs[l]
+        P1 = gz @ W0[l]  # (N, n, in); row t dotted with r_t is dL/dA_t
+        if A is not None:
+            gA += (P1 * r).sum(-1)
+            gr = A.unsqueeze(-1) * P1
+            gW0[l] = mT(gz) @ (A.unsqueeze(-1) * r)
+        else:
+            gr = P1
+            gW0[l] = mT(gz) @ r
+        if S0 is not None:
+            P2 = gz @ S0[l]
+            gB += (P2 * r).sum(-1)
+            gr = torch.addcmul(gr, B.unsqueeze(-1), P2)
+            gS0[l] = mT(gz) @ (B.unsqueeze(-1) * r)
+        gPn = gz @ mT(dz)  # (N, n, n) = -dL/d(Q * C)
+        gdz[l] = -(mT(Qs[l] * C) @ gz)
+        gC -= gPn * Qs[l]
+        gQn = gPn * C  # = -dL/dQ
+        gr = torch.baddbmm(gr, gQn, h, alpha=-1)
+        gh[l] = -(mT(gQn) @ r)
+        gz = gr * dr1[l - 1] if l > 0 else gr
+    gq = gz + gy if (residual and gy is not None) else gz
+
+    # End state: W_end = A_n W0 + B_n S0 - dz^T (c h),  S_end = e_n S0 - dz^T (m h).
+    c = C[:, -1, :]
+    gc = torch.zeros_like(c)
+    ge_end = None if S0 is None else torch.zeros_like(e_end)
+    gm = None if S0 is None else torch.zeros_like(m)
+    for l in range(L):
+        h, dz = hs[l], dzs[l]
+        G = gWe[l]
+        if G is not None:
+            if A is not None:
+                gA[:, -1] += _dot(G, W0[l])
+                gW0[l] = torch.addcmul(gW0[l], A[:, -1, None, None], G)
+            else:
+                gW0[l] = gW0[l] + G
+            if S0 is not None:
+                gB[:, -1] += _dot(G, S0[l])
+                gS0[l] = torch.addcmul(gS0[l], B[:, -1, None, None], G)
+            gdz[l] = torch.baddbmm(gdz[l], c.unsqueeze(-1) * h, mT(G), alpha=-1)
+            gch = dz @ G  # (N, n, in) = -dL/d(c h)
+            gc -= (gch * h).sum(-1)
+            gh[l] = torch.addcmul(gh[l], c.unsqueeze(-1), gch, value=-1)
+        G = gSe[l]
+        if G is not None:
+            ge_end += _dot(G, S0[l])
+            gS0[l] = torch.addcmul(gS0[l], e_end[:, None, None], G)
+            gdz[l] = torch.baddbmm(gdz[l], m.unsqueeze(-1) * h, mT(G), alpha=-1)
+            gmh = dz @ G
+            gm -= (gmh * h).sum(-1)
+            gh[l] = torch.addcmul(gh[l], m.unsqueeze(-1), gmh, value=-1)
+    gC[:, -1, :] += gc
+
+    # Per-token gradients: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), dz_{L-1} = 2 (zk_{L-1} (+k) - v),
+    # dz_{l-1} = (dz_l Wg_l) * act'(zk_{l-1}). First back along the dz chain (dz_0 first).
+    gWg = [None] * L
+    gzk = [None] * L
+    for l in range(1, L):
+        g = gdz[l - 1]
+        dh = dzs[l] @ Wg[l]
+        gdh = g * dk1[l - 1]
+        gzk[l - 1] = g * dh * dk2[l - 1]
+        gdz[l] = torch.baddbmm(gdz[l], gdh, mT(Wg[l]))
+        gWg[l] = mT(dzs[l]) @ gdh
+    gout = 2 * gdz[L - 1]
+    gv = -gout
+    gzk[L - 1] = gout
+    gk = gout if residual else None
+    for l in reversed(range(L)):
+        g = mT(gzk[l]) @ hs[l]
+        gWg[l] = g if gWg[l] is None else gWg[l] + g
+        ghl = torch.baddbmm(gh[l], gzk[l], Wg[l])
+        if l > 0:
+            gzk[l - 1] = torch.addcmul(gzk[l - 1], ghl, dk1[l - 1])
+        else:
+            gk = ghl if gk is None else gk + ghl
+
+    if shared:
+        g_states = tuple(a + b for a, b in zip(gW0, gWg)) + (tuple(gS0) if S0 is not None else ())
+    else:
+        g_states = tuple(gW0) + (tuple(gS0) if S0 is not None else ()) + tuple(gWg)
+    return (gq, gk, gv, gA, gB, gC, ge_end, gm) + g_states
 
 
 def chunk_memory(
@@ -144,16 +276,16 @@ def chunk_memory(
     chunk_size: int = 64,
     activation: str = "silu",
     residual: bool = False,
-    checkpoint_chunks: int = 8,
+    backward: str = "analytic",
 ) -> tuple[Tensor, MemoryState]:
     """Chunk-parallel neural memory; same signature and results as ``naive_memory``.
 
-    ``checkpoint_chunks``: when gradients are needed, chunks are run in groups of this many
-    under activation checkpointing (0 disables it: faster, but keeps every chunk's activations).
+    ``backward``: "analytic" (default: hand-derived, recomputes each chunk, one state per chunk
+    in memory) or "autograd" (autograd through the forward; the reference for tests).
     """
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation)
-    if isinstance(checkpoint_chunks, bool) or not isinstance(checkpoint_chunks, int) or checkpoint_chunks < 0:
-        raise ValueError(f"checkpoint_chunks must be an int >= 0, got {checkpoint_chunks!r}")
+    if backward not in ("analytic", "autograd"):
+        raise ValueError(f"backward must be 'analytic' or 'autograd', got {backward!r}")
     dtype = q.dtype
     cd = compute_dtype(dtype)
     B, T, H, D = q.shape
@@ -161,7 +293,7 @@ def chunk_memory(
     if state is None:
         state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd)
     L = state.depth
-    has_eta = eta is not None
+    has_mom = eta is not None
 
     def flat(x: Tensor) -> Tensor:  # (B, T, H, ...) -> (B*H, T, ...)
         return x.to(cd).transpose(1, 2).reshape(N, T, *x.shape[3:])
@@ -175,43 +307,40 @@ def chunk_memory(
     W = tuple(flat_w(w) for w in state.weights)
     Wg = tuple(flat_w(w) for w in state.chunk_weights)
     S = None
-    if has_eta:
+    if has_mom:
         S = tuple(flat_w(s) for s in state.momentum) if state.momentum is not None else tuple(
             torch.zeros_like(w) for w in W
         )
 
-    # Cut [0, T) into chunk spans; the first one completes the pending chunk of the state.
-    spans, t, pos = [], 0, state.position
+    # Cut [0, T) into chunk spans; the first one completes the state's pending chunk.
+    sizes, t, pos = [], 0, state.position
     while t < T:
-        n = min(chunk_size - pos, T - t)
-        spans.append((t, n, pos == 0))
-        t += n
-        pos = (pos + n) % chunk_size
+        sizes.append(min(chunk_size - pos, T - t))
+        t += sizes[-1]
+        pos = (pos + sizes[-1]) % chunk_size
+    # split (not slicing in the loop): one backward node gathers every chunk's gradient at once.
+    def split(x: Tensor | None) -> Sequence[Tensor | None]:
+        return [None] * len(sizes) if x is None else x.split(sizes, dim=1)
 
-    use_ckpt = checkpoint_chunks > 0 and torch.is_grad_enabled() and len(spans) > checkpoint_chunks
-    group = checkpoint_chunks if use_ckpt else len(spans)
-    ys = []
-    for g in range(0, len(spans), group):
-        gs = spans[g : g + group]
-        start, stop = gs[0][0], gs[-1][0] + gs[-1][1]
-        rel = [(s - start, n, fresh) for s, n, fresh in gs]
-        sl = slice(start, stop)
-        args = (
-            qf[:, sl], kf[:, sl], vf[:, sl], thf[:, sl],
-            None if log_a is None else log_a[:, sl],
-            None if log_eta is None else log_eta[:, sl],
-        )  # fmt: skip
-        st = W + (S if has_eta else ()) + Wg
-        if use_ckpt:
-            out = checkpoint(
-                _run_group, rel, activation, residual, L, has_eta, *args, *st, use_reentrant=False
-            )
+    use_fn = backward == "analytic" and torch.is_grad_enabled()
+    ys, pos = [], state.position
+    for n, q_c, k_c, v_c, th_c, la_c, le_c in zip(
+        sizes, split(qf), split(kf), split(vf), split(thf), split(log_a), split(log_eta)
+    ):
+        fresh = pos == 0
+        if fresh:
+            Wg = W
+        gates = _decay_products(th_c, la_c, le_c)
+        if use_fn:
+            states = W + (S if has_mom else ()) + (() if fresh else Wg)
+            cfg = (L, has_mom, fresh, activation, residual)
+            out = _ChunkFunction.apply(cfg, q_c, k_c, v_c, *gates, *states)
+            y, W, S = out[0], tuple(out[1 : 1 + L]), (tuple(out[1 + L :]) if has_mom else None)
         else:
-            out = _run_group(rel, activation, residual, L, has_eta, *args, *st)
-        ys.append(out[0])
-        W = out[1 : 1 + L]
-        S = out[1 + L : 1 + 2 * L] if has_eta else None
-        Wg = out[-L:]
+            y, W, S = _chunk_forward(q_c, k_c, v_c, *gates, W, S, Wg, activation, residual)
+            W, S = tuple(W), (tuple(S) if has_mom else None)
+        ys.append(y)
+        pos = (pos + n) % chunk_size
 
     y = torch.cat(ys, dim=1).reshape(B, H, T, D).transpose(1, 2).to(dtype)
 

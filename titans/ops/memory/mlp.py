@@ -41,6 +41,24 @@ def activation_grad(name: str, z: Tensor) -> Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
+def activation_with_grads(name: str, z: Tensor, second: bool = False):
+    """(act(z), act'(z), act''(z) or None), sharing their common parts (one sigmoid for SiLU)."""
+    if name == "silu":
+        s = torch.sigmoid(z)
+        a = z * s
+        d1 = s + a * (1 - s)  # s (1 + z (1 - s))
+        d2 = (s - s * s) * (2 + z - 2 * a) if second else None  # s (1 - s) (2 + z (1 - 2 s))
+        return a, d1, d2
+    if name == "gelu":
+        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        cdf = 0.5 * (1 + torch.erf(z / _SQRT_2))
+        return z * cdf, cdf + z * pdf, (pdf * (2 - z * z) if second else None)
+    if name == "relu":
+        d1 = (z > 0).to(z.dtype)
+        return z * d1, d1, (torch.zeros_like(z) if second else None)
+    raise ValueError(f"unknown activation {name!r}")
+
+
 def mlp_forward(weights: Sequence[Tensor], x: Tensor, act: str, residual: bool) -> Tensor:
     """M_W(x) for x ``[N, n, D]`` and weights ``[N, out, in]``."""
     h = x
@@ -52,11 +70,12 @@ def mlp_forward(weights: Sequence[Tensor], x: Tensor, act: str, residual: bool) 
 
 def key_gradients(
     weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str, residual: bool
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Per-token gradients of ``||M_W(k_i) - v_i||^2`` at ``weights``, in factored form.
 
-    Returns ``(hs, dzs)`` with ``hs[l]`` the input of layer l (``[N, n, in_l]``) and ``dzs[l]`` the
-    loss gradient at its pre-activation (``[N, n, out_l]``): token i's gradient for layer l is the
+    Returns ``(hs, zs, dzs)`` with ``hs[l]`` the input of layer l (``[N, n, in_l]``), ``zs[l]`` its
+    pre-activation and ``dzs[l]`` the loss gradient there (``[N, n, out_l]``): token i's gradient
+    for layer l is the
     outer product ``dzs[l][:, i, :, None] * hs[l][:, i, None, :]``. One batched forward/backward,
     no per-sample autograd.
     """
@@ -75,4 +94,4 @@ def key_gradients(
         dz = (dz @ weights[i]) * activation_grad(act, zs[i - 1])
         dzs.append(dz)
     dzs.reverse()
-    return hs, dzs
+    return hs, zs, dzs

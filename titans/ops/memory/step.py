@@ -49,7 +49,7 @@ def step_memory(
 
     W = tuple(flat_w(w) for w in state.weights)
     Wc = W if state.position == 0 else tuple(flat_w(w) for w in state.chunk_weights)
-    hs, dzs = key_gradients(Wc, tok(k), tok(v), activation, residual)
+    hs, _, dzs = key_gradients(Wc, tok(k), tok(v), activation, residual)
     th = gate(theta)
     u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]  # rank-1 gradient per layer
     if eta is not None:
