@@ -5,9 +5,10 @@ chunk-start weights), so a chunk of n tokens is a handful of batched matrix prod
 loop runs over chunks. See README.md in this folder for the derivation, in these names.
 
 Training memory and speed: each chunk is one autograd node (``_ChunkFunction``) with a
-hand-derived backward. It saves only its inputs (the chunk-start state, which the previous chunk
-produced anyway, and views of q, k, v and the gates) and recomputes the chunk's intermediates in
-the backward pass, so memory is one state per chunk and no per-token weights are ever stored.
+hand-derived backward. It saves the chunk-start state (which the previous chunk produced anyway),
+views of q, k, v and the gates, and a few O(n (D + E)) intermediates, and recomputes activations
+from pre-activations in the backward pass: memory is one state per chunk plus small buffers, and
+no per-token weights are ever stored.
 ``backward="autograd"`` differentiates the same forward with autograd instead: the simple
 reference the analytic backward is tested against (it keeps every intermediate alive).
 """
@@ -22,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .mlp import activation as act_fn
 from .mlp import activation_with_grads, key_gradients
-from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate
+from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate, state_from_flat
 
 __all__ = ["chunk_memory"]
 
@@ -280,8 +281,9 @@ def chunk_memory(
 ) -> tuple[Tensor, MemoryState]:
     """Chunk-parallel neural memory; same signature and results as ``naive_memory``.
 
-    ``backward``: "analytic" (default: hand-derived, recomputes each chunk, one state per chunk
-    in memory) or "autograd" (autograd through the forward; the reference for tests).
+    ``backward``: "analytic" (default: hand-derived, first-order; one state and a few small
+    intermediates per chunk in memory) or "autograd" (autograd through the same forward: the
+    reference for tests, and the mode for second derivatives; keeps every intermediate).
     """
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation)
     if backward not in ("analytic", "autograd"):
@@ -318,6 +320,7 @@ def chunk_memory(
         sizes.append(min(chunk_size - pos, T - t))
         t += sizes[-1]
         pos = (pos + sizes[-1]) % chunk_size
+
     # split (not slicing in the loop): one backward node gathers every chunk's gradient at once.
     def split(x: Tensor | None) -> Sequence[Tensor | None]:
         return [None] * len(sizes) if x is None else x.split(sizes, dim=1)
@@ -344,14 +347,5 @@ def chunk_memory(
 
     y = torch.cat(ys, dim=1).reshape(B, H, T, D).transpose(1, 2).to(dtype)
 
-    def unflat(w: Tensor) -> Tensor:
-        return w.reshape(B, H, *w.shape[1:])
-
-    Wu = tuple(unflat(w) for w in W)
-    final = MemoryState(
-        weights=Wu,
-        momentum=None if S is None else tuple(unflat(s) for s in S),
-        chunk_weights=Wu if pos == 0 else tuple(unflat(w) for w in Wg),
-        position=pos,
-    )
+    final = state_from_flat(B, H, W, S, Wg, pos)
     return y, final

@@ -101,6 +101,21 @@ def initial_memory_state(
     return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0)
 
 
+def state_from_flat(batch: int, heads: int, weights, momentum, chunk_weights, position: int) -> MemoryState:
+    """Build a MemoryState from ``[B*H, out, in]`` tensors (the layout the fast paths compute in)."""
+
+    def unflat(w: Tensor) -> Tensor:
+        return w.reshape(batch, heads, *w.shape[1:])
+
+    ws = tuple(unflat(w) for w in weights)
+    return MemoryState(
+        weights=ws,
+        momentum=None if momentum is None else tuple(unflat(s) for s in momentum),
+        chunk_weights=ws if position == 0 else tuple(unflat(w) for w in chunk_weights),
+        position=position,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checks. Shapes, dtypes and devices are checked always; values (NaN/inf, gate ranges) are
 # checked too because a silent NaN in a memory that runs for millions of tokens is worse than the

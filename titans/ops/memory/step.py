@@ -11,7 +11,7 @@ from typing import Sequence
 from torch import Tensor
 
 from .mlp import key_gradients, mlp_forward
-from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state
+from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state, state_from_flat
 
 __all__ = ["step_memory"]
 
@@ -69,14 +69,5 @@ def step_memory(
 
     pos = (state.position + 1) % chunk_size
 
-    def unflat(w: Tensor) -> Tensor:
-        return w.reshape(B, H, *w.shape[1:])
-
-    Wu = tuple(unflat(w) for w in W)
-    final = MemoryState(
-        weights=Wu,
-        momentum=None if S is None else tuple(unflat(s) for s in S),
-        chunk_weights=Wu if pos == 0 else tuple(unflat(w) for w in Wc),
-        position=pos,
-    )
+    final = state_from_flat(B, H, W, S, Wc, pos)
     return y.reshape(B, H, 1, D).transpose(1, 2).to(dtype), final
