@@ -4,7 +4,8 @@ Prints one table: tokens/s for forward+backward (training) and forward only (no_
 peak memory of the forward+backward step, for
 
 - ``titans`` chunk path (``NeuralMemory``) at B=4, dim 256, 4 heads of 64, depth 2, expansion 4,
-  chunk 64, T in {1K, 4K, 16K};
+  chunk 64, T in {1K, 4K, 16K}, eager and with ``compile=True`` (compile time not counted: it
+  happens in the warm-up step, which is also when the peak memory is reached);
 - the naive token loop at a small T (it keeps every token's weights for backward);
 - ``titans-pytorch``'s ``NeuralMemory`` at the matching configuration, when installed, with its
   default setting (all gradients at the initial weights of the call) and with ``batch_size=64``
@@ -49,10 +50,11 @@ def _reset_peak() -> None:
 def _build(impl: str, device):
     import torch
 
-    if impl in ("titans", "titans-naive"):
+    if impl in ("titans", "titans-compile", "titans-naive"):
         from titans.layers import NeuralMemory
 
-        layer = NeuralMemory(DIM, heads=HEADS, head_dim=HEAD_DIM, depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK)
+        layer = NeuralMemory(DIM, heads=HEADS, head_dim=HEAD_DIM, depth=DEPTH, expansion=EXPANSION,
+                             chunk_size=CHUNK, compile=impl == "titans-compile")  # fmt: skip
         if impl == "titans-naive":
             from titans.ops.memory import chunk_memory, naive_memory
             import titans.layers.neural_memory as nm
@@ -155,7 +157,7 @@ def main() -> None:
         have_peer = True
     except ImportError:
         have_peer = False
-    plan = [("titans", T) for T in args.lengths]
+    plan = [(impl, T) for impl in ("titans", "titans-compile") for T in args.lengths]
     if not args.skip_naive:
         plan.append(("titans-naive", args.naive_length))
     if have_peer:
@@ -179,18 +181,21 @@ def main() -> None:
 
     # Ratios measured in this run.
     print()
-    ours = {T: rows.get(("titans", T)) for T in args.lengths}
-    if ours.get(1024) and ours.get(16384) and ours[1024][0] and ours[16384][0]:
-        r = ours[16384][0]["tokens_per_s"] / ours[1024][0]["tokens_per_s"]
-        print(f"linear cost: fwd+bwd tok/s at 16K / at 1K = {r:.2f}")
-    for peer in ("titans-pytorch", "titans-pytorch-b64"):
-        for T in args.peer_lengths:
-            theirs, mine = rows.get((peer, T)), rows.get(("titans", T))
-            if theirs and mine and theirs[0] and mine[0]:
-                speed = mine[0]["tokens_per_s"] / theirs[0]["tokens_per_s"]
-                mem = mine[0]["peak_bytes"] / max(theirs[0]["peak_bytes"], 1)
-                fwd = mine[1]["tokens_per_s"] / theirs[1]["tokens_per_s"] if mine[1] and theirs[1] else float("nan")
-                print(f"vs {peer} at T={T}: {speed:.2f}x fwd+bwd tok/s, {mem:.2f}x peak memory, {fwd:.2f}x fwd tok/s")
+    for ours_impl in ("titans", "titans-compile"):
+        ours = {T: rows.get((ours_impl, T)) for T in args.lengths}
+        if ours.get(1024) and ours.get(16384) and ours[1024][0] and ours[16384][0]:
+            r = ours[16384][0]["tokens_per_s"] / ours[1024][0]["tokens_per_s"]
+            print(f"{ours_impl} linear cost: fwd+bwd tok/s at 16K / at 1K = {r:.2f}")
+    for ours_impl in ("titans", "titans-compile"):
+        for peer in ("titans-pytorch", "titans-pytorch-b64"):
+            for T in args.peer_lengths:
+                theirs, mine = rows.get((peer, T)), rows.get((ours_impl, T))
+                if theirs and mine and theirs[0] and mine[0]:
+                    speed = mine[0]["tokens_per_s"] / theirs[0]["tokens_per_s"]
+                    mem = mine[0]["peak_bytes"] / max(theirs[0]["peak_bytes"], 1)
+                    fwd = mine[1]["tokens_per_s"] / theirs[1]["tokens_per_s"] if mine[1] and theirs[1] else float("nan")
+                    print(f"{ours_impl} vs {peer} at T={T}: {speed:.2f}x fwd+bwd tok/s, "
+                          f"{mem:.2f}x peak memory, {fwd:.2f}x fwd tok/s")  # fmt: skip
 
 
 if __name__ == "__main__":

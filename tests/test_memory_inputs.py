@@ -85,6 +85,11 @@ def test_state_mismatches():
         chunk_memory(**kw, state=small, chunk_size=4)
 
 
+def test_compile_needs_analytic_backward():
+    with pytest.raises(ValueError, match="compile=True needs backward='analytic'"):
+        chunk_memory(**_kw(), chunk_size=4, backward="autograd", compile=True)
+
+
 def test_bad_backward_mode():
     with pytest.raises(ValueError, match="backward"):
         chunk_memory(**_kw(), chunk_size=4, backward="numeric")

@@ -72,6 +72,8 @@ class NeuralMemory(nn.Module):
         theta_init, eta_init, alpha_init: gate values of an untrained layer (through the biases):
             a small learning rate that is stable for unit-norm keys, strong momentum, and slow
             forgetting (alpha 1e-3 keeps ~37% of a memory after 1000 tokens).
+        compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
+            call compiles, for tens of seconds on CPU; later steps are faster).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class NeuralMemory(nn.Module):
         theta_init: float = 0.01,
         eta_init: float = 0.9,
         alpha_init: float = 1e-3,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if dim < 1 or heads < 1:
@@ -118,6 +121,7 @@ class NeuralMemory(nn.Module):
         self.momentum, self.forgetting = momentum, forgetting
         self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
         self.theta_activation, self.max_lr = theta_activation, max_lr
+        self.use_compile = compile
         inner = heads * head_dim
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -219,7 +223,7 @@ class NeuralMemory(nn.Module):
         if x.shape[1] == 1:
             y, mem = step_memory(**kwargs)
         else:
-            y, mem = chunk_memory(**kwargs)
+            y, mem = chunk_memory(**kwargs, compile=self.use_compile)
         y = self.out_norm(y.to(x.dtype))  # (B, T, H, D)
         y = rearrange(y, "b t h d -> b t (h d)") * F.silu(self.to_gate(x))
         return self.to_out(y), NeuralMemoryState(memory=mem, conv=conv_tail)

@@ -116,9 +116,9 @@ class _ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, A, B, C, e_end, m, *states):
-        L, has_mom, shared, act, residual = cfg
+        L, has_mom, shared, act, residual, compiled = cfg
         W0, S0, Wg = _split_states(states, L, has_mom, shared)
-        y, W_end, S_end, (zks, dzs, zs, Qs) = _chunk_forward(
+        y, W_end, S_end, (zks, dzs, zs, Qs) = _maybe_compiled(_chunk_forward, compiled)(
             q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=True
         )
         ctx.cfg = cfg
@@ -128,7 +128,7 @@ class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # double backward raises instead of being silently wrong: use "autograd"
     def backward(ctx, gy, *g_end):
-        L, has_mom, shared, act, residual = ctx.cfg
+        L, has_mom, shared, act, residual, compiled = ctx.cfg
         q, k, v, A, B, C, e_end, m, *rest = ctx.saved_tensors
         n_states = L * (1 + has_mom + (not shared))
         states, rest = rest[:n_states], rest[n_states:]
@@ -136,9 +136,25 @@ class _ChunkFunction(torch.autograd.Function):
         W0, S0, Wg = _split_states(states, L, has_mom, shared)
         gWe = g_end[:L]
         gSe = g_end[L:] if has_mom else (None,) * L
-        return (None,) + _chunk_backward(
+        return (None,) + _maybe_compiled(_chunk_backward, compiled)(
             gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, zks, dzs, zs, Qs
         )
+
+
+_COMPILED: dict = {}
+
+
+def _maybe_compiled(fn, compiled: bool):
+    """``fn`` itself, or its ``torch.compile``d version (built once per function, on first use).
+
+    Compiling fuses the many elementwise passes of a chunk into a few loops; the first call pays
+    the compile time (tens of seconds on CPU), later calls with new chunk lengths recompile once
+    with a dynamic length."""
+    if not compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
 
 
 def _split_states(states, L, has_mom, shared):
@@ -278,16 +294,21 @@ def chunk_memory(
     activation: str = "silu",
     residual: bool = False,
     backward: str = "analytic",
+    compile: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Chunk-parallel neural memory; same signature and results as ``naive_memory``.
 
     ``backward``: "analytic" (default: hand-derived, first-order; one state and a few small
     intermediates per chunk in memory) or "autograd" (autograd through the same forward: the
     reference for tests, and the mode for second derivatives; keeps every intermediate).
+    ``compile``: run each chunk's forward and analytic backward through ``torch.compile``
+    (opt-in: faster steps after a one-off compile of tens of seconds on CPU).
     """
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation)
     if backward not in ("analytic", "autograd"):
         raise ValueError(f"backward must be 'analytic' or 'autograd', got {backward!r}")
+    if compile and backward != "analytic":
+        raise ValueError("compile=True needs backward='analytic' (the autograd mode is the plain reference)")
     dtype = q.dtype
     cd = compute_dtype(dtype)
     B, T, H, D = q.shape
@@ -336,11 +357,12 @@ def chunk_memory(
         gates = _decay_products(th_c, la_c, le_c)
         if use_fn:
             states = W + (S if has_mom else ()) + (() if fresh else Wg)
-            cfg = (L, has_mom, fresh, activation, residual)
+            cfg = (L, has_mom, fresh, activation, residual, compile)
             out = _ChunkFunction.apply(cfg, q_c, k_c, v_c, *gates, *states)
             y, W, S = out[0], tuple(out[1 : 1 + L]), (tuple(out[1 + L :]) if has_mom else None)
         else:
-            y, W, S = _chunk_forward(q_c, k_c, v_c, *gates, W, S, Wg, activation, residual)
+            forward = _maybe_compiled(_chunk_forward, compile and not torch.is_grad_enabled())
+            y, W, S = forward(q_c, k_c, v_c, *gates, W, S, Wg, activation, residual)
             W, S = tuple(W), (tuple(S) if has_mom else None)
         ys.append(y)
         pos = (pos + n) % chunk_size
