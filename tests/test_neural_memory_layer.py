@@ -172,3 +172,20 @@ def test_bad_forward_inputs():
     with pytest.raises(TypeError, match="NeuralMemoryState"):
         layer(torch.randn(2, 5, 24, dtype=torch.float64), s.memory)
     assert isinstance(s, NeuralMemoryState)
+
+
+def test_retrieve_reads_without_writing():
+    """retrieve(x, W) is the memory's answer with fixed weights: equal to forward with theta = 0
+    (no write) when started from the same weights, and streaming with its conv tail."""
+    layer = _layer(momentum=False, forgetting=False)
+    x = torch.randn(2, 20, 24, dtype=torch.float64)
+    with torch.no_grad():
+        layer.to_theta.weight.zero_()
+        layer.to_theta.bias.fill_(-1e4)  # softplus(-1e4) = 0: forward writes nothing
+        y_fwd, _ = layer(x)
+        W = layer.initial_weights_for(2)
+        y_read, _ = layer.retrieve(x, W)
+        assert rel_rms(y_read, y_fwd) < 1e-12
+        y1, tail = layer.retrieve(x[:, :7], W)
+        y2, _ = layer.retrieve(x[:, 7:], W, tail)
+        assert rel_rms(torch.cat([y1, y2], 1), y_read) < 1e-12

@@ -21,6 +21,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
+from ..ops.memory.mlp import mlp_forward
+from ..ops.memory.state import compute_dtype
 
 __all__ = ["NeuralMemory", "NeuralMemoryState"]
 
@@ -224,9 +226,43 @@ class NeuralMemory(nn.Module):
             y, mem = step_memory(**kwargs)
         else:
             y, mem = chunk_memory(**kwargs, compile=self.use_compile)
+        return self._output(y, x), NeuralMemoryState(memory=mem, conv=conv_tail)
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        """Per-head RMSNorm, SiLU output gate from the layer input, projection back to dim."""
         y = self.out_norm(y.to(x.dtype))  # (B, T, H, D)
         y = rearrange(y, "b t h d -> b t (h d)") * F.silu(self.to_gate(x))
-        return self.to_out(y), NeuralMemoryState(memory=mem, conv=conv_tail)
+        return self.to_out(y)
+
+    def initial_weights_for(self, batch_size: int) -> tuple[Tensor, ...]:
+        """M_0 broadcast to the batch, ``[B, H, out, in]`` per layer (a view: gradients flow)."""
+        return tuple(w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
+
+    def retrieve(
+        self, x: Tensor, weights: tuple[Tensor, ...], conv_tail: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Read without writing (the paper's M*): ``y_t = M(q_t)`` with the fixed ``weights``
+        (``[B, H, out, in]`` per layer, e.g. ``state.memory.weights``), queries from x through the
+        query projection and its own causal-convolution stream, continued from ``conv_tail``
+        (the last ``kernel - 1`` query projections ``[B, K-1, heads * head_dim]``).
+        Returns ``(y [B, T, dim], new conv tail)``."""
+        self._check_input(x, None)
+        inner = self.heads * self.head_dim
+        u = F.linear(x, self.to_qkv.weight[:inner])
+        if self.conv_kernel:
+            B, T, C = u.shape
+            tail = u.new_zeros(B, self.conv_kernel - 1, C) if conv_tail is None else conv_tail.to(u.dtype)
+            full = torch.cat([tail, u], dim=1)
+            u = F.conv1d(full.transpose(1, 2), self.conv.weight[:inner], groups=C).transpose(1, 2)
+            conv_tail = full[:, -(self.conv_kernel - 1) :]
+        q = F.normalize(F.silu(u).reshape(*u.shape[:2], self.heads, self.head_dim), dim=-1)
+        B, T, H, D = q.shape
+        cd = compute_dtype(q.dtype)
+        flat_q = q.to(cd).transpose(1, 2).reshape(B * H, T, D)
+        flat_w = [w.to(cd).reshape(B * H, *w.shape[2:]) for w in weights]
+        y = mlp_forward(flat_w, flat_q, self.activation, self.residual)
+        y = y.reshape(B, H, T, D).transpose(1, 2)
+        return self._output(y, x), conv_tail
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,194 @@
+"""The language model, every variant including the baselines: causality, streaming == parallel,
+state save/load, O(1) state, gradients, training steps, bad configs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _helpers import rel_rms
+
+from titans.model import VARIANTS, ModelState, TitansConfig, TitansLM
+from titans.state_io import load_state, save_state, state_num_bytes
+
+
+def _cfg(variant, **kw):
+    base = dict(variant=variant, vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
+                memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
+    base.update(kw)
+    return TitansConfig(**base)
+
+
+def _model(variant, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    return TitansLM(_cfg(variant, **kw)).to(dtype)
+
+
+def _ids(B=2, T=37, seed=1, vocab=61):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal(variant):
+    model = _model(variant)
+    ids = _ids()
+    with torch.no_grad():
+        logits = model(ids)[0]
+        for t in (0, 7, 8, 20):
+            ids2 = ids.clone()
+            ids2[:, t + 1 :] = (ids2[:, t + 1 :] + 5) % 61
+            logits2 = model(ids2)[0]
+            assert torch.equal(logits[:, : t + 1], logits2[:, : t + 1]), f"{variant}: position <= {t} saw the future"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streaming_equals_parallel(variant):
+    """One parallel call == prefill + one token at a time == random multi-token pieces."""
+    model = _model(variant)
+    ids = _ids(T=40)
+    rng = random.Random(variant)
+    with torch.no_grad():
+        full = model(ids)[0]
+        # prefill 13 tokens, then decode one at a time
+        out, state = [model(ids[:, :13])[0]], None
+        state = model(ids[:, :13])[2]
+        for t in range(13, 40):
+            logits, _, state = model(ids[:, t : t + 1], state=state)
+            out.append(logits)
+        assert rel_rms(torch.cat(out, 1), full) < 1e-10
+        cuts = sorted(rng.sample(range(1, 40), 6)) + [40]
+        out, state, a = [], None, 0
+        for b in cuts:
+            logits, _, state = model(ids[:, a:b], state=state)
+            out.append(logits)
+            a = b
+        assert rel_rms(torch.cat(out, 1), full) < 1e-10
+        assert state.position == 40
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "transformer"])
+def test_streaming_float32(variant):
+    model = _model(variant, dtype=torch.float32)
+    ids = _ids(T=30)
+    with torch.no_grad():
+        full = model(ids)[0]
+        state, out = None, []
+        for t in range(30):
+            logits, _, state = model(ids[:, t : t + 1], state=state)
+            out.append(logits)
+    assert rel_rms(torch.cat(out, 1), full) < 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_save_load_continue(variant, tmp_path):
+    model = _model(variant)
+    ids = _ids(T=30)
+    with torch.no_grad():
+        full = model(ids)[0]
+        _, _, state = model(ids[:, :19])
+        save_state(state, tmp_path / "doc", metadata={"note": "read 19 tokens"})
+        fresh = _model(variant)  # a new model object with the same weights
+        fresh.load_state_dict(model.state_dict())
+        loaded, meta = load_state(tmp_path / "doc")
+        assert meta == {"note": "read 19 tokens"}
+        assert isinstance(loaded, ModelState) and loaded.position == 19
+        cont = fresh(ids[:, 19:], state=loaded)[0]
+    assert torch.equal(cont, full[:, 19:]) or rel_rms(cont, full[:, 19:]) < 1e-12
+
+
+def test_corrupt_state_files_are_refused(tmp_path):
+    model = _model("mac")
+    with torch.no_grad():
+        state = model(_ids(T=5))[2]
+    save_state(state, tmp_path / "s")
+    (tmp_path / "s" / "state.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt state file"):
+        load_state(tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match="no state file"):
+        load_state(tmp_path / "missing")
+    save_state(state, tmp_path / "t")
+    (tmp_path / "t" / "state.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a titans state"):
+        load_state(tmp_path / "t")
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "transformer"])
+def test_state_size_is_constant(variant):
+    """O(1) inference memory: the state after 10,000 tokens is as big as after 100."""
+    # Segment, window and chunk divide 100, so both positions are at the same phase of each.
+    model = _model(variant, dtype=torch.float32, segment=50, window=50, memory_chunk=25)
+    sizes = {}
+    with torch.no_grad():
+        state = None
+        for step in range(100):
+            _, _, state = model(_ids(B=1, T=100, seed=step), state=state)
+            if state.position in (100, 10_000):
+                sizes[state.position] = state_num_bytes(state)
+    assert sizes[100] == sizes[10_000] > 0
+
+
+def test_transformer_cache_grows():
+    model = _model("transformer", dtype=torch.float32)
+    with torch.no_grad():
+        s1 = model(_ids(B=1, T=10))[2]
+        s2 = model(_ids(B=1, T=10), state=s1)[2]
+    assert state_num_bytes(s2) == 2 * state_num_bytes(s1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_and_training_steps(variant):
+    model = _model(variant, dtype=torch.float32)
+    ids = _ids(T=24)
+    _, loss, _ = model(ids, labels=ids)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"{variant}: no gradient for {missing}"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(4):
+        opt.zero_grad()
+        ids = _ids(T=24, seed=step + 10)
+        _, loss, _ = model(ids, labels=ids)
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window=0), "window must be positive"),
+        (dict(segment=0), "segment length must be positive"),
+        (dict(heads=3), "must divide dim"),
+        (dict(variant="rnn"), "variant must be one of"),
+        (dict(memory_heads=5), "memory_heads"),
+        (dict(depth=0), "depth"),
+    ],
+)
+def test_bad_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(kwargs.pop("variant", "mac"), **kwargs)
+
+
+def test_bad_inputs():
+    model = _model("mac")
+    with pytest.raises(ValueError, match="token ids must lie"):
+        model(torch.tensor([[1, 2, 99]]))
+    with pytest.raises(ValueError, match=r"\[batch, time\]"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="empty time"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_presets_and_config_round_trip():
+    for name in ("tiny", "170M", "340M", "400M", "760M"):
+        cfg = TitansConfig.preset(name)
+        assert TitansConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown preset"):
+        TitansConfig.preset("7B")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TitansConfig.from_dict({"dimm": 3})
+    assert TitansLM(TitansConfig.preset("tiny")).num_parameters() > 0

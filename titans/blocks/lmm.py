@@ -1,0 +1,24 @@
+"""LMM: the neural memory alone as the sequence mixer (paper section 4.3, "memory without attention")."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..layers.neural_memory import NeuralMemory
+from .common import BlockState, SwiGLU
+
+
+class LMMBlock(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.mem_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.memory = NeuralMemory(cfg.dim, **cfg.memory_kwargs())
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:
+        state = state or BlockState()
+        m, mem = self.memory(self.mem_norm(x), state.memory)
+        x = x + m
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, BlockState(memory=mem, position=state.position + x.shape[1])

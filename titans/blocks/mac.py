@@ -1,0 +1,52 @@
+"""MAC: memory as context (paper section 4.1, SPEC section 3).
+
+For each segment of C tokens: read the memory as it was before the segment, h_t = M*_{s-1}(q_t)
+(per token, no write); attend over ``[P || h || segment]`` (causal in h and in the segment);
+write the attention outputs y into the memory token by token; output ``y ⊗ M*(y)`` with each
+token's own weights (never the segment-end weights, which would show a token its future).
+Segments are a loop; inside one, everything is parallel. The state carries the memory, its
+weights at the segment start, the query convolution tail and the open segment's KV cache, so
+any split of the sequence (one token at a time included) gives one call's outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.attention import Attention
+from ..layers.neural_memory import NeuralMemory
+from .common import BlockState, NormalizedGate, SwiGLU
+
+
+class MACBlock(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.segment = cfg.segment
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.memory = NeuralMemory(cfg.dim, **cfg.memory_kwargs())
+        self.attn = Attention(cfg.dim, cfg.heads, kind="segment", segment=cfg.segment,
+                              persistent_tokens=cfg.persistent_tokens, rope_base=cfg.rope_base)  # fmt: skip
+        self.gate = NormalizedGate(cfg.dim)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:
+        state = state or BlockState()
+        B, T, _ = x.shape
+        u = self.norm(x)
+        mem, cache, qconv, seg_w = state.memory, state.attn, state.query_conv, state.segment_weights
+        pos, t, outs = state.position, 0, []
+        while t < T:
+            n = min(self.segment - pos % self.segment, T - t)  # up to the end of this segment
+            if pos % self.segment == 0:  # a new segment reads the memory as it is now
+                seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
+            piece = u[:, t : t + n]
+            h, qconv = self.memory.retrieve(piece, seg_w, qconv)
+            y, cache = self.attn(piece, cache, memory_tokens=h)
+            m, mem = self.memory(y, mem)
+            outs.append(self.gate(y, m))
+            t, pos = t + n, pos + n
+        x = x + torch.cat(outs, dim=1)
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, BlockState(memory=mem, attn=cache, query_conv=qconv, segment_weights=seg_w, position=pos)

@@ -1,0 +1,206 @@
+"""The language model: embedding, a stack of blocks, final norm, head.
+
+    cfg = TitansConfig.preset("tiny", variant="mac")
+    model = TitansLM(cfg)
+    logits, loss, state = model(input_ids, labels=input_ids)     # training (parallel)
+    logits, _, state = model(next_ids, state=state)              # continue (streaming)
+
+``variant`` is one of mac | mag | mal | lmm (Titans) or transformer | swa (baselines in the same
+frame). Every variant takes and returns a ``ModelState`` so that a sequence can be fed in any
+pieces, one token at a time included, with the outputs of one call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
+
+__all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
+
+VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
+
+
+@dataclass
+class TitansConfig:
+    variant: str = "mac"
+    vocab_size: int = 256
+    dim: int = 128
+    depth: int = 2  # number of blocks
+    heads: int = 4
+    ffn_mult: float = 4.0  # SwiGLU hidden = ffn_mult * 2/3 * dim, rounded up to a multiple of 32
+    window: int = 128  # sliding window (mag, mal, swa)
+    segment: int = 128  # MAC segment length
+    persistent_tokens: int = 4
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    # Neural memory (every ablation of the paper's Table 5 that concerns the memory).
+    memory_heads: int | None = None  # default: heads
+    memory_depth: int = 2
+    memory_expansion: float = 4.0
+    memory_chunk: int = 64
+    memory_momentum: bool = True
+    memory_forgetting: bool = True
+    memory_conv_kernel: int = 4
+    memory_residual: bool = False
+    memory_activation: str = "silu"
+    memory_theta_init: float = 0.01
+    memory_eta_init: float = 0.9
+    memory_alpha_init: float = 1e-3
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("vocab_size", "dim", "depth", "heads", "memory_chunk", "memory_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        if (self.dim // self.heads) % 2:
+            raise ValueError(f"head dim dim/heads = {self.dim // self.heads} must be even (RoPE)")
+        mh = self.memory_heads or self.heads
+        if self.dim % mh:
+            raise ValueError(f"memory_heads ({mh}) must divide dim ({self.dim})")
+        if self.window <= 0:
+            raise ValueError(f"window must be positive, got {self.window}")
+        if self.segment <= 0:
+            raise ValueError(f"segment length must be positive, got {self.segment}")
+        if self.persistent_tokens < 0:
+            raise ValueError(f"persistent_tokens must be >= 0, got {self.persistent_tokens}")
+
+    @property
+    def ffn_hidden(self) -> int:
+        return int(math.ceil(self.ffn_mult * 2 / 3 * self.dim / 32) * 32)
+
+    def memory_kwargs(self) -> dict:
+        return dict(
+            heads=self.memory_heads or self.heads, depth=self.memory_depth,
+            expansion=self.memory_expansion, chunk_size=self.memory_chunk,
+            activation=self.memory_activation, residual=self.memory_residual,
+            momentum=self.memory_momentum, forgetting=self.memory_forgetting,
+            conv_kernel=self.memory_conv_kernel, theta_init=self.memory_theta_init,
+            eta_init=self.memory_eta_init, alpha_init=self.memory_alpha_init,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TitansConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TitansConfig":
+        """Named sizes: 'tiny' (CPU), and the paper's 170M / 340M / 400M / 760M shapes
+        (dims and depths as in the Transformer++/Gated DeltaNet baselines the paper follows;
+        32K vocabulary as the Llama-2 tokenizer)."""
+        presets = {
+            "tiny": dict(dim=128, depth=2, heads=4, vocab_size=256, window=128, segment=128),
+            "170M": dict(dim=768, depth=12, heads=16, vocab_size=32000, window=512, segment=512),
+            "340M": dict(dim=1024, depth=24, heads=16, vocab_size=32000, window=1024, segment=1024),
+            "400M": dict(dim=1024, depth=24, heads=16, vocab_size=32000, window=2048, segment=2048),
+            "760M": dict(dim=1536, depth=24, heads=16, vocab_size=32000, window=2048, segment=2048),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+
+@dataclass
+class ModelState:
+    """One BlockState per block, and the number of tokens seen."""
+
+    layers: list[BlockState] = field(default_factory=list)
+    position: int = 0
+
+    def detach(self) -> "ModelState":
+        return replace(self, layers=[s.detach() for s in self.layers])
+
+
+def _make_block(cfg: TitansConfig) -> nn.Module:
+    if cfg.variant == "mac":
+        return MACBlock(cfg)
+    if cfg.variant == "mag":
+        return MAGBlock(cfg)
+    if cfg.variant == "mal":
+        return MALBlock(cfg)
+    if cfg.variant == "lmm":
+        return LMMBlock(cfg)
+    return AttentionBlock(cfg, kind="full" if cfg.variant == "transformer" else "swa")
+
+
+class TitansLM(nn.Module):
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(_make_block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._init_weights()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and ".memory.to_" not in f".{name}":
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor | None = None, state: ModelState | None = None
+    ) -> tuple[Tensor, Tensor | None, ModelState]:
+        """input_ids ``[B, T]`` -> ``(logits [B, T, vocab], loss or None, state)``.
+
+        ``labels`` ``[B, T]``: the loss is the mean next-token cross-entropy of ``logits[:, t]``
+        against ``labels[:, t + 1]`` (labels = input_ids for language modelling; -100 is ignored).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids has an empty time dimension")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if bool(((input_ids < 0) | (input_ids >= self.cfg.vocab_size)).any()):
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size})")
+        if state is not None and state.layers and len(state.layers) != len(self.blocks):
+            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
+        x = self.embed(input_ids)
+        layer_states = state.layers if (state is not None and state.layers) else [None] * len(self.blocks)
+        new_states = []
+        for block, s in zip(self.blocks, layer_states):
+            x, s = block(x, s)
+            new_states.append(s)
+        logits = self.head(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        pos = (state.position if state is not None else 0) + input_ids.shape[1]
+        return logits, loss, ModelState(layers=new_states, position=pos)
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs):
+        """Prefill in parallel, then decode one token at a time with the state; see
+        ``titans.generation.generate`` for the sampling options. Returns ``(ids, state)``."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

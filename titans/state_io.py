@@ -1,0 +1,142 @@
+"""Save and load recurrent states (a model's memory of everything it has read) as safetensors +
+JSON, so that a model can memorise a document today and continue from it tomorrow.
+
+The JSON holds the structure (which dataclass, which field, ints such as positions); the
+safetensors file holds the tensors, each once even where the state refers to it twice (a memory
+whose chunk-start weights are its running weights). Only the project's own state classes are
+rebuilt on load. Both files are written to temporary names and renamed, so an interrupted save
+never leaves a half-written state behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["load_state", "save_state", "state_num_bytes"]
+
+FORMAT = "titans-state/1"
+
+
+def _state_classes() -> dict[str, type]:
+    from .blocks.common import BlockState
+    from .layers.attention import KVCache
+    from .layers.neural_memory import NeuralMemoryState
+    from .model import ModelState
+    from .ops.memory.state import MemoryState
+
+    return {c.__name__: c for c in (ModelState, BlockState, NeuralMemoryState, MemoryState, KVCache)}
+
+
+def _encode(obj, tensors: dict[str, Tensor], ids: dict[int, str]):
+    if isinstance(obj, Tensor):
+        key = ids.get(id(obj))
+        if key is None:
+            key = f"t{len(tensors)}"
+            ids[id(obj)] = key
+            tensors[key] = obj.detach().clone().contiguous()  # own storage: no shared memory
+        return {"tensor": key}
+    if is_dataclass(obj):
+        classes = _state_classes()
+        name = type(obj).__name__
+        if classes.get(name) is not type(obj):
+            raise TypeError(f"cannot save a {name}: not a titans state class")
+        return {"dataclass": name, "fields": {f.name: _encode(getattr(obj, f.name), tensors, ids) for f in fields(obj)}}
+    if isinstance(obj, (list, tuple)):
+        return {"tuple" if isinstance(obj, tuple) else "list": [_encode(o, tensors, ids) for o in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"cannot save a value of type {type(obj).__name__} in a state")
+
+
+def _decode(node, tensors: dict[str, Tensor]):
+    if not isinstance(node, dict) or len(node) not in (1, 2):
+        raise ValueError(f"corrupt state file: unexpected node {str(node)[:80]}")
+    if "tensor" in node:
+        key = node["tensor"]
+        if key not in tensors:
+            raise ValueError(f"corrupt state file: tensor {key!r} is missing from the safetensors file")
+        return tensors[key]
+    if "dataclass" in node:
+        cls = _state_classes().get(node["dataclass"])
+        if cls is None:
+            raise ValueError(f"corrupt state file: unknown state class {node['dataclass']!r}")
+        known = {f.name for f in fields(cls)}
+        given = node.get("fields", {})
+        if set(given) != known:
+            raise ValueError(f"corrupt state file: {cls.__name__} fields {sorted(given)} != {sorted(known)}")
+        return cls(**{k: _decode(v, tensors) for k, v in given.items()})
+    if "tuple" in node:
+        return tuple(_decode(n, tensors) for n in node["tuple"])
+    if "list" in node:
+        return [_decode(n, tensors) for n in node["list"]]
+    if "value" in node:
+        return node["value"]
+    raise ValueError(f"corrupt state file: unexpected node {str(node)[:80]}")
+
+
+def save_state(state, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``state.safetensors`` and ``state.json`` into ``directory`` (created if needed)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    tree = _encode(state, tensors, {})
+    doc = {"format": FORMAT, "state": tree, "metadata": metadata or {}}
+    tmp_t, tmp_j = d / "state.safetensors.tmp", d / "state.json.tmp"
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp_t))
+    tmp_j.write_text(json.dumps(doc))
+    os.replace(tmp_t, d / "state.safetensors")
+    os.replace(tmp_j, d / "state.json")
+    return d
+
+
+def load_state(directory: str | os.PathLike, device: str | torch.device | None = None):
+    """Read a state written by ``save_state``; tensors are moved to ``device`` when given.
+    Returns ``(state, metadata)``. Missing or corrupt files raise a ValueError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    jpath, tpath = d / "state.json", d / "state.safetensors"
+    for p in (jpath, tpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"no state file at {p}")
+    try:
+        doc = json.loads(jpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt state file {jpath}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{jpath} is not a titans state (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    try:
+        tensors = load_file(str(tpath), device=str(device) if device is not None else "cpu")
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(f"corrupt state file {tpath}: {exc}") from exc
+    return _decode(doc["state"], tensors), doc.get("metadata", {})
+
+
+def state_num_bytes(state) -> int:
+    """Bytes held by the tensors of a state (each tensor counted once)."""
+    tensors: dict[str, Tensor] = {}
+    ids: dict[int, str] = {}
+
+    def walk(obj):
+        if isinstance(obj, Tensor):
+            if id(obj) not in ids:
+                ids[id(obj)] = str(len(ids))
+                tensors[ids[id(obj)]] = obj
+        elif is_dataclass(obj):
+            for f in fields(obj):
+                walk(getattr(obj, f.name))
+        elif isinstance(obj, (list, tuple)):
+            for o in obj:
+                walk(o)
+
+    walk(state)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
