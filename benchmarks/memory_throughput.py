@@ -28,23 +28,12 @@ import subprocess
 import sys
 import time
 
+from _measure import peak_tracker
+
 B, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION, CHUNK = 4, 256, 4, 64, 2, 4.0, 64
 
 
 # ---- measurement inside one subprocess -------------------------------------------------------
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
-        f.write("5")
 
 
 def _build(impl: str, device):
@@ -104,22 +93,16 @@ def measure(impl: str, T: int, mode: str, min_seconds: float, tune: bool) -> dic
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # The peak covers the warm-up step too: allocations made there count.
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes("VmRSS")
-        _reset_peak()
-    step()  # warm-up (allocations, lazy init)
-    iters, start = 0, time.perf_counter()
-    while True:
+    with peak_tracker() as peak:  # the warm-up step counts: its allocations are real
         step()
-        iters += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            break
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes("VmHWM")) - base
+        iters, start = 0, time.perf_counter()
+        while True:
+            step()
+            iters += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+    peak = peak.value
     return dict(impl=impl, T=T, mode=mode, tokens_per_s=B * T * iters / elapsed, peak_bytes=peak, iters=iters)
 
 

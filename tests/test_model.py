@@ -192,3 +192,20 @@ def test_presets_and_config_round_trip():
     with pytest.raises(ValueError, match="unknown config keys"):
         TitansConfig.from_dict({"dimm": 3})
     assert TitansLM(TitansConfig.preset("tiny")).num_parameters() > 0
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_untrained_model_stays_finite_on_long_input(variant):
+    """Default gate initialisation is stable at a realistic width and chunk (it diverged with
+    theta_init = 1e-2 in MAC, whose memory writes similar attention outputs)."""
+    torch.manual_seed(0)
+    cfg = TitansConfig(variant=variant, vocab_size=256, dim=256, depth=1, heads=4, window=128, segment=128,
+                       memory_chunk=64, persistent_tokens=4)  # fmt: skip
+    model = TitansLM(cfg).eval()
+    state = None
+    with torch.no_grad():
+        for step in range(4):
+            logits, _, state = model(_ids(B=1, T=512, seed=step, vocab=256), state=state)
+            assert torch.isfinite(logits).all()
+    weights = [w for layer in state.layers for w in layer.memory.memory.weights]
+    assert max(w.abs().max().item() for w in weights) < 10

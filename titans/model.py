@@ -50,7 +50,7 @@ class TitansConfig:
     memory_conv_kernel: int = 4
     memory_residual: bool = False
     memory_activation: str = "silu"
-    memory_theta_init: float = 0.01
+    memory_theta_init: float = 1e-3
     memory_eta_init: float = 0.9
     memory_alpha_init: float = 1e-3
     init_std: float = 0.02
