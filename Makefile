@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench bench-models clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-all: setup
 bench: setup
 	$(PY) -m pip install --quiet titans-pytorch $(TORCH)
 	$(PY) benchmarks/memory_throughput.py
+
+bench-models: setup
+	$(PY) -m pip install --quiet titans-pytorch $(TORCH)
+	$(PY) benchmarks/model_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
