@@ -1,22 +1,55 @@
-"""Command line: ``titans <command>`` or ``python -m titans <command>``."""
+"""Command line: ``titans <command>`` or ``python -m titans <command>``.
+
+Each command lives in its own module with a ``register(subparsers)`` function that adds its
+parser and sets ``func`` (called with the parsed arguments, returns an exit code). Modules keep
+their heavy imports inside ``func`` so ``titans --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# command modules, in the order --help lists them
+COMMAND_MODULES = (
+    "titans.cli.demo",
+    "titans.data.cli",
+    "titans.train.cli",
+    "titans.eval.cli",
+    "titans.cli.generate",
+    "titans.cli.bench",
+    "titans.timeseries.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="titans", description="Titans: learning to memorize at test time")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name or name.startswith(str(err.name) + "."):
+                continue  # command not built in this checkout
+            raise
+        module.register(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="titans", description="Titans: learning to memorize at test time")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="memorise key-value pairs at test time and recall them")
-    demo.add_argument("--head-dim", type=int, default=64, help="width of keys and values (default 64)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .recall_demo import main as demo_main
+    from .config_files import ConfigError
 
-        demo_main(head_dim=args.head_dim)
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"titans {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"titans {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

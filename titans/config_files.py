@@ -1,0 +1,91 @@
+"""Config files (YAML or TOML) and ``--key=value`` overrides, shared by every command.
+
+A config is a flat or one-level-nested dict: ``{"model": {...}, "train": {...}, "data": {...}}``.
+Overrides address nested keys with dots: ``--train.lr=3e-4 --model.dim=256``. Values are parsed
+as YAML scalars so ``1e-3``, ``true``, ``null`` and ``[1, 2]`` mean what they look like.
+Unknown keys are refused with the closest known key suggested (``check_keys``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["ConfigError", "load_config_file", "apply_overrides", "check_keys", "closest"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says why and what to do."""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+    except ConfigError:
+        raise
+    except Exception as err:  # yaml / toml parse errors carry line numbers; keep them
+        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except Exception:
+        return text
+
+
+def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``config`` with each ``key=value`` (dots for nesting) applied."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=3e-4)")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def check_keys(given: Iterable[str], known: Iterable[str], where: str) -> None:
+    """Refuse keys that do not exist, suggesting the closest existing one."""
+    known = list(known)
+    for key in given:
+        if key not in known:
+            hint = closest(key, known)
+            tip = f"; did you mean {hint!r}?" if hint else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown key {key!r} in {where}{tip}")

@@ -1,0 +1,1 @@
+"""Data: tokenizers, tokenised shards, and the batch sources the trainer reads."""
