@@ -1,7 +1,10 @@
 """The one interface the trainer reads batches through.
 
-A ``BatchSource`` yields training sequences of ``seq_len + 1`` token ids (inputs are ``[:, :-1]``,
-labels ``[:, 1:]``). It is deterministic for its seed and resumable at an exact position:
+A ``BatchSource`` yields training sequences of ``seq_len + 1`` token ids: either a LongTensor
+``[B, seq_len + 1]`` (language modelling: every next token is a target) or a dict
+``{"input_ids": [B, seq_len + 1], "labels": [B, seq_len + 1]}`` whose labels are -100 where no loss is
+taken (tasks that score only answers). Labels follow the model's (Hugging Face) alignment: the
+logits at position t are scored against labels[t + 1], so ``seq_len`` predictions per row. It is deterministic for its seed and resumable at an exact position:
 ``state_dict()`` after n calls to ``next_batch`` and ``load_state_dict`` on a fresh source make the
 next batch identical to the uninterrupted run's.
 
@@ -24,8 +27,8 @@ __all__ = ["BatchSource", "rank_rows"]
 class BatchSource(Protocol):
     seq_len: int
 
-    def next_batch(self, global_batch_size: int) -> torch.Tensor:
-        """This rank's rows of the next global batch: LongTensor (global_batch_size // world, seq_len + 1)."""
+    def next_batch(self, global_batch_size: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """This rank's rows of the next global batch, (global_batch_size // world, seq_len + 1)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
