@@ -102,3 +102,24 @@ def test_device_mismatch(name):
     kw[name] = kw[name].to("meta")
     with pytest.raises(ValueError, match=f"{name} is on meta"):
         chunk_memory(**kw, chunk_size=4)
+
+
+def test_memory_ops_ignore_an_enclosing_autocast_region():
+    """Under bf16 autocast the memory's recurrence still runs in float32 and matches exactly."""
+    import torch
+
+    from titans.ops.memory import chunk_memory, step_memory
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 1, 20, 2, 8
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    theta, eta, alpha = (torch.rand(B, T, H, generator=g) * 0.1 for _ in range(3))
+    weights = tuple(torch.randn(H, o, i, generator=g) * 0.1 for o, i in ((32, 8), (8, 32)))
+    kw = dict(q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, chunk_size=8)
+    y, _ = chunk_memory(**kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ac, _ = chunk_memory(**kw)
+        y_step, _ = step_memory(**{**kw, "q": q[:, :1], "k": k[:, :1], "v": v[:, :1], "theta": theta[:, :1],
+                                   "eta": eta[:, :1], "alpha": alpha[:, :1], "chunk_size": 1})
+    assert y_ac.dtype == torch.float32 and torch.equal(y, y_ac)
+    assert y_step.dtype == torch.float32

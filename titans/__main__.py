@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config_files import ConfigError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `--section.key=value` overrides go to commands that take them (train, ...)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --train.lr=3e-4)")
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

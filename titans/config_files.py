@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["ConfigError", "load_config_file", "apply_overrides", "check_keys", "closest"]
+__all__ = ["ConfigError", "load_config_file", "apply_overrides", "check_keys", "closest", "coerce_fields"]
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def _parse_value(text: str) -> Any:
     import yaml
 
+    for number in (int, float):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except Exception:
@@ -73,6 +78,48 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[st
                 raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
             node = child
         node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def coerce_fields(klass, given: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check the values of a dataclass's fields against their declared types, converting where
+    the meaning is unambiguous (an int for a float field, a numeric string such as YAML's
+    ``1e-3`` for a number); anything else is refused naming the field."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(klass)
+    out = dict(given)
+    for f in dataclasses.fields(klass):
+        if f.name not in given:
+            continue
+        value, hint = given[f.name], hints[f.name]
+        args = typing.get_args(hint)
+        allowed = tuple(a for a in args if isinstance(a, type)) if args else (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(hint, type) and hint is dict or typing.get_origin(hint) is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{f.name} must be a mapping, got {value!r}")
+            continue
+        if bool in allowed:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{f.name} must be true or false, got {value!r}")
+            continue
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}.{f.name} must be a {allowed[0].__name__}, got {value!r}")
+        if float in allowed and isinstance(value, (int, str)):
+            try:
+                out[f.name] = float(value)
+                continue
+            except ValueError:
+                pass
+        if int in allowed and isinstance(value, float) and value.is_integer():
+            out[f.name] = int(value)
+            continue
+        if not isinstance(out[f.name], allowed):
+            names = " or ".join(a.__name__ for a in allowed if a is not type(None))
+            raise ConfigError(f"{where}.{f.name} must be {names}, got {value!r}")
     return out
 
 

@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .mlp import activation as act_fn
 from .mlp import activation_with_grads, key_gradients
-from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate, state_from_flat
+from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate, state_from_flat
 
 __all__ = ["chunk_memory"]
 
@@ -280,6 +280,7 @@ def _chunk_backward(
     return (gq, gk, gv, gA, gB, gC, ge_end, gm) + g_states
 
 
+@full_precision
 def chunk_memory(
     *,
     q: Tensor,

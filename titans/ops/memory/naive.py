@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .mlp import activation
-from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state
+from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state
 
 __all__ = ["naive_memory"]
 
@@ -34,6 +34,7 @@ def _mlp(weights: Sequence[Tensor], x: Tensor, act: str, residual: bool) -> Tens
     return h + x if residual else h
 
 
+@full_precision
 def naive_memory(
     *,
     q: Tensor,

@@ -6,6 +6,8 @@ Weights of the memory MLP are stored per batch element and head as ``[B, H, out,
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -256,6 +258,22 @@ def check_inputs(
     for name, g in (("eta", eta), ("alpha", alpha)):
         if g is not None and bool(((g < 0) | (g > 1)).any()):
             raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def full_precision(fn):
+    """Run a memory op with autocast off: its recurrence is computed in float32 (see
+    ``compute_dtype``) whatever autocast region it is called from; the output comes back in the
+    inputs' dtype. Without this, autocast would run the forward's matmuls in bf16 while a
+    hand-written backward sees float32 saved tensors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        q = kwargs.get("q")
+        device_type = q.device.type if isinstance(q, Tensor) else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

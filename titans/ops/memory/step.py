@@ -11,11 +11,12 @@ from typing import Sequence
 from torch import Tensor
 
 from .mlp import key_gradients, mlp_forward
-from .state import MemoryState, check_inputs, compute_dtype, initial_memory_state, state_from_flat
+from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, state_from_flat
 
 __all__ = ["step_memory"]
 
 
+@full_precision
 def step_memory(
     *,
     q: Tensor,

@@ -1,0 +1,168 @@
+"""The trainer: schedule, parameter groups, exact resume, checkpoint integrity, config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from titans.config_files import ConfigError
+from titans.model import TitansConfig, TitansLM
+from titans.train import checkpoint as ckpt
+from titans.train import trainer as trainer_mod
+from titans.train.config import RunConfig, load_run_config
+from titans.train.optim import lr_factor, param_groups
+
+from _train_helpers import fake_build_sources, tiny_run
+
+
+@pytest.fixture(autouse=True)
+def _fake_data(monkeypatch):
+    monkeypatch.setattr(trainer_mod, "build_sources", fake_build_sources)
+
+
+def _losses(out_dir):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, lines)]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 10, 110, 0.1) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # decays monotonically after warmup
+    assert f[110] == pytest.approx(0.1) and f[60] == pytest.approx(0.55)
+
+
+def test_no_weight_decay_on_norms_biases_and_gates():
+    model = TitansLM(TitansConfig(variant="mac", dim=32, depth=1, heads=2, segment=16, window=16, memory_chunk=8))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no = {names[id(p)] for p in no_decay["params"]}
+    yes = {names[id(p)] for p in decay["params"]}
+    assert "blocks.0.memory.to_theta.weight" in no and "blocks.0.memory.to_alpha.bias" in no
+    assert "norm.weight" in no and "blocks.0.gate.norm_y.weight" in no
+    assert "blocks.0.attn.to_q.weight" in yes and "blocks.0.memory.initial_weights.0" in yes
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(no) + len(yes) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("variant", ["mac", "swa"])
+def test_resumed_run_reproduces_uninterrupted_losses_bit_for_bit(tmp_path, variant):
+    full = trainer_mod.train(tiny_run(tmp_path / "full", variant))
+    run = tiny_run(tmp_path / "cut", variant)
+    part = trainer_mod.train(run, stop_at_step=3)
+    assert part["step"] == 3 and part["stopped"] == "stopped"
+    with pytest.raises(ConfigError, match="resume auto"):
+        trainer_mod.train(run)  # a fresh run must not overwrite an existing one
+    resumed = trainer_mod.train(run, resume="auto")
+    assert resumed["step"] == 6
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")  # exact floats, eval included
+    assert full["loss"] < _losses(tmp_path / "full")[0][1]  # and it learned something
+
+
+def test_interruption_writes_a_checkpoint_and_keeps_the_drawn_batch(tmp_path, monkeypatch):
+    run = tiny_run(tmp_path / "a", checkpoint_every=0)
+    calls = {"n": 0}
+    real = trainer_mod._loss_sum
+
+    def interrupt_on_step_3(*args):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:  # first micro batch of step 3 (2 micro batches per step)
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(trainer_mod, "_loss_sum", interrupt_on_step_3)
+    with pytest.raises(KeyboardInterrupt, match="step 2"):
+        trainer_mod.train(run)
+    monkeypatch.setattr(trainer_mod, "_loss_sum", real)
+    trainer_mod.train(run, resume="auto")
+    trainer_mod.train(tiny_run(tmp_path / "b", checkpoint_every=0))
+    assert [r[:2] for r in _losses(tmp_path / "a")] == [r[:2] for r in _losses(tmp_path / "b")]
+
+
+def _corrupt(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how,message", [("truncate", "truncated"), ("flip", "corrupted")])
+def test_damaged_checkpoint_is_refused_and_the_previous_one_still_loads(tmp_path, how, message):
+    run = tiny_run(tmp_path, max_steps=4, checkpoint_every=2, keep_checkpoints=2)
+    trainer_mod.train(run)
+    older, newest = ckpt.list_checkpoints(tmp_path)
+    assert (older.name, newest.name) == ("step-0000002", "step-0000004")
+    _corrupt(newest / "model.safetensors", how)
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.load_pretrained(newest)
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors"):
+        trainer_mod.train(run, resume="auto")
+    model, tokenizer, info = ckpt.load_pretrained(older)
+    assert info["step"] == 2 and tokenizer.vocab_size == 257 and not model.training
+    (newest / "MANIFEST.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.verify_checkpoint(newest)
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
+    trainer_mod.train(tiny_run(tmp_path, max_steps=2))
+    other = tiny_run(tmp_path, max_steps=4)
+    other.model.dim = 64
+    other.train.lr = 1e-3
+    with pytest.raises(ckpt.CheckpointError, match=r"model.dim: checkpoint 32, this run 64") as err:
+        trainer_mod.train(other, resume="auto")
+    assert "train.lr" in str(err.value)
+
+
+def test_loaded_checkpoint_gives_the_trained_models_outputs(tmp_path):
+    run = tiny_run(tmp_path, max_steps=2)
+    trainer_mod.train(run)
+    model, _, _ = ckpt.load_pretrained(tmp_path)  # a run directory means its latest checkpoint
+    again, _, _ = ckpt.load_pretrained(ckpt.latest_checkpoint(tmp_path))
+    ids = torch.randint(0, 64, (1, 40))
+    assert torch.equal(model(ids)[0], again(ids)[0])
+    assert model.head.weight is model.embed.weight  # tied embeddings survive the round trip
+
+
+def test_config_errors_name_the_key_and_suggest(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        load_run_config(None, ["--train.lrr=3e-4"])
+    with pytest.raises(ConfigError, match="did you mean 'memory_depth'"):
+        load_run_config(None, ["model.memory_deepth=2"])
+    with pytest.raises(ConfigError, match="did you mean 'train'"):
+        RunConfig.from_dict({"trian": {}})
+    with pytest.raises(ConfigError, match="train.seq_len must be int"):
+        load_run_config(None, ["train.seq_len=long"])
+    with pytest.raises(ConfigError, match="multiple of train.seq_len"):
+        load_run_config(None, ["train.seq_len=100", "train.batch_tokens=150"])
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model:\n  preset: tiny\n  variant: mag\ntrain:\n  lr: 1e-3\n")
+    run = load_run_config(str(cfg_file), ["train.max_steps=7"])
+    assert run.model.variant == "mag" and run.model.dim == 128 and run.train.lr == 1e-3 and run.train.max_steps == 7
+    toml_file = tmp_path / "c.toml"
+    toml_file.write_text('[train]\nlr = 2e-3\n[model]\ndim = 64\n')
+    assert load_run_config(str(toml_file)).train.lr == 2e-3
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(str(tmp_path / "missing.yaml"))
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    real = trainer_mod._loss_sum
+
+    def nan_loss(*args):
+        loss, n = real(*args)
+        return loss * float("nan"), n
+
+    monkeypatch.setattr(trainer_mod, "_loss_sum", nan_loss)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        trainer_mod.train(tiny_run(tmp_path, max_steps=3))
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    summary = trainer_mod.train(tiny_run(tmp_path, precision="bf16", max_steps=3, checkpoint_every=0))
+    assert math.isfinite(summary["loss"]) and summary["step"] == 3

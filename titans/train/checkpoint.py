@@ -1,0 +1,209 @@
+"""Checkpoints: written atomically, verified on load, resumed exactly.
+
+A checkpoint is a directory ``<out_dir>/checkpoints/step-0000100/`` holding
+
+    model.safetensors   the full (unsharded) model weights
+    optimizer.pt        the full optimiser state, keyed by parameter name
+    trainer.pt          step, scheduler, RNG states (torch, CUDA, Python, NumPy), data position
+    run.json            the run config and the tokenizer spec
+    MANIFEST.json       size and SHA-256 of each file above, written last
+
+It is assembled in a hidden temporary directory and renamed into place, so a crash mid-write never
+leaves a directory that looks complete. ``<out_dir>/checkpoints/LATEST`` names the newest one (also
+replaced atomically). Loading checks the manifest first: a truncated or altered file is refused with
+a ``CheckpointError`` that names it; older checkpoints stay loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError", "save_checkpoint", "verify_checkpoint", "read_checkpoint", "latest_checkpoint",
+    "list_checkpoints", "load_pretrained",
+]  # fmt: skip
+
+FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "run.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupted or from another config."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    run: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write a checkpoint (call on one rank only) and prune all but the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:07d}."))
+    try:
+        # safetensors refuses tensors that share memory (tied embeddings): store each name once
+        # as its own contiguous copy; loading ties them again through the model.
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+        save_file(tensors, tmp / "model.safetensors", metadata={"step": str(step)})
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+        manifest["step"] = step
+        for name in FILES:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _write_atomic(tmp / "MANIFEST.json", json.dumps(manifest, indent=1))
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(root / "LATEST", final.name + "\n")
+    for old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint named by LATEST (or the highest step if LATEST is missing); None if none."""
+    root = checkpoint_root(out_dir)
+    pointer = root / "LATEST"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if path.is_dir():
+            return path
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "checkpoints").is_dir():  # a run directory: take its latest checkpoint
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"run directory {path} has no checkpoints")
+        return latest
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> Path:
+    """Check every file against the manifest; return the checkpoint directory."""
+    path = _resolve(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    manifest_path = path / "MANIFEST.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: MANIFEST.json is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path}: MANIFEST.json is corrupted ({err})") from err
+    for name in FILES:
+        file = path / name
+        entry = manifest.get(name)
+        if entry is None or not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is truncated or altered ({size} bytes, manifest says {entry['bytes']})"
+            )
+        if _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupted (SHA-256 differs from the manifest)")
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify and read a checkpoint: {'path', 'run', 'model', 'optimizer', 'trainer'}."""
+    from safetensors.torch import load_file
+
+    path = verify_checkpoint(path)
+    return {
+        "path": path,
+        "run": json.loads((path / "run.json").read_text()),
+        "model": load_file(path / "model.safetensors", device=str(map_location)),
+        "optimizer": torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False),
+        "trainer": torch.load(path / "trainer.pt", map_location="cpu", weights_only=False),
+    }
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != own[name].shape:
+            raise CheckpointError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, the model has {tuple(own[name].shape)}"
+            )
+    model.load_state_dict(weights)
+
+
+def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
+    """A trained model for inference: ``(model in eval mode, tokenizer, info)``.
+
+    ``path`` is a checkpoint directory or a run directory (its latest checkpoint). ``info`` holds
+    the run config, the step and the checkpoint path.
+    """
+    from safetensors.torch import load_file
+
+    from ..data.tokenizers import load_tokenizer
+    from ..model import TitansConfig, TitansLM
+
+    path = verify_checkpoint(path)
+    run = json.loads((path / "run.json").read_text())
+    cfg = TitansConfig.from_dict(run["config"]["model"])
+    model = TitansLM(cfg)
+    load_model_weights(model, load_file(path / "model.safetensors", device="cpu"), str(path))
+    model.to(map_location).eval()
+    tokenizer = load_tokenizer(run["tokenizer"])
+    info = {"path": str(path), "step": run.get("step"), "config": run["config"]}
+    return model, tokenizer, info

@@ -1,0 +1,60 @@
+"""``titans train``: train a model from a config file plus ``--section.key=value`` overrides."""
+
+from __future__ import annotations
+
+HELP = """Train a Titans model (or a baseline) on token shards, the built-in corpus, or generated tasks.
+
+Examples:
+  titans train --config configs/tiny.yaml
+  titans train --config configs/tiny.yaml --train.max_minutes=10 --model.variant=mag
+  titans train --config configs/tiny.yaml --resume auto           # continue an interrupted run
+  torchrun --nproc_per_node 2 -m titans train --config configs/tiny.yaml --train.parallel=ddp
+
+Any field of the config's sections can be overridden: --model.<field> (TitansConfig),
+--train.<field> (TrainConfig), --data.<field> (DataConfig); see titans/train/config.py.
+"""
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser(
+        "train", help="train a model (config file + --section.key=value overrides)", description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--config", help="YAML or TOML run config (sections model, train, data); default: built-in defaults")
+    p.add_argument(
+        "--resume", metavar="auto|PATH",
+        help="continue from the latest checkpoint of train.out_dir ('auto') or from a checkpoint directory",
+    )  # fmt: skip
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args) -> int:
+    import json
+
+    from ..utils import tune_cpu_allocator
+    from .checkpoint import CheckpointError
+    from .config import load_run_config
+    from .trainer import train
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    tune_cpu_allocator()
+    try:
+        summary = train(cfg, resume=args.resume)
+    except CheckpointError as err:
+        print(f"titans train: {err}")
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"\ntitans train: {err}")
+        return 130
+    print(
+        f"done: step {summary['step']}, train loss {summary['loss']:.4f}, "
+        f"val loss {summary['val_loss'] if summary['val_loss'] is None else round(summary['val_loss'], 4)}, "
+        f"{summary['seconds']:.0f} s ({summary['stopped']}); checkpoint {summary['checkpoint']}"
+    )
+    return 0

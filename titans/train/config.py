@@ -1,0 +1,123 @@
+"""Run configs: ``model`` (TitansConfig), ``train`` (TrainConfig), ``data`` (DataConfig).
+
+A YAML/TOML file has these three sections; ``--section.key=value`` overrides any field. Unknown
+sections or keys are refused with the closest existing name suggested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..config_files import ConfigError, apply_overrides, check_keys, coerce_fields, load_config_file
+from ..model import TitansConfig
+
+__all__ = ["TrainConfig", "DataConfig", "RunConfig", "load_run_config"]
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny"
+    seed: int = 0
+    seq_len: int = 512  # tokens predicted per sequence (each row holds seq_len + 1 tokens)
+    batch_tokens: int = 8192  # global tokens per optimiser step (paper: 0.5M)
+    micro_batch: int = 4  # sequences per forward pass on each rank
+    max_steps: int = 1000
+    max_minutes: float | None = None  # wall-clock budget: stop (with a checkpoint) when spent
+    lr: float = 4e-4  # paper section 5.1
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # paper section 5.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA)
+    eval_every: int = 100  # steps (0: only at the end)
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 100  # steps (0: only at the end / on interruption)
+    keep_checkpoints: int = 2
+    parallel: str = "none"  # none | ddp | fsdp (under torchrun)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+    tensorboard: bool = True  # when the tensorboard package is installed
+
+    def validate(self) -> None:
+        for name in ("seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_batches", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_tokens % self.seq_len:
+            raise ConfigError(
+                f"train.batch_tokens ({self.batch_tokens}) must be a multiple of train.seq_len ({self.seq_len})"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.parallel not in ("none", "ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
+        if not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0:
+            raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        rows = self.batch_tokens // self.seq_len
+        if rows % (self.micro_batch * world_size):
+            raise ConfigError(
+                f"a step's {rows} sequences (batch_tokens / seq_len) must split evenly into micro batches of "
+                f"{self.micro_batch} on each of {world_size} ranks"
+            )
+        return rows // (self.micro_batch * world_size)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "text"  # text (token shards) | niah | mqar (generated on the fly)
+    path: str | None = None  # text: a directory from `titans data prepare`; None = the built-in corpus
+    tokenizer: str = "bytes"  # bytes | sentencepiece[:PATH] | bpe:VOCAB (text prepared on first use)
+    options: dict[str, Any] = field(default_factory=dict)  # generator options (niah / mqar)
+
+    def validate(self) -> None:
+        if self.kind not in ("text", "niah", "mqar"):
+            raise ConfigError(f"data.kind must be 'text', 'niah' or 'mqar', got {self.kind!r}")
+
+
+@dataclass
+class RunConfig:
+    model: TitansConfig = field(default_factory=TitansConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": asdict(self.data)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        check_keys(d, ("model", "train", "data"), "the config (sections)")
+        sections = {}
+        for name, klass in (("model", TitansConfig), ("train", TrainConfig), ("data", DataConfig)):
+            given = dict(d.get(name) or {})
+            if not isinstance(given, dict):
+                raise ConfigError(f"config section {name!r} must be a mapping")
+            if name == "model" and "preset" in given:
+                preset = given.pop("preset")
+                check_keys(given, [f.name for f in fields(klass)], "model")
+                given = coerce_fields(klass, given, name)
+                try:
+                    sections[name] = TitansConfig.preset(preset, **given)
+                except ValueError as err:
+                    raise ConfigError(str(err)) from err
+                continue
+            check_keys(given, [f.name for f in fields(klass)], name)
+            given = coerce_fields(klass, given, name)
+            try:
+                sections[name] = klass(**given)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"config section {name!r}: {err}") from err
+        run = cls(**sections)
+        run.train.validate()
+        run.data.validate()
+        return run
+
+
+def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """The run config of a file (or the defaults when ``path`` is None) with overrides applied."""
+    base = load_config_file(path) if path else {}
+    return RunConfig.from_dict(apply_overrides(base, overrides))

@@ -1,0 +1,340 @@
+"""The training loop, top to bottom.
+
+    run = load_run_config("configs/tiny.yaml", ["train.lr=3e-4"])
+    summary = train(run)                     # or train(run, resume="auto")
+
+One optimiser step = ``train.batch_tokens`` tokens (the global batch), split over ranks and into
+micro batches of ``train.micro_batch`` sequences whose gradients accumulate. The loss is the mean
+over every target token of the global batch, whatever the split, so one process and N processes
+with the same global batch follow the same trajectory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config_files import ConfigError
+from ..model import TitansLM
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .distributed import (
+    World, all_reduce_sum, full_state_dicts, init_distributed, load_full_state_dicts,
+    no_gradient_sync, parallelize,
+)  # fmt: skip
+from .optim import build_optimizer, build_scheduler
+from .sources import as_inputs, build_sources
+
+__all__ = ["train", "resolve_device"]
+
+# fields that may differ between a checkpoint and the run that resumes it
+_RESUMABLE_CHANGES = {
+    "max_steps", "max_minutes", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+    "keep_checkpoints", "parallel", "device", "progress", "tensorboard", "out_dir", "micro_batch",
+}  # fmt: skip
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here")
+    return device
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_compatible(saved: dict, run: RunConfig, where: str) -> None:
+    """Refuse to resume a checkpoint whose model, data or optimisation differ from this run."""
+    current = run.to_dict()
+    diffs = []
+    for section in ("model", "data", "train"):
+        old, new = saved.get(section, {}), current[section]
+        for key in sorted(set(old) | set(new)):
+            if section == "train" and key in _RESUMABLE_CHANGES:
+                continue
+            if old.get(key) != new.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r}, this run {new.get(key)!r}")
+    if diffs:
+        raise ckpt.CheckpointError(f"{where} comes from another config:\n  " + "\n  ".join(diffs))
+
+
+class _Metrics:
+    """metrics.jsonl (and TensorBoard when installed) on the main rank."""
+
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # resuming: drop what the interrupted run logged after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _loss_sum(model, input_ids, labels, autocast) -> tuple[torch.Tensor, int]:
+    with autocast:
+        logits, _, _ = model(input_ids)
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((targets != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(model, eval_batches, device, autocast) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    for batch in eval_batches():
+        input_ids, labels = as_inputs(batch, device)
+        loss, n = _loss_sum(model, input_ids, labels, autocast)
+        total += loss.double()
+        count += n
+    model.train(was_training)
+    both = all_reduce_sum(torch.stack([total, torch.tensor(float(count), device=device, dtype=torch.float64)]))
+    return float(both[0] / both[1]) if both[1] > 0 else float("nan")
+
+
+class _Interrupt:
+    """SIGTERM (a scheduler's kill) is turned into KeyboardInterrupt so both end with a checkpoint."""
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = None) -> dict:
+    """Train ``run``; ``resume`` = None (fresh; refuses an out_dir that has checkpoints),
+    'auto' (latest checkpoint of out_dir if any) or a checkpoint path. ``stop_at_step`` ends the
+    run early as an interruption would (checkpoint included); tests use it. Returns a summary."""
+    cfg, tcfg = run.model, run.train
+    device = resolve_device(tcfg.device)
+    world: World = init_distributed(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    out_dir = Path(tcfg.out_dir)
+    accum = tcfg.accumulation_steps(world.world_size)
+    rows_global = tcfg.batch_tokens // tcfg.seq_len
+
+    resume_path = None
+    if resume == "auto":
+        resume_path = ckpt.latest_checkpoint(out_dir)
+    elif resume:
+        resume_path = Path(resume)
+    elif ckpt.latest_checkpoint(out_dir) is not None:
+        raise ConfigError(
+            f"{out_dir} already has checkpoints: pass --resume auto to continue that run, or choose another "
+            f"train.out_dir"
+        )
+
+    torch.manual_seed(tcfg.seed)
+    random.seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    tokenizer, source, eval_batches = build_sources(run, world.rank, world.world_size)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    model = TitansLM(cfg).to(device)
+    model = parallelize(model, tcfg.parallel if world.distributed else "none", device)
+    optimizer = build_optimizer(model, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)
+
+    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if resume_path is not None:
+        state = ckpt.read_checkpoint(resume_path, map_location="cpu")
+        _check_compatible(state["run"]["config"], run, str(state["path"]))
+        load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
+        trainer_state = state["trainer"]
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        source.load_state_dict(trainer_state["data"])
+        _set_rng_state(trainer_state["rng"])
+        start_step, tokens_seen = trainer_state["step"], trainer_state["tokens"]
+        elapsed_before = trainer_state.get("elapsed", 0.0)
+
+    # the data position after the last completed step: an interruption mid-step must not skip
+    # the batch it had drawn
+    data_state = copy.deepcopy(source.state_dict())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16" else nullcontext()
+    )
+    metrics = _Metrics(out_dir, start_step, world.is_main, tcfg.tensorboard)
+    run_record = {"config": run.to_dict(), "tokenizer": tokenizer.to_spec()}
+
+    def save(step: int) -> Path | None:
+        model_sd, optim_sd = full_state_dicts(model, optimizer)
+        path = None
+        if world.is_main:
+            trainer_state = {
+                "step": step, "tokens": tokens_seen, "scheduler": scheduler.state_dict(),
+                "data": data_state, "rng": _rng_state(), "elapsed": elapsed_before + time.time() - t0,
+            }  # fmt: skip
+            path = ckpt.save_checkpoint(
+                out_dir, step, model_sd, optim_sd, trainer_state, {**run_record, "step": step}, tcfg.keep_checkpoints
+            )
+        if world.distributed:
+            torch.distributed.barrier()
+        return path
+
+    progress = None
+    if world.is_main and tcfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=tcfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    t0 = time.time()
+    deadline = None if tcfg.max_minutes is None else t0 + 60 * tcfg.max_minutes - elapsed_before
+    step, last_loss, val_loss, reason = start_step, float("nan"), None, "max_steps"
+    window_t, window_tokens = time.time(), 0
+    model.train()
+    try:
+        with _Interrupt():
+            while step < tcfg.max_steps:
+                if stop_at_step is not None and step >= stop_at_step:
+                    reason = "stopped"
+                    break
+                if deadline is not None and time.time() >= deadline:
+                    reason = "max_minutes"
+                    break
+                batch = source.next_batch(rows_global)
+                micro = [as_inputs(b, device) for b in _split_rows(batch, tcfg.micro_batch)]
+                local_targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+                n_global = int(all_reduce_sum(torch.tensor(local_targets, device=device)))
+                if n_global == 0:
+                    raise RuntimeError(f"step {step}: the batch has no target tokens (every label is -100)")
+                loss_total = torch.zeros((), device=device)
+                for i, (input_ids, labels) in enumerate(micro):
+                    with no_gradient_sync(model, skip=i < len(micro) - 1):
+                        loss, _ = _loss_sum(model, input_ids, labels, autocast)
+                        # DDP/FSDP average gradients over ranks: scale so the result is the mean over
+                        # every target token of the global batch
+                        (loss * world.world_size / n_global).backward()
+                    loss_total += loss.detach()
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                    if tcfg.grad_clip > 0 else None
+                )  # fmt: skip
+                last_loss = float(all_reduce_sum(loss_total)) / n_global
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(
+                        f"loss is {last_loss} at step {step + 1}; lower train.lr or check the data "
+                        f"(last checkpoint: {ckpt.latest_checkpoint(out_dir)})"
+                    )
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                data_state = copy.deepcopy(source.state_dict())
+                tokens_seen += n_global
+                window_tokens += n_global
+                record = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.max_steps:
+                    val_loss = evaluate(model, eval_batches, device, autocast)
+                    record["val_loss"] = val_loss
+                if step % tcfg.log_every == 0 or "val_loss" in record:
+                    now = time.time()
+                    record["tokens_per_s"] = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_tokens = now, 0
+                    metrics.log(record)
+                if progress is not None:
+                    post = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.2e}"}
+                    if "tokens_per_s" in record:
+                        post["tok/s"] = f"{record['tokens_per_s']:.0f}"
+                    if val_loss is not None:
+                        post["val"] = f"{val_loss:.3f}"
+                    progress.set_postfix(post, refresh=False)
+                    progress.update(1)
+                if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < tcfg.max_steps:
+                    save(step)
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    finally:
+        if progress is not None:
+            progress.close()
+    if step > start_step or resume_path is None:
+        path = save(step)
+    else:
+        path = resume_path
+    metrics.close()
+    summary = {
+        "step": step, "tokens": tokens_seen, "loss": last_loss, "val_loss": val_loss, "stopped": reason,
+        "checkpoint": str(path) if path else None, "seconds": time.time() - t0,
+        "train": asdict(tcfg),
+    }  # fmt: skip
+    if reason == "interrupted":
+        raise KeyboardInterrupt(f"training interrupted at step {step}; checkpoint written to {path}")
+    return summary
+
+
+def _split_rows(batch, micro: int):
+    """Micro batches of ``micro`` rows from a tensor or dict batch."""
+    if isinstance(batch, dict):
+        n = batch["input_ids"].shape[0]
+        return [{k: v[i : i + micro] for k, v in batch.items()} for i in range(0, n, micro)]
+    return list(batch.split(micro))
