@@ -43,7 +43,7 @@ def fake_build_sources(run, rank=0, world_size=1):
     def eval_batches():
         held_out = CountingSource(run.train.seq_len, run.train.seed + 999, rank, world_size)
         for _ in range(run.train.eval_batches):
-            yield held_out.next_batch(run.train.micro_batch * world_size)
+            yield held_out.next_batch(run.train.eval_rows)
 
     return ByteTokenizer(), source, eval_batches
 

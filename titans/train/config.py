@@ -34,6 +34,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA)
     eval_every: int = 100  # steps (0: only at the end)
     eval_batches: int = 8
+    eval_rows: int = 4  # sequences per evaluation batch (global, the same for any number of ranks)
     log_every: int = 10
     checkpoint_every: int = 100  # steps (0: only at the end / on interruption)
     keep_checkpoints: int = 2
@@ -43,7 +44,7 @@ class TrainConfig:
     tensorboard: bool = True  # when the tensorboard package is installed
 
     def validate(self) -> None:
-        for name in ("seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_batches", "keep_checkpoints"):
+        for name in ("seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_batches", "eval_rows", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_tokens % self.seq_len:

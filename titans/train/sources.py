@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..config_files import ConfigError
+from ..data.stream import rank_rows
 
 __all__ = ["build_tokenizer", "build_sources"]
 
@@ -22,23 +23,39 @@ _EVAL_SEED_OFFSET = 1_000_003
 
 
 def build_tokenizer(spec: str):
-    from ..data import tokenizers
+    """bytes | sentencepiece[:PATH] (for generated data; a BPE must be trained on a corpus)."""
+    from ..data.tokenizers import load_tokenizer, parse_tokenizer_arg
 
     try:
-        return tokenizers.tokenizer_from_string(spec)
+        request = parse_tokenizer_arg(spec)
+        if request["name"] == "bpe":
+            raise ValueError("a BPE is trained on text: use it with data.kind=text")
+        return load_tokenizer(request)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data.tokenizer={spec!r}: {err}") from err
 
 
-def _prepared_builtin(tokenizer_spec: str, tokenizer) -> Path:
+def _prepared_builtin(tokenizer_spec: str) -> Path:
+    """The built-in corpus tokenised with ``tokenizer_spec``, prepared once into the cache (the
+    directory appears complete or not at all: prepare writes its manifest last)."""
+    from ..data import text
     from ..data.corpus import builtin_corpus
     from ..data.packages import cache_root
-    from ..data.text import prepare
+    from ..data.tokenizers import load_tokenizer, parse_tokenizer_arg
 
+    try:
+        request = parse_tokenizer_arg(tokenizer_spec)
+    except ValueError as err:
+        raise ConfigError(f"data.tokenizer={tokenizer_spec!r}: {err}") from err
     safe = tokenizer_spec.replace("/", "_").replace(":", "-")
     out = cache_root() / "prepared" / f"builtin-{safe}"
     if not (out / "manifest.json").is_file():
-        prepare([builtin_corpus()], out, tokenizer)
+        corpus = builtin_corpus()
+        if request["name"] == "bpe":
+            tokenizer = text.train_bpe_on_corpus([corpus], request["vocab_size"])
+        else:
+            tokenizer = load_tokenizer(request)
+        text.prepare([corpus], out, tokenizer, overwrite=True)
     return out
 
 
@@ -46,24 +63,34 @@ def build_sources(run, rank: int = 0, world_size: int = 1):
     """``(tokenizer, train_source, eval_batches)``: eval_batches() yields the same evaluation
     batches (this rank's rows) every call."""
     data, train = run.data, run.train
-    tokenizer = build_tokenizer(data.tokenizer)
+    rows = train.eval_rows
+    if rows % world_size:
+        raise ConfigError(f"train.eval_rows ({rows}) must be divisible by the number of processes ({world_size})")
     if data.kind == "text":
-        from ..data.text import PackedTextSource
+        from ..data.text import DataError, PackedTextSource
+        from ..data.tokenizers import load_tokenizer
 
         if data.options:
             raise ConfigError(f"data.options are for generated data (niah, mqar); text takes none: {data.options}")
-        path = Path(data.path) if data.path else _prepared_builtin(data.tokenizer, tokenizer)
+        path = Path(data.path) if data.path else _prepared_builtin(data.tokenizer)
         if not path.exists():
             raise ConfigError(f"data.path {path} does not exist (make it with `titans data prepare`)")
         kw = dict(seq_len=train.seq_len, seed=train.seed, rank=rank, world_size=world_size)
-        source = PackedTextSource(path, "train", **kw)
-        val = PackedTextSource(path, "val", **kw)
-        rows = train.micro_batch * world_size
+        try:
+            source = PackedTextSource(path, "train", **kw)
+        except (DataError, FileNotFoundError) as err:
+            raise ConfigError(f"data.path {path}: {err}") from err
+        tokenizer = load_tokenizer(source.tokenizer_spec)  # the shards' own tokenizer
 
         def eval_batches():
-            yield from val.iter_eval_batches(rows, max_batches=train.eval_batches)
+            mine = rank_rows(rows, rank, world_size)
+            for batch in source.iter_eval_batches(rows, max_batches=train.eval_batches):
+                if len(batch) == rows:  # every rank takes its rows of full batches only
+                    yield batch[mine]
 
         return tokenizer, source, eval_batches
+
+    tokenizer = build_tokenizer(data.tokenizer)
 
     from ..tasks import train_sources
 
@@ -82,7 +109,7 @@ def build_sources(run, rank: int = 0, world_size: int = 1):
     def eval_batches():
         held_out = make(train.seed + _EVAL_SEED_OFFSET)
         for _ in range(train.eval_batches):
-            yield held_out.next_batch(train.micro_batch * world_size)
+            yield held_out.next_batch(rows)
 
     return tokenizer, source, eval_batches
 

@@ -40,7 +40,7 @@ __all__ = ["train", "resolve_device"]
 
 # fields that may differ between a checkpoint and the run that resumes it
 _RESUMABLE_CHANGES = {
-    "max_steps", "max_minutes", "eval_every", "eval_batches", "log_every", "checkpoint_every",
+    "max_steps", "max_minutes", "eval_every", "eval_batches", "eval_rows", "log_every", "checkpoint_every",
     "keep_checkpoints", "parallel", "device", "progress", "tensorboard", "out_dir", "micro_batch",
 }  # fmt: skip
 
