@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config_files import ConfigError
+    from .errors import UserError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
+    except UserError as err:
         print(f"titans {args.command}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

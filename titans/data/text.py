@@ -33,6 +33,7 @@ import numpy as np
 
 from .stream import rank_rows
 from .tokenizers import ByteTokenizer, Tokenizer, encode_batch, load_tokenizer, train_bpe
+from ..errors import UserError
 
 __all__ = [
     "SHARD_TOKENS",
@@ -56,7 +57,7 @@ FORMAT = "titans-token-shards"
 _BATCH_CHARS = 4 << 20  # documents are tokenised in batches of about this many characters
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input text or prepared shards that cannot be used; the message names the file and the fix."""
 
 

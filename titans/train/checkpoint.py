@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ..errors import UserError
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "verify_checkpoint", "read_checkpoint", "latest_checkpoint",
@@ -34,7 +35,7 @@ __all__ = [
 FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "run.json")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: missing, incomplete, corrupted or from another config."""
 
 

@@ -177,7 +177,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     out_dir = Path(tcfg.out_dir)
-    accum = tcfg.accumulation_steps(world.world_size)
+    tcfg.accumulation_steps(world.world_size)  # refuses batch sizes that do not split evenly
     rows_global = tcfg.batch_tokens // tcfg.seq_len
 
     resume_path = None

@@ -1,0 +1,55 @@
+"""``titans generate``: continue a prompt with a trained checkpoint."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="continue a prompt with a trained checkpoint",
+        description="Prefill the prompt in parallel, then decode one token at a time with the model's state.",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--prompt", default="", help="prompt text (default: empty, i.e. start of a document)")
+    p.add_argument("--prompt-file", help="read the prompt from this file instead (any length: it is streamed)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="prompt tokens per prefill call (default 4096)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..config_files import ConfigError
+    from ..train.checkpoint import load_pretrained
+    from ..train.trainer import resolve_device
+
+    if args.max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens must be >= 0")
+    if args.temperature < 0:
+        raise ConfigError("--temperature must be >= 0")
+    device = resolve_device(args.device)
+    model, tokenizer, info = load_pretrained(args.checkpoint, map_location=device)
+    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]  # eos = "a document starts here"
+    ids = torch.tensor([ids], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    state = None
+    with torch.inference_mode():
+        # stream all but the last prompt token in chunks: constant memory for any prompt length
+        for start in range(0, ids.shape[1] - 1, args.chunk_tokens):
+            _, _, state = model(ids[:, start : min(start + args.chunk_tokens, ids.shape[1] - 1)], state=state)
+        temperature, top_k = (1.0, 1) if args.temperature == 0 else (args.temperature, args.top_k)
+        out, _ = model.generate(
+            ids[:, -1:], args.max_new_tokens, temperature=temperature, top_k=top_k, top_p=args.top_p,
+            eos_token_id=tokenizer.eos_id, state=state, generator=generator,
+        )  # fmt: skip
+    new = [t for t in out[0, 1:].tolist() if t != tokenizer.eos_id]
+    print(prompt + tokenizer.decode(new))
+    return 0

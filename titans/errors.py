@@ -1,0 +1,6 @@
+"""The base of every error that is the user's to fix (a missing file, a bad config, a damaged
+checkpoint): the command line prints its message and exits 2 instead of a traceback."""
+
+
+class UserError(Exception):
+    """An error whose message tells the user what is wrong and what to do."""
