@@ -52,9 +52,25 @@ def run(args) -> int:
     except KeyboardInterrupt as err:
         print(f"\ntitans train: {err}")
         return 130
+    floor = _unigram_floor(cfg)
+    if floor is not None and summary["val_loss"] is not None:
+        print(
+            f"held-out loss {summary['val_loss']:.4f} nats/token vs unigram entropy of the held-out split "
+            f"{floor:.4f} nats/token (a model that ignores context cannot go below the latter)"
+        )
     print(
         f"done: step {summary['step']}, train loss {summary['loss']:.4f}, "
         f"val loss {summary['val_loss'] if summary['val_loss'] is None else round(summary['val_loss'], 4)}, "
         f"{summary['seconds']:.0f} s ({summary['stopped']}); checkpoint {summary['checkpoint']}"
     )
     return 0
+
+
+def _unigram_floor(cfg) -> float | None:
+    """Unigram entropy (nats/token) of the text data's held-out split; None for generated data."""
+    if cfg.data.kind != "text":
+        return None
+    from ..data.text import unigram_entropy
+    from .sources import prepared_text_dir
+
+    return unigram_entropy(prepared_text_dir(cfg.data), "val")

@@ -59,6 +59,14 @@ def _prepared_builtin(tokenizer_spec: str) -> Path:
     return out
 
 
+def prepared_text_dir(data) -> Path:
+    """The shard directory of a text data config (the built-in corpus is prepared on first use)."""
+    path = Path(data.path) if data.path else _prepared_builtin(data.tokenizer)
+    if not path.exists():
+        raise ConfigError(f"data.path {path} does not exist (make it with `titans data prepare`)")
+    return path
+
+
 def build_sources(run, rank: int = 0, world_size: int = 1):
     """``(tokenizer, train_source, eval_batches)``: eval_batches() yields the same evaluation
     batches (this rank's rows) every call."""
@@ -72,9 +80,7 @@ def build_sources(run, rank: int = 0, world_size: int = 1):
 
         if data.options:
             raise ConfigError(f"data.options are for generated data (niah, mqar); text takes none: {data.options}")
-        path = Path(data.path) if data.path else _prepared_builtin(data.tokenizer)
-        if not path.exists():
-            raise ConfigError(f"data.path {path} does not exist (make it with `titans data prepare`)")
+        path = prepared_text_dir(data)
         kw = dict(seq_len=train.seq_len, seed=train.seed, rank=rank, world_size=world_size)
         try:
             source = PackedTextSource(path, "train", **kw)

@@ -1,0 +1,284 @@
+"""Single needle in a haystack (S-NIAH) in RULER's format.
+
+One needle ``"One of the special magic {type_needle_v} for {key} is: {value}."`` (key an
+adjective-noun pair from the ``wonderwords`` word lists) is hidden in a haystack; the prompt asks
+for the value and ends with RULER's answer prefix. Variants (the Titans paper's Table 2):
+
+- ``pk`` (S-NIAH-PK, pass-key): the noise haystack (RULER's five sentences, repeated one block a
+  line) and a 7-digit number;
+- ``n`` (S-NIAH-N): book text and a 7-digit number;
+- ``w`` (S-NIAH-W): book text and an adjective-noun word as the value;
+- ``uuid``: book text and a UUID.
+
+The prompt measures at most ``length`` tokens of the given tokenizer and at least ``length``
+minus about one haystack sentence (the haystack is cut at sentence boundaries; for book text the
+best-fitting of several windows is taken, so usually within a few tokens). A prediction scores 1
+when the value is in it, case-insensitively (RULER's ``string_match_all`` for one needle).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from ..data.packages import PackageUnavailable, find_in_package
+from .text_sources import TokenizedHaystack, _spec_key, continuation_ids, encode_pieces, haystack
+
+__all__ = [
+    "NEEDLE",
+    "VARIANTS",
+    "NiahSample",
+    "continuation_ids",
+    "generate_niah",
+    "niah_token_ids",
+    "random_key",
+    "ruler_prompt_parts",
+    "score_niah",
+]
+
+WORDS_PACKAGE = "wonderwords==3.0.1"
+
+# variant -> (haystack, RULER's type_needle_v)
+VARIANTS = {
+    "pk": ("noise", "numbers"),
+    "n": ("book", "numbers"),
+    "w": ("book", "words"),
+    "uuid": ("book", "uuids"),
+}
+
+NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+
+# RULER's niah template (constants.py: template + answer_prefix), written for several needles.
+_RULER_TEMPLATE = (
+    "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
+    "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?"
+)
+_RULER_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+
+# How many haystack windows to try for the one that fills the budget best (book haystacks).
+_WINDOW_TRIES = 64
+
+
+def _singular(text: str) -> str:
+    # RULER rewrites its template like this when one value is asked for (niah.py)
+    for old, new in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
+        text = text.replace(old, new)
+    return text
+
+
+def ruler_prompt_parts(type_needle_v: str, key: str) -> tuple[str, str, str]:
+    """``(instruction, question, answer_prefix)`` of RULER's single-needle prompt for a needle
+    type ("numbers", "words" or "uuids"); the prompt is ``instruction\\ncontext\\nquestion`` +
+    ``answer_prefix``."""
+    single = type_needle_v[:-1]  # "numbers" -> "number", as RULER does
+    head, rest = _singular(_RULER_TEMPLATE).split("\n{context}\n")
+    prefix = _singular(_RULER_ANSWER_PREFIX)
+    return (
+        head.format(type_needle_v=single),
+        rest.format(type_needle_v=single, query=key),
+        prefix.format(type_needle_v=single, query=key),
+    )
+
+
+@dataclass
+class NiahSample:
+    """One S-NIAH prompt; ``prompt`` is what the model reads, ``answers`` what it must produce."""
+
+    context: str
+    question: str
+    answer_prefix: str
+    answers: list[str]
+    depth: float  # requested needle depth, 0 = start of the haystack, 1 = end
+    key: str
+    value: str
+    variant: str
+    length: int  # target prompt length in tokens (the prompt never exceeds it)
+
+    @property
+    def instruction(self) -> str:
+        return ruler_prompt_parts(VARIANTS[self.variant][1], self.key)[0]
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.instruction}\n{self.context}\n{self.question}{self.answer_prefix}"
+
+
+@lru_cache(maxsize=2)
+def _word_lists(cache: str | None = None) -> tuple[list[str], list[str]]:
+    """(adjectives, nouns) of wonderwords, deduplicated and sorted (as RULER builds its keys)."""
+    try:
+        adjs = find_in_package(WORDS_PACKAGE, "adjectivelist.txt", cache=cache)[0]
+        nouns = find_in_package(WORDS_PACKAGE, "nounlist.txt", cache=cache)[0]
+    except PackageUnavailable as err:
+        raise PackageUnavailable(f"NIAH keys need the word lists of {WORDS_PACKAGE}: {err}") from err
+
+    def read(path):
+        return sorted({w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()})
+
+    return read(adjs), read(nouns)
+
+
+def random_key(rng: np.random.Generator) -> str:
+    """An adjective-noun pair (uniform over the product of the two lists, as RULER's words)."""
+    adjs, nouns = _word_lists()
+    return f"{adjs[rng.integers(len(adjs))]}-{nouns[rng.integers(len(nouns))]}"
+
+
+def _random_value(type_needle_v: str, rng: np.random.Generator, key: str) -> str:
+    if type_needle_v == "numbers":
+        return str(int(rng.integers(10**6, 10**7)))  # 7 digits
+    if type_needle_v == "words":
+        while (value := random_key(rng)) == key:
+            pass
+        return value
+    if type_needle_v == "uuids":
+        return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+    raise ValueError(f"unknown needle type {type_needle_v!r}")
+
+
+class _Builder:
+    """What every sample of one variant and tokenizer shares: the haystack and the fixed ids."""
+
+    def __init__(self, tokenizer, variant: str, book: str):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown NIAH variant {variant!r}; known: {sorted(VARIANTS)}")
+        kind, self.type_needle_v = VARIANTS[variant]
+        self.tokenizer, self.variant = tokenizer, variant
+        self.hay: TokenizedHaystack = haystack("noise" if kind == "noise" else book, tokenizer)
+        self.sep = "\n" if kind == "noise" else " "  # RULER: noise needles are lines of their own
+        # the context's first separator is dropped: the budget gains its tokens
+        self.first_sep = len(encode_pieces(tokenizer, [self.sep])[0])
+        self.head = ruler_prompt_parts(self.type_needle_v, "KEY")[0] + "\n"
+        self.head_ids = np.asarray(tokenizer.encode(self.head), dtype=np.int64)
+
+    def draw(self, rng: np.random.Generator) -> tuple[str, str, str, str, str]:
+        key = random_key(rng)
+        value = _random_value(self.type_needle_v, rng, key)
+        needle = NEEDLE.format(type_needle_v=self.type_needle_v, key=key, value=value)
+        _, question, prefix = ruler_prompt_parts(self.type_needle_v, key)
+        return key, value, needle, question, prefix
+
+    def starts(self, rng: np.random.Generator) -> np.ndarray:
+        """Window starts to choose from: the noise haystack starts with a whole block; book text
+        anywhere (the window that best fills the budget is taken)."""
+        return np.zeros(1, dtype=np.int64) if self.variant == "pk" else rng.integers(0, self.hay.n, _WINDOW_TRIES)
+
+    def insert_at(self, depth: float, start: int, count: int) -> int:
+        """Unit index of the needle, at ``depth`` of the haystack's tokens: any sentence boundary
+        of book text, a line boundary (a multiple of the five-sentence block, or the end) of the
+        noise."""
+        return self.hay.boundary(start, count, depth, every=self.hay.n if self.variant == "pk" else 1)
+
+
+_BUILDERS: dict[tuple[str, str, str], _Builder] = {}
+
+
+def _builder(tokenizer, variant: str, book: str) -> _Builder:
+    key = (_spec_key(tokenizer), variant, book)  # equal specs tokenize identically
+    if key not in _BUILDERS:
+        _BUILDERS[key] = _Builder(tokenizer, variant, book)
+    return _BUILDERS[key]
+
+
+def _check_depths(depths, num_samples: int) -> np.ndarray:
+    if depths is None:
+        return np.array([0.5]) if num_samples == 1 else np.linspace(0.0, 1.0, num_samples)
+    depths = np.asarray(depths, dtype=np.float64).reshape(-1)
+    if depths.size == 0 or not ((depths >= 0) & (depths <= 1)).all():
+        raise ValueError(f"depths must be a non-empty list of fractions in [0, 1], got {depths.tolist()}")
+    return depths
+
+
+def generate_niah(
+    tokenizer,
+    length: int,
+    num_samples: int,
+    *,
+    variant: str = "pk",
+    depths=None,
+    seed: int = 0,
+    book: str = "shakespeare",
+) -> list[NiahSample]:
+    """``num_samples`` S-NIAH prompts of at most ``length`` tokens of ``tokenizer``.
+
+    Sample i puts its needle at ``depths[i % len(depths)]`` (a fraction of the haystack), so
+    ``num_samples = r * len(depths)`` covers every depth r times; ``depths=None`` spreads the samples
+    evenly over [0, 1]. Deterministic for ``(seed, length, variant)``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    depths = _check_depths(depths, num_samples)
+    b = _builder(tokenizer, variant, book)
+    rng = np.random.default_rng([seed, length, list(VARIANTS).index(variant)])
+    samples = []
+    for i in range(num_samples):
+        depth = float(depths[i % len(depths)])
+        key, value, needle, question, prefix = b.draw(rng)
+        tail = "\n" + question + prefix
+        fixed = len(b.head_ids) + sum(map(len, encode_pieces(tokenizer, [tail, b.sep + needle])))
+        if fixed > length:
+            raise ValueError(
+                f"length {length} is too short for a NIAH-{variant} prompt: instruction, needle and "
+                f"question alone take {fixed} tokens of {tokenizer.name!r}"
+            )
+
+        def inserts(start: int, count: int, depth=depth, needle=needle) -> list[tuple[int, str]]:
+            return [(b.insert_at(depth, start, count), needle)]
+
+        context = b.hay.fit_context(length - fixed + b.first_sep, b.starts(rng), inserts, b.sep, b.head, tail, length)
+        samples.append(NiahSample(context, question, prefix, [value], depth, key, value, variant, length))
+    return samples
+
+
+def niah_token_ids(
+    tokenizer, total: int, rng: np.random.Generator, *, variant: str, depth: float, book: str = "shakespeare"
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training document of exactly ``total`` tokens: ``(ids, answer_mask)``, both [total].
+
+    ``eos`` padding (the few tokens a sentence-cut haystack leaves over), the prompt, the answer
+    ``" {value}."`` and ``eos``; ``answer_mask`` is True on the answer and the final ``eos``. Built
+    from pre-tokenised pieces (no encoding of the long text): for the byte tokenizer these are
+    exactly the ids of the prompt string.
+    """
+    b = _builder(tokenizer, variant, book)
+    _, value, needle, question, prefix = b.draw(rng)
+    answer = np.asarray(continuation_ids(tokenizer, prefix, f" {value}.") + [tokenizer.eos_id], dtype=np.int64)
+    tail, needle_ids = encode_pieces(tokenizer, ["\n" + question + prefix, b.sep + needle])
+    tail_ids, needle_len = np.asarray(tail, dtype=np.int64), len(needle_ids)
+    budget = total - len(answer) - len(b.head_ids) - len(tail_ids) - needle_len
+    if budget < 0:
+        raise ValueError(f"{total} tokens are too few for a NIAH-{variant} document (needs {total - budget})")
+    start, count = b.hay.fit(budget + b.first_sep, b.starts(rng))
+    while True:
+        _, context_ids = b.hay.assemble(start, count, [(b.insert_at(depth, start, count), needle)], b.sep)
+        prompt_len = len(b.head_ids) + len(context_ids) + len(tail_ids)
+        if prompt_len + len(answer) <= total or count == 0:
+            break
+        count -= 1  # only when re-encoding the first sentence made it longer
+    pad = total - prompt_len - len(answer)
+    if pad < 0:
+        raise ValueError(f"{total} tokens are too few for a NIAH-{variant} document")
+    ids = np.concatenate([np.full(pad, tokenizer.eos_id, dtype=np.int64), b.head_ids, context_ids, tail_ids, answer])
+    mask = np.zeros(total, dtype=bool)
+    mask[total - len(answer):] = True
+    return ids, mask
+
+
+def score_niah(prediction, sample: NiahSample) -> float:
+    """1.0 when any answer is a case-insensitive substring of ``prediction`` (str or bytes,
+    decoded as UTF-8 with replacement), else 0.0; ``None`` and empty predictions score 0.0."""
+    if prediction is None:
+        return 0.0
+    if isinstance(prediction, (bytes, bytearray)):
+        prediction = bytes(prediction).decode("utf-8", errors="replace")
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a str, bytes or None, got {type(prediction).__name__}")
+    answers = [a for a in sample.answers if a.strip()]
+    if not answers:
+        raise ValueError(f"sample has no non-empty answer: {sample.answers!r}")
+    text = prediction.lower()
+    return float(any(a.lower() in text for a in answers))

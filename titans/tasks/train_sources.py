@@ -1,0 +1,162 @@
+"""Batch sources that train retrieval: S-NIAH documents and MQAR sequences.
+
+Both implement ``titans.data.stream.BatchSource``: ``next_batch(global_batch_size)`` returns this
+rank's rows of the next global batch as ``{"input_ids": [B_local, seq_len + 1], "labels": [B_local,
+seq_len + 1]}`` (LongTensors; labels -100 except the answer tokens, in the model's alignment:
+``labels[:, t + 1]`` is the target of the logits at ``t``). Every row is a function of
+``(seed, step, global row index)`` only, so the data do not depend on the number of processes, and
+``state_dict()`` / ``load_state_dict()`` resume at the exact next batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.stream import rank_rows
+from .mqar import _check as _check_mqar
+from .mqar import generate_mqar
+from .niah import VARIANTS, _builder, niah_token_ids
+
+__all__ = ["MQARTrainSource", "NiahTrainSource"]
+
+
+def _check_resume(kind: str, mine: dict[str, Any], theirs: dict[str, Any]) -> None:
+    for name, value in mine.items():
+        if name == "step":
+            continue
+        if name not in theirs:
+            raise ValueError(f"{kind} state has no {name!r}: it was saved by another source")
+        other = theirs[name]
+        if isinstance(value, (list, tuple)):
+            value, other = list(value), list(other)
+        if other != value:
+            raise ValueError(
+                f"cannot resume {kind}: the state was saved with {name}={other!r}, this source has {value!r}"
+            )
+
+
+class NiahTrainSource:
+    """S-NIAH training rows (RULER's prompt, the answer ``" {value}."`` and ``eos`` scored).
+
+    Each row mixes a random variant of ``variants`` (see ``titans.tasks.niah.VARIANTS``), a random
+    needle depth (uniform over the haystack) and a random haystack window. With
+    ``min_doc_tokens=None`` a row is one document of ``seq_len + 1`` tokens; otherwise rows are
+    packed with documents of random lengths in ``[min_doc_tokens, seq_len + 1]`` (several needles
+    per row, separated by ``eos``), which shows the model many prompt lengths. The few tokens a
+    sentence-cut haystack leaves over are ``eos`` at the start of a document (never scored).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        seq_len: int,
+        seed: int,
+        *,
+        variants: Sequence[str] = ("pk", "n", "w"),
+        rank: int = 0,
+        world_size: int = 1,
+        min_doc_tokens: int | None = None,
+        book: str = "shakespeare",
+    ):
+        if not variants or any(v not in VARIANTS for v in variants):
+            raise ValueError(f"variants must be a non-empty subset of {sorted(VARIANTS)}, got {list(variants)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if min_doc_tokens is not None and not 1 <= min_doc_tokens <= seq_len + 1:
+            raise ValueError(f"min_doc_tokens must be in [1, seq_len + 1 = {seq_len + 1}], got {min_doc_tokens}")
+        self.tokenizer, self.seq_len, self.seed = tokenizer, int(seq_len), int(seed)
+        self.variants, self.rank, self.world_size = tuple(variants), rank, world_size
+        self.min_doc_tokens, self.book = min_doc_tokens, book
+        self.step = 0
+        for v in self.variants:  # build haystacks now, and fail now if a row cannot hold a prompt
+            _builder(tokenizer, v, book)
+            shortest = min_doc_tokens or seq_len + 1
+            niah_token_ids(tokenizer, shortest, np.random.default_rng(0), variant=v, depth=0.5, book=book)
+
+    def _row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        total = self.seq_len + 1
+        lengths = [total]
+        if self.min_doc_tokens is not None:
+            lengths, left = [], total
+            while left:
+                n = left if left < 2 * self.min_doc_tokens else int(rng.integers(self.min_doc_tokens, left + 1))
+                if left - n < self.min_doc_tokens:  # no room for another document: take the rest
+                    n = left
+                lengths.append(n)
+                left -= n
+        docs = [
+            niah_token_ids(
+                self.tokenizer, n, rng, variant=self.variants[rng.integers(len(self.variants))],
+                depth=float(rng.random()), book=self.book,
+            )
+            for n in lengths
+        ]  # fmt: skip
+        return np.concatenate([d[0] for d in docs]), np.concatenate([d[1] for d in docs])
+
+    def next_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of the next global batch: input_ids and labels, [B_local, seq_len + 1]."""
+        rows = range(global_batch_size)[rank_rows(global_batch_size, self.rank, self.world_size)]
+        built = [self._row(np.random.default_rng([self.seed, self.step, r])) for r in rows]
+        self.step += 1
+        ids = torch.from_numpy(np.stack([b[0] for b in built]))
+        mask = torch.from_numpy(np.stack([b[1] for b in built]))
+        return {"input_ids": ids, "labels": torch.where(mask, ids, torch.full_like(ids, -100))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "niah", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
+            "variants": list(self.variants), "min_doc_tokens": self.min_doc_tokens, "book": self.book,
+            "tokenizer": self.tokenizer.to_spec(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_resume("NiahTrainSource", self.state_dict(), state)
+        self.step = int(state["step"])
+
+
+class MQARTrainSource:
+    """MQAR training rows (``titans.tasks.mqar``): ``seq_len + 1`` tokens, values scored."""
+
+    def __init__(
+        self,
+        seq_len: int,
+        seed: int,
+        *,
+        vocab_size: int = 8192,
+        num_pairs: int = 16,
+        power_a: float = 0.01,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        _check_mqar(vocab_size, seq_len + 1, num_pairs, power_a)
+        self.seq_len, self.seed = int(seq_len), int(seed)
+        self.vocab_size, self.num_pairs, self.power_a = vocab_size, num_pairs, power_a
+        self.rank, self.world_size = rank, world_size
+        self.step = 0
+
+    def next_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of the next global batch: input_ids and labels, [B_local, seq_len + 1]."""
+        rows = rank_rows(global_batch_size, self.rank, self.world_size)
+        # the whole global batch from one seed (cheap), so every world size sees the same rows
+        ids, labels = generate_mqar(
+            global_batch_size, vocab_size=self.vocab_size, seq_len=self.seq_len + 1,
+            num_pairs=self.num_pairs, power_a=self.power_a, seed=[self.seed, self.step],
+        )  # fmt: skip
+        self.step += 1
+        return {"input_ids": ids[rows].contiguous(), "labels": labels[rows].contiguous()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "mqar", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
+            "vocab_size": self.vocab_size, "num_pairs": self.num_pairs, "power_a": self.power_a,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_resume("MQARTrainSource", self.state_dict(), state)
+        self.step = int(state["step"])
