@@ -289,9 +289,10 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 data_state = copy.deepcopy(source.state_dict())
-                tokens_seen += n_global
-                window_tokens += n_global
-                record = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen}
+                # tokens read (inputs), whether or not each is a target (generated tasks score few)
+                tokens_seen += rows_global * tcfg.seq_len
+                window_tokens += rows_global * tcfg.seq_len
+                record = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen, "targets": n_global}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.max_steps:
