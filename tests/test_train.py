@@ -166,3 +166,20 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     summary = trainer_mod.train(tiny_run(tmp_path, precision="bf16", max_steps=3, checkpoint_every=0))
     assert math.isfinite(summary["loss"]) and summary["step"] == 3
+
+
+def test_non_finite_gradient_stops_before_the_weights_are_touched(tmp_path, monkeypatch):
+    real = trainer_mod._loss_sum
+    seen = {}
+
+    def inf_gradient(model, *args):
+        if "hook" not in seen:  # the loss stays finite; one parameter's gradient becomes inf
+            seen["hook"] = model.norm.weight.register_hook(lambda g: g * float("inf"))
+            seen["before"] = model.norm.weight.detach().clone()
+        seen["model"] = model
+        return real(model, *args)
+
+    monkeypatch.setattr(trainer_mod, "_loss_sum", inf_gradient)
+    with pytest.raises(FloatingPointError, match="gradient norm is (nan|inf) at step 1"):
+        trainer_mod.train(tiny_run(tmp_path, max_steps=3))
+    assert torch.equal(seen["model"].norm.weight, seen["before"])  # no step was taken

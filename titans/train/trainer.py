@@ -283,6 +283,15 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                         f"loss is {last_loss} at step {step + 1}; lower train.lr or check the data "
                         f"(last checkpoint: {ckpt.latest_checkpoint(out_dir)})"
                     )
+                norm = None if grad_norm is None else float(
+                    grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                )
+                if norm is not None and not math.isfinite(norm):
+                    # stepping would write NaN into every weight; stop with the weights intact
+                    raise FloatingPointError(
+                        f"gradient norm is {norm} at step {step + 1} (loss {last_loss:.4f}); lower train.lr "
+                        f"(last checkpoint: {ckpt.latest_checkpoint(out_dir)})"
+                    )
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
@@ -293,8 +302,8 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 tokens_seen += rows_global * tcfg.seq_len
                 window_tokens += rows_global * tcfg.seq_len
                 record = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen, "targets": n_global}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                if norm is not None:
+                    record["grad_norm"] = norm
                 if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                     val_loss = evaluate(model, eval_batches, device, autocast)
                     record["val_loss"] = val_loss
