@@ -183,3 +183,14 @@ def test_non_finite_gradient_stops_before_the_weights_are_touched(tmp_path, monk
     with pytest.raises(FloatingPointError, match="gradient norm is (nan|inf) at step 1"):
         trainer_mod.train(tiny_run(tmp_path, max_steps=3))
     assert torch.equal(seen["model"].norm.weight, seen["before"])  # no step was taken
+
+
+def test_exported_checkpoint_loads_for_inference_but_cannot_resume(tmp_path):
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    out = ckpt.export_for_inference(tmp_path / "run", tmp_path / "export", note={"command": "test"})
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json", "model.safetensors", "run.json"]
+    model, _, info = ckpt.load_pretrained(out)
+    trained, _, _ = ckpt.load_pretrained(tmp_path / "run")
+    assert info["step"] == 2 and all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt is missing"):
+        ckpt.read_checkpoint(out)

@@ -29,7 +29,7 @@ from ..errors import UserError
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "verify_checkpoint", "read_checkpoint", "latest_checkpoint",
-    "list_checkpoints", "load_pretrained",
+    "list_checkpoints", "load_pretrained", "export_for_inference",
 ]  # fmt: skip
 
 FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "run.json")
@@ -131,8 +131,13 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
-def verify_checkpoint(path: str | Path) -> Path:
-    """Check every file against the manifest; return the checkpoint directory."""
+INFERENCE_FILES = ("model.safetensors", "run.json")
+
+
+def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Path:
+    """Check that the ``required`` files are there and every file the manifest lists matches it;
+    return the checkpoint directory. Inference needs only ``INFERENCE_FILES`` (an exported
+    checkpoint has no optimiser state)."""
     path = _resolve(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -143,7 +148,11 @@ def verify_checkpoint(path: str | Path) -> Path:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint {path}: MANIFEST.json is corrupted ({err})") from err
-    for name in FILES:
+    listed = [name for name, entry in manifest.items() if isinstance(entry, dict)]
+    for name in required:
+        if name not in listed:
+            raise CheckpointError(f"checkpoint {path}: {name} is missing (the manifest does not list it)")
+    for name in listed:
         file = path / name
         entry = manifest.get(name)
         if entry is None or not file.is_file():
@@ -199,7 +208,7 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
     from ..data.tokenizers import load_tokenizer
     from ..model import TitansConfig, TitansLM
 
-    path = verify_checkpoint(path)
+    path = verify_checkpoint(path, required=INFERENCE_FILES)
     run = json.loads((path / "run.json").read_text())
     cfg = TitansConfig.from_dict(run["config"]["model"])
     model = TitansLM(cfg)
@@ -208,3 +217,29 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
     tokenizer = load_tokenizer(run["tokenizer"])
     info = {"path": str(path), "step": run.get("step"), "config": run["config"]}
     return model, tokenizer, info
+
+
+def export_for_inference(src: str | Path, dst: str | Path, note: dict[str, Any] | None = None) -> Path:
+    """Copy a checkpoint's weights and run record (no optimiser or trainer state) into ``dst``,
+    verified, with a manifest; ``note`` (e.g. the command that produced it) goes into run.json.
+    The directory is assembled aside and renamed into place."""
+    src = verify_checkpoint(src)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    try:
+        shutil.copyfile(src / "model.safetensors", tmp / "model.safetensors")
+        run = json.loads((src / "run.json").read_text())
+        if note:
+            run["provenance"] = note
+        (tmp / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
+        manifest = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in INFERENCE_FILES}
+        manifest["step"] = run.get("step")
+        _write_atomic(tmp / "MANIFEST.json", json.dumps(manifest, indent=1))
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
