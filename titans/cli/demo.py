@@ -1,16 +1,50 @@
-"""``titans demo``: the README's main job."""
+"""``titans demo``: the README's main job.
+
+``titans demo`` streams key/value pairs through a neural memory layer and recalls them (no
+training needed). ``titans demo niah`` streams needles-in-haystacks from 1K to 64K tokens through
+the shipped tiny Titans and sliding-window checkpoints (``--retrain`` trains them again).
+"""
 
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="memorise key-value pairs at test time and recall them",
-                       description="Stream key/value pairs through a neural memory and recall them.")
-    p.add_argument("--head-dim", type=int, default=64, help="width of keys and values (default 64)")
+    p = sub.add_parser(
+        "demo", help="memorising at test time: key/value recall, or needles in long haystacks (niah)",
+        description=__doc__,
+    )  # fmt: skip
+    p.add_argument("which", nargs="?", default="recall", choices=("recall", "niah"),
+                   help="recall: memory layer key/value recall (default); niah: needle-in-a-haystack demonstration")
+    p.add_argument("--head-dim", type=int, default=64, help="recall: width of keys and values (default 64)")
+    p.add_argument("--lengths", default="1K,4K,16K,64K", help="niah: haystack lengths in tokens (default 1K,4K,16K,64K)")
+    p.add_argument("--needles", type=int, default=4, help="niah: needles per length, at evenly spaced depths (default 4)")
+    p.add_argument("--models", default=None, help="niah: comma-separated subset of titans-mac,swa (default both)")
+    p.add_argument("--out", default="demo-out", help="niah: directory for the heatmap and results (default demo-out)")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="niah: tokens per streaming call (default 4096)")
+    p.add_argument("--retrain", action="store_true", help="niah: train the checkpoints again from titans/recipes first")
+    p.add_argument("--work-dir", default="runs/demo", help="niah --retrain: training directory (default runs/demo)")
+    p.add_argument("--no-progress", action="store_true", help="niah: no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.which == "niah":
+        import argparse
+
+        from ..errors import UserError
+        from ..eval.cli import parse_lengths
+        from ..niah_demo import DEMO_MODELS
+        from ..niah_demo import main as niah_main
+
+        try:
+            args.lengths = parse_lengths(args.lengths)
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"--lengths {err}") from None
+        args.models = args.models.split(",") if args.models else None
+        unknown = [m for m in args.models or [] if m not in DEMO_MODELS]
+        if unknown:
+            raise UserError(f"--models: unknown {unknown}; choose from {sorted(DEMO_MODELS)}")
+        return niah_main(args)
     from ..recall_demo import main as demo_main
 
     demo_main(head_dim=args.head_dim)

@@ -29,7 +29,7 @@ from ..errors import UserError
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "verify_checkpoint", "read_checkpoint", "latest_checkpoint",
-    "list_checkpoints", "load_pretrained", "export_for_inference",
+    "list_checkpoints", "load_pretrained", "export_for_inference", "save_for_inference",
 ]  # fmt: skip
 
 FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "run.json")
@@ -219,19 +219,11 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
     return model, tokenizer, info
 
 
-def export_for_inference(src: str | Path, dst: str | Path, note: dict[str, Any] | None = None) -> Path:
-    """Copy a checkpoint's weights and run record (no optimiser or trainer state) into ``dst``,
-    verified, with a manifest; ``note`` (e.g. the command that produced it) goes into run.json.
-    The directory is assembled aside and renamed into place."""
-    src = verify_checkpoint(src)
-    dst = Path(dst)
+def _write_inference_dir(dst: Path, write_weights, run: dict[str, Any]) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
     try:
-        shutil.copyfile(src / "model.safetensors", tmp / "model.safetensors")
-        run = json.loads((src / "run.json").read_text())
-        if note:
-            run["provenance"] = note
+        write_weights(tmp / "model.safetensors")
         (tmp / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
         manifest = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in INFERENCE_FILES}
         manifest["step"] = run.get("step")
@@ -243,3 +235,27 @@ def export_for_inference(src: str | Path, dst: str | Path, note: dict[str, Any] 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def export_for_inference(src: str | Path, dst: str | Path, note: dict[str, Any] | None = None) -> Path:
+    """Copy a checkpoint's weights and run record (no optimiser or trainer state) into ``dst``,
+    verified, with a manifest; ``note`` (e.g. the command that produced it) goes into run.json.
+    The directory is assembled aside and renamed into place."""
+    src = verify_checkpoint(src)
+    run = json.loads((src / "run.json").read_text())
+    if note:
+        run["provenance"] = note
+    return _write_inference_dir(Path(dst), lambda p: shutil.copyfile(src / "model.safetensors", p), run)
+
+
+def save_for_inference(model, tokenizer, dst: str | Path, note: dict[str, Any] | None = None, step: int = 0) -> Path:
+    """Write a model (a ``TitansLM``) and its tokenizer as a checkpoint ``load_pretrained`` reads."""
+    from safetensors.torch import save_file
+
+    from .config import RunConfig
+
+    run = {"config": RunConfig(model=model.cfg).to_dict(), "tokenizer": tokenizer.to_spec(), "step": step}
+    if note:
+        run["provenance"] = note
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    return _write_inference_dir(Path(dst), lambda p: save_file(tensors, p), run)

@@ -1,0 +1,125 @@
+"""``titans demo niah``: needles in haystacks from 1K to 64K tokens (and on to millions), streamed
+through a Titans model and a sliding-window baseline with their state in constant memory.
+
+The models are the package's shipped checkpoints (``titans/checkpoints/<name>/``: weights, the run
+config, and the exact command, seed and data that produced them), trained by the recipes in
+``titans/recipes/``; ``--retrain`` trains them again from those recipes and replaces them.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+__all__ = ["DEMO_MODELS", "shipped_checkpoint", "retrain", "run_demo"]
+
+PACKAGE = Path(__file__).parent
+CHECKPOINTS = PACKAGE / "checkpoints"
+RECIPES = PACKAGE / "recipes"
+# demo name -> recipe / checkpoint name
+DEMO_MODELS = {"titans-mac": "niah-mac", "swa": "niah-swa"}
+DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
+
+
+def shipped_checkpoint(name: str, root: Path = CHECKPOINTS) -> Path:
+    if name not in DEMO_MODELS:
+        raise UserError(f"unknown demo model {name!r}; choose from {sorted(DEMO_MODELS)}")
+    path = root / DEMO_MODELS[name]
+    if not (path / "MANIFEST.json").is_file():
+        raise UserError(
+            f"no shipped checkpoint for {name} at {path}: train it with `titans demo niah --retrain` "
+            f"(recipe {RECIPES / (DEMO_MODELS[name] + '.yaml')})"
+        )
+    return path
+
+
+def retrain(names: list[str], work_dir: Path, root: Path = CHECKPOINTS, overrides: list[str] = ()) -> None:
+    """Train each model from its recipe (resuming an interrupted run in ``work_dir``) and export
+    the result as the shipped checkpoint, recording the command and seed."""
+    from .train.checkpoint import export_for_inference
+    from .train.config import load_run_config
+    from .train.trainer import train
+
+    for name in names:
+        recipe = RECIPES / f"{DEMO_MODELS[name]}.yaml"
+        out_dir = work_dir / DEMO_MODELS[name]
+        run = load_run_config(str(recipe), [f"train.out_dir={out_dir}", *overrides])
+        print(f"training {name} from {recipe} into {out_dir}")
+        summary = train(run, resume="auto")
+        note = {
+            "command": f"titans demo niah --retrain (recipe titans/recipes/{recipe.name})",
+            "overrides": list(overrides), "seed": run.train.seed, "data": run.data.kind,
+            "data_options": run.data.options, "steps": summary["step"], "val_loss": summary["val_loss"],
+        }  # fmt: skip
+        export_for_inference(summary["checkpoint"], root / DEMO_MODELS[name], note=note)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_demo(
+    models: list[str], lengths: list[int], needles: int, out_dir: Path, *, variant: str = "pk",
+    chunk_tokens: int = 4096, seed: int = 0, progress: bool = True, root: Path = CHECKPOINTS,
+) -> dict:
+    """Accuracy per model per length over ``needles`` needles at evenly spaced depths, streaming
+    tokens/s, and peak resident memory after each length. Writes a heatmap and results."""
+    import torch
+
+    from .eval.niah import plot_niah_heatmap, run_niah
+    from .eval.report import format_table, length_label
+    from .train.checkpoint import load_pretrained
+
+    torch.manual_seed(seed)
+    rows, records = [], []
+    for name in models:
+        model, tokenizer, info = load_pretrained(shipped_checkpoint(name, root))
+        for length in lengths:
+            start = time.perf_counter()
+            result = run_niah(
+                model, tokenizer, [length], [variant], samples=needles, depths=needles, seed=seed,
+                chunk_tokens=chunk_tokens, model_name=name, progress=progress,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            tokens = sum(r["prompt_tokens"] for r in result.records)
+            records += result.records
+            rows.append(dict(
+                model=name, length=length, needles=needles, accuracy=result.rows[0]["accuracy"],
+                tokens_per_s=tokens / seconds, peak_rss_mb=_peak_rss_mb(), step=info["step"],
+            ))  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heatmap = plot_niah_heatmap(records, out_dir / "niah_heatmap.png", title="Needle retrieval, streamed (bytes)")
+    columns = ["Model"] + [length_label(n) for n in lengths] + ["tokens/s", "peak MB"]
+    body = []
+    for name in models:
+        mine = [r for r in rows if r["model"] == name]
+        body.append(
+            [name] + [f"{r['accuracy']:.0f}%" for r in mine]
+            + [f"{sum(r['tokens_per_s'] for r in mine) / len(mine):,.0f}", f"{max(r['peak_rss_mb'] for r in mine):,.0f}"]
+        )  # fmt: skip
+    table = format_table(columns, body, title=f"S-NIAH-{variant.upper()} accuracy, {needles} needles per length")
+    import json
+
+    (out_dir / "demo_results.json").write_text(json.dumps({"rows": rows, "records": records}, indent=1))
+    return {"table": table, "rows": rows, "heatmap": heatmap}
+
+
+def main(args) -> int:
+    lengths = [int(x) for x in args.lengths]
+    if any(n < 256 for n in lengths):
+        raise UserError("--lengths must be at least 256 tokens (a RULER prompt needs room)")
+    if args.needles < 1:
+        raise UserError("--needles must be >= 1")
+    models = args.models or list(DEMO_MODELS)
+    if args.retrain:
+        retrain(models, Path(args.work_dir))
+    result = run_demo(models, lengths, args.needles, Path(args.out), chunk_tokens=args.chunk_tokens,
+                      progress=not args.no_progress)  # fmt: skip
+    print(result["table"])
+    print(f"heatmap: {result['heatmap']}")
+    sys.stdout.flush()
+    return 0
