@@ -1,0 +1,173 @@
+"""Single needle in a haystack (RULER's S-NIAH; the paper's Table 2) and its length x depth
+heatmap.
+
+For every (variant, length) the generator (``titans.tasks.niah.generate_niah``) builds prompts
+measuring ``length`` tokens of the model's tokenizer with the needle at evenly spaced depths; the
+prompt is streamed through the model with its state and the answer decoded greedily for a few
+tokens; a sample scores 1 when an expected value appears in the decoded text (case-insensitive).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .report import EvalResult, EvalSettingError, fmt, format_table, generated, length_label, new_figure, save_figure
+from .streaming import decode_prediction, greedy_continue
+
+__all__ = ["NIAH_VARIANTS", "answer_budget", "niah_table", "plot_niah_heatmap", "run_niah"]
+
+NIAH_VARIANTS = {"pk": "S-NIAH-PK", "n": "S-NIAH-N", "w": "S-NIAH-W", "uuid": "S-NIAH-UUID"}
+
+
+def answer_budget(tokenizer, answers: Sequence[str], margin: int = 8) -> int:
+    """Tokens to decode when none are given: the longest expected answer (with a leading space,
+    as it follows the answer prefix) plus ``margin``. Scoring is a substring test, so extra
+    tokens never hurt; too few would cut the answer off."""
+    return max(len(tokenizer.encode(" " + a)) for a in answers) + margin if answers else margin
+
+
+def _depth_list(depths: int | Sequence[float]) -> list[float]:
+    if isinstance(depths, int):
+        if depths < 1:
+            raise EvalSettingError(f"depths must be >= 1, got {depths}")
+        return [0.5] if depths == 1 else np.linspace(0.0, 1.0, depths).round(6).tolist()
+    out = [float(d) for d in depths]
+    if not out or any(not 0.0 <= d <= 1.0 for d in out):
+        raise EvalSettingError(f"depths must be fractions in [0, 1], got {out}")
+    return out
+
+
+def _check_common(lengths: Sequence[int], samples: int) -> list[int]:
+    lengths = [int(n) for n in lengths]
+    if not lengths or any(n < 1 for n in lengths):
+        raise EvalSettingError(f"lengths must be positive token counts, got {lengths}")
+    if samples < 1:
+        raise EvalSettingError(f"samples must be >= 1, got {samples}")
+    return lengths
+
+
+def run_niah(
+    model,
+    tokenizer,
+    lengths: Sequence[int],
+    variants: Sequence[str] = ("pk", "n", "w"),
+    *,
+    samples: int = 20,
+    depths: int | Sequence[float] = 10,
+    seed: int = 0,
+    chunk_tokens: int = 4096,
+    max_new_tokens: int | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+    generate: Callable | None = None,
+    score: Callable | None = None,
+) -> EvalResult:
+    """Accuracy (%) per variant and length. ``depths``: a number of evenly spaced depths over
+    [0, 1] or the depths themselves. ``generate``/``score`` default to
+    ``titans.tasks.niah.generate_niah`` / ``score_niah`` (pass others for custom haystacks)."""
+    if generate is None or score is None:
+        from ..tasks.niah import generate_niah, score_niah
+
+        generate, score = generate or generate_niah, score or score_niah
+    lengths = _check_common(lengths, samples)
+    unknown = [v for v in variants if v not in NIAH_VARIANTS]
+    if unknown or not variants:
+        raise EvalSettingError(f"unknown NIAH variant(s) {unknown}; choose from {sorted(NIAH_VARIANTS)}")
+    depth_values = _depth_list(depths)
+    name = model_name or getattr(getattr(model, "cfg", None), "variant", "model")
+    cells = [(variant, length) for variant in variants for length in lengths]
+
+    def make(variant, length, n):
+        return generated(f"NIAH-{variant} at length {length}", generate, tokenizer, length, n, variant=variant,
+                         depths=depth_values, seed=seed)  # fmt: skip
+
+    for cell in cells:  # one prompt of each setting first: a setting the generator refuses fails at once
+        make(*cell, 1)
+    records = []
+    bar = tqdm(total=len(cells) * samples, desc="niah", unit="sample", disable=not progress)
+    for variant, length in cells:  # one setting's prompts at a time (long prompts are large)
+        for i, sample in enumerate(make(variant, length, samples)):
+            prompt = tokenizer.encode(sample.prompt)
+            budget = max_new_tokens or answer_budget(tokenizer, sample.answers)
+            new = greedy_continue(model, prompt, budget, chunk_tokens, eos_id=tokenizer.eos_id)
+            prediction = decode_prediction(tokenizer, new)
+            records.append(dict(
+                model=name, variant=variant, length=length, depth=round(float(sample.depth), 6), index=i,
+                prompt_tokens=len(prompt), answers=list(sample.answers), prediction=prediction,
+                score=float(score(prediction, sample)),
+            ))  # fmt: skip
+            bar.update(1)
+    bar.close()
+    rows = _cell_rows(records)
+    return EvalResult(
+        task="niah", rows=rows, records=records, table=niah_table(rows),
+        meta=dict(lengths=lengths, variants=list(variants), samples=samples, depths=depth_values, seed=seed,
+                  chunk_tokens=chunk_tokens, max_new_tokens=max_new_tokens),
+    )  # fmt: skip
+
+
+def _cell_rows(records: list[dict]) -> list[dict]:
+    cells = defaultdict(list)
+    for r in records:
+        cells[(r["model"], r["variant"], r["length"])].append(r["score"])
+    return [
+        dict(model=m, task=NIAH_VARIANTS[v], variant=v, length=n, samples=len(s), accuracy=100.0 * float(np.mean(s)))
+        for (m, v, n), s in cells.items()
+    ]  # fmt: skip
+
+
+def niah_table(rows: list[dict]) -> str:
+    """Table 2's layout: one line per model, accuracy (%) under S-NIAH-PK / -N / -W x lengths."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    acc = {(r["model"], r["variant"], r["length"]): r["accuracy"] for r in rows}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    columns = ["Model"] + [length_label(n) for _ in variants for n in lengths]
+    body = [[m] + [fmt(acc.get((m, v, n))) for v in variants for n in lengths] for m in models]
+    groups = [("", 1)] + [(NIAH_VARIANTS[v], len(lengths)) for v in variants]
+    return format_table(columns, body, title="S-NIAH accuracy (%)", groups=groups)
+
+
+def plot_niah_heatmap(records: list[dict], path, title: str | None = None) -> str:
+    """The familiar needle heatmap: context length (x) by needle depth (y), colour = accuracy;
+    one panel per variant, one row of panels per model. ``records`` as in
+    ``run_niah(...).records`` (model, variant, length, depth, score). Returns the PNG path."""
+    if not records:
+        raise ValueError("no NIAH records to plot")
+    models = list(dict.fromkeys(r.get("model", "") for r in records))
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    width = 1.5 + (0.8 * len(lengths) + 1.0) * len(variants)
+    height = (0.4 * len(depths) + 1.6) * len(models) + 0.4
+    fig, axes = new_figure(nrows=len(models), ncols=len(variants), figsize=(width, height), squeeze=False,
+                           sharey=True, layout="constrained")  # fmt: skip
+    cells = defaultdict(list)
+    for r in records:
+        key = (r.get("model", ""), r["variant"], depths.index(r["depth"]), lengths.index(r["length"]))
+        cells[key].append(r["score"])
+    for row, model in enumerate(models):
+        for col, variant in enumerate(variants):
+            ax, grid = axes[row, col], np.full((len(depths), len(lengths)), np.nan)
+            for (m, v, i, j), scores in cells.items():
+                if (m, v) == (model, variant):
+                    grid[i, j] = 100.0 * np.mean(scores)
+            im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+            ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+            ax.set_xlabel("context length (tokens)")
+            if col == 0:
+                ax.set_ylabel(f"{model}\nneedle depth" if len(models) > 1 else "needle depth")
+            ax.set_title(NIAH_VARIANTS.get(variant, variant))
+            for (i, j), value in np.ndenumerate(grid):
+                if not np.isnan(value):
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="accuracy (%)")
+    title = title or (f"S-NIAH, {models[0]}" if len(models) == 1 and models[0] else None)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
