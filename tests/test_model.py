@@ -209,3 +209,17 @@ def test_untrained_model_stays_finite_on_long_input(variant):
             assert torch.isfinite(logits).all()
     weights = [w for layer in state.layers for w in layer.memory.memory.weights]
     assert max(w.abs().max().item() for w in weights) < 10
+
+
+def test_bounded_memory_learning_rate_reaches_every_memory_layer():
+    import torch
+
+    from titans.model import TitansConfig, TitansLM
+
+    cfg = TitansConfig(variant="mac", dim=32, depth=2, heads=2, segment=16, window=16, memory_chunk=8,
+                       memory_theta_activation="sigmoid", memory_max_lr=0.01)  # fmt: skip
+    model = TitansLM(cfg)
+    x = torch.randn(1, 5, 32) * 100  # large inputs saturate the gate: theta stays <= max_lr
+    for block in model.blocks:
+        theta, _, _ = block.memory.gates(x)
+        assert block.memory.theta_activation == "sigmoid" and float(theta.max()) <= 0.01

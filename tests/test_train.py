@@ -194,3 +194,12 @@ def test_exported_checkpoint_loads_for_inference_but_cannot_resume(tmp_path):
     assert info["step"] == 2 and all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
     with pytest.raises(ckpt.CheckpointError, match="optimizer.pt is missing"):
         ckpt.read_checkpoint(out)
+
+
+def test_diverging_forward_pass_is_reported_with_advice(tmp_path, monkeypatch):
+    def diverged(*args):
+        raise ValueError("x contains non-finite values (NaN or inf)")
+
+    monkeypatch.setattr(trainer_mod, "_loss_sum", diverged)
+    with pytest.raises(FloatingPointError, match="step 1 .*memory_theta_activation=sigmoid"):
+        trainer_mod.train(tiny_run(tmp_path, max_steps=2))

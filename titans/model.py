@@ -51,6 +51,10 @@ class TitansConfig:
     memory_residual: bool = False
     memory_activation: str = "silu"
     memory_theta_init: float = 1e-3
+    # 'softplus' leaves the memory's learning rate unbounded; 'sigmoid' bounds it by
+    # memory_max_lr, which keeps the test-time updates stable when training pushes theta up
+    memory_theta_activation: str = "softplus"
+    memory_max_lr: float = 0.1
     memory_eta_init: float = 0.9
     memory_alpha_init: float = 1e-3
     init_std: float = 0.02
@@ -86,6 +90,7 @@ class TitansConfig:
             activation=self.memory_activation, residual=self.memory_residual,
             momentum=self.memory_momentum, forgetting=self.memory_forgetting,
             conv_kernel=self.memory_conv_kernel, theta_init=self.memory_theta_init,
+            theta_activation=self.memory_theta_activation, max_lr=self.memory_max_lr,
             eta_init=self.memory_eta_init, alpha_init=self.memory_alpha_init,
         )  # fmt: skip
 

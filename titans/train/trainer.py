@@ -268,7 +268,17 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 loss_total = torch.zeros((), device=device)
                 for i, (input_ids, labels) in enumerate(micro):
                     with no_gradient_sync(model, skip=i < len(micro) - 1):
-                        loss, _ = _loss_sum(model, input_ids, labels, autocast)
+                        try:
+                            loss, _ = _loss_sum(model, input_ids, labels, autocast)
+                        except ValueError as err:
+                            if "non-finite" not in str(err):
+                                raise
+                            raise FloatingPointError(
+                                f"activations became non-finite in the forward pass of step {step + 1} ({err}); "
+                                f"with a memory model this is usually the test-time updates diverging: lower "
+                                f"train.lr, or bound the memory's learning rate (model.memory_theta_activation="
+                                f"sigmoid, model.memory_max_lr) (last checkpoint: {ckpt.latest_checkpoint(out_dir)})"
+                            ) from err
                         # DDP/FSDP average gradients over ranks: scale so the result is the mean over
                         # every target token of the global batch
                         (loss * world.world_size / n_global).backward()
