@@ -203,3 +203,11 @@ def test_diverging_forward_pass_is_reported_with_advice(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "_loss_sum", diverged)
     with pytest.raises(FloatingPointError, match="step 1 .*memory_theta_activation=sigmoid"):
         trainer_mod.train(tiny_run(tmp_path, max_steps=2))
+
+
+def test_overrides_never_change_the_callers_config():
+    from titans.config_files import apply_overrides
+
+    base = {"models": {"titans": {"model": {"dim": 64}}}}
+    out = apply_overrides(base, ["models.titans.model.dim=128"])
+    assert out["models"]["titans"]["model"]["dim"] == 128 and base["models"]["titans"]["model"]["dim"] == 64

@@ -8,13 +8,14 @@ Unknown keys are refused with the closest known key suggested (``check_keys``).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
 from .errors import UserError
 
-__all__ = ["ConfigError", "load_config_file", "apply_overrides", "check_keys", "closest", "coerce_fields"]
+__all__ = ["ConfigError", "load_config_file", "apply_overrides", "check_keys", "closest", "coerce_fields", "dataclass_from_dict"]
 
 
 class ConfigError(UserError, ValueError):
@@ -63,7 +64,7 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of ``config`` with each ``key=value`` (dots for nesting) applied."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    out = copy.deepcopy(config)  # nested sections too: the caller's dict is never changed
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
         if "=" not in item:
@@ -122,6 +123,18 @@ def coerce_fields(klass, given: dict[str, Any], where: str) -> dict[str, Any]:
             names = " or ".join(a.__name__ for a in allowed if a is not type(None))
             raise ConfigError(f"{where}.{f.name} must be {names}, got {value!r}")
     return out
+
+
+def dataclass_from_dict(klass, given: dict[str, Any], where: str):
+    """``klass(**given)`` after refusing unknown keys (with a suggestion) and checking types."""
+    import dataclasses
+
+    check_keys(given, [f.name for f in dataclasses.fields(klass)], where)
+    given = coerce_fields(klass, given, where)
+    try:
+        return klass(**given)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def closest(name: str, known: Iterable[str]) -> str | None:
