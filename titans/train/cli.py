@@ -33,6 +33,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import json
+    import sys
 
     from ..utils import tune_cpu_allocator
     from .checkpoint import CheckpointError
@@ -47,8 +48,11 @@ def run(args) -> int:
     try:
         summary = train(cfg, resume=args.resume)
     except CheckpointError as err:
-        print(f"titans train: {err}")
+        print(f"titans train: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # the run diverged: the message says where and what to try
+        print(f"titans train: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         print(f"\ntitans train: {err}")
         return 130
