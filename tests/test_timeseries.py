@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,16 @@ from titans.timeseries.report import read_results, write_tables
 from titans.timeseries.train import TrainConfig, evaluate, fit
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "data" / "timeseries"
+# the published ETT / Weather files: ../shared/data/timeseries next to the clone, or $TITANS_TIMESERIES_DATA
+DATA_DIR = Path(os.environ.get("TITANS_TIMESERIES_DATA", REPO.parent / "shared" / "data" / "timeseries"))
 
 
 def _dataset(name: str) -> Path:
     path = DATA_DIR / f"{name}.csv.gz"
     if not path.is_file():
         pytest.skip(
-            f"{path} not found: put the published {name}.csv.gz in ../shared/data/timeseries/"
+            f"{path} not found: put the published {name}.csv.gz in ../shared/data/timeseries/ "
+            f"or point TITANS_TIMESERIES_DATA at their directory"
         )
     return path
 
