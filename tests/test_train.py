@@ -138,6 +138,8 @@ def test_config_errors_name_the_key_and_suggest(tmp_path):
         RunConfig.from_dict({"trian": {}})
     with pytest.raises(ConfigError, match="train.seq_len must be int"):
         load_run_config(None, ["train.seq_len=long"])
+    with pytest.raises(ConfigError, match=r"memory_theta_init \(0.001\) must lie in \(0, memory_max_lr=0.001\)"):
+        load_run_config(None, ["model.memory_theta_activation=sigmoid", "model.memory_max_lr=1e-3"])
     with pytest.raises(ConfigError, match="multiple of train.seq_len"):
         load_run_config(None, ["train.seq_len=100", "train.batch_tokens=150"])
     cfg_file = tmp_path / "c.yaml"

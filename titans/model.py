@@ -76,6 +76,13 @@ class TitansConfig:
             raise ValueError(f"window must be positive, got {self.window}")
         if self.segment <= 0:
             raise ValueError(f"segment length must be positive, got {self.segment}")
+        if self.memory_theta_activation not in ("softplus", "sigmoid"):
+            raise ValueError(f"memory_theta_activation must be 'softplus' or 'sigmoid', got {self.memory_theta_activation!r}")
+        if self.memory_theta_activation == "sigmoid" and not 0 < self.memory_theta_init < self.memory_max_lr:
+            raise ValueError(
+                f"memory_theta_init ({self.memory_theta_init}) must lie in (0, memory_max_lr={self.memory_max_lr}) "
+                f"with the sigmoid theta"
+            )
         if self.persistent_tokens < 0:
             raise ValueError(f"persistent_tokens must be >= 0, got {self.persistent_tokens}")
 
