@@ -12,7 +12,6 @@ machines without access to a registry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 from ..errors import UserError
+from ..utils import sha256_file
 
 __all__ = ["PackageUnavailable", "cache_root", "package_dir", "find_in_package"]
 
@@ -33,13 +33,6 @@ class PackageUnavailable(UserError, RuntimeError):
 def cache_root() -> Path:
     return Path(os.environ.get("TITANS_CACHE", Path.home() / ".cache" / "titans"))
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _split(requirement: str) -> tuple[str, str]:
@@ -101,7 +94,7 @@ def package_dir(requirement: str, *, archives: str | Path | None = None, cache: 
                 raise PackageUnavailable(f"pip download of {requirement} produced no archive of that release")
         unpacked = tmp / "unpacked"
         _unpack(archive, unpacked)
-        source = {"requirement": requirement, "archive": archive.name, "sha256": _sha256(archive)}
+        source = {"requirement": requirement, "archive": archive.name, "sha256": sha256_file(archive)}
         (unpacked / "SOURCE.json").write_text(json.dumps(source, indent=1))
         try:
             os.replace(unpacked, target)

@@ -34,6 +34,7 @@ import numpy as np
 from .stream import rank_rows
 from .tokenizers import ByteTokenizer, Tokenizer, encode_batch, load_tokenizer, train_bpe
 from ..errors import UserError
+from ..utils import sha256_file, write_text_atomic
 
 __all__ = [
     "SHARD_TOKENS",
@@ -60,13 +61,6 @@ _BATCH_CHARS = 4 << 20  # documents are tokenised in batches of about this many 
 class DataError(UserError, ValueError):
     """Input text or prepared shards that cannot be used; the message names the file and the fix."""
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- reading documents
@@ -238,7 +232,7 @@ class _ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.out_dir / name)
-        self.shards.append({"file": name, "tokens": len(tokens), "sha256": _sha256_file(self.out_dir / name)})
+        self.shards.append({"file": name, "tokens": len(tokens), "sha256": sha256_file(self.out_dir / name)})
 
 
 def _encode_arrays(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
@@ -348,9 +342,7 @@ def prepare(
     }
     for split in SPLITS:
         manifest["splits"][split]["fingerprint"] = _fingerprint(manifest, split)
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / MANIFEST)
+    write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -416,7 +408,7 @@ class TokenSplit:
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} listed in the manifest is missing; prepare the data again")
         if verify:
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
             if digest != shard["sha256"]:
                 raise DataError(f"shard {path} is corrupt: sha256 {digest} but the manifest records "
                                 f"{shard['sha256']}; prepare the data again")

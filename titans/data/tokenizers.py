@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..utils import sha256_file
+
 __all__ = [
     "MISTRAL_REQUIREMENT",
     "BPETokenizer",
@@ -79,13 +81,6 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 class SentencePieceTokenizer:
     """A SentencePiece model file (``.model``). ``eos_id`` is the model's own end-of-sequence id.
@@ -102,7 +97,7 @@ class SentencePieceTokenizer:
         path = Path(path).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {path}")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if sha256 is not None and digest != sha256:
             raise ValueError(
                 f"SentencePiece model {path} has sha256 {digest}, but the spec expects {sha256}: "
@@ -303,7 +298,7 @@ def _load_sentencepiece(spec: dict[str, Any]) -> SentencePieceTokenizer:
             candidate = find_mistral_tokenizer_model()
         except (OSError, RuntimeError):  # not available offline (PackageUnavailable): report below
             candidate = None
-        if candidate is not None and _sha256(candidate) == sha:
+        if candidate is not None and sha256_file(candidate) == sha:
             return SentencePieceTokenizer(candidate, sha)
         raise FileNotFoundError(
             f"SentencePiece model {path} (sha256 {sha}) not found; copy that file there or rebuild "

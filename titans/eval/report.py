@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..utils import write_text_atomic
+
 __all__ = [
     "EvalResult", "EvalSettingError", "combine_results", "fmt", "format_table", "generated", "length_label",
     "new_figure", "save_figure", "write_results",
@@ -142,11 +144,6 @@ def _jsonable(obj):
     return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def write_results(result: EvalResult, out_dir: str | Path) -> list[Path]:
     """``results.json`` (everything) and ``results.csv`` (the aggregated rows) in ``out_dir``."""
@@ -154,7 +151,7 @@ def write_results(result: EvalResult, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     data = _jsonable(asdict(result))
     json_path, csv_path = out / "results.json", out / "results.csv"
-    _atomic_write(json_path, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(json_path, json.dumps(data, indent=2) + "\n")
     keys: list[str] = []
     for row in result.rows:
         keys += [k for k in row if k not in keys]

@@ -16,7 +16,6 @@ a ``CheckpointError`` that names it; older checkpoints stay loadable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 from ..errors import UserError
+from ..utils import sha256_file, write_text_atomic
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "verify_checkpoint", "read_checkpoint", "latest_checkpoint",
@@ -39,21 +39,6 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: missing, incomplete, corrupted or from another config."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -74,9 +59,8 @@ def save_checkpoint(
 
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:07d}."))
-    try:
+
+    def write(tmp: Path) -> None:
         # safetensors refuses tensors that share memory (tied embeddings): store each name once
         # as its own contiguous copy; loading ties them again through the model.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
@@ -84,19 +68,9 @@ def save_checkpoint(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
-        manifest["step"] = step
-        for name in FILES:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        _write_atomic(tmp / "MANIFEST.json", json.dumps(manifest, indent=1))
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_atomic(root / "LATEST", final.name + "\n")
+
+    final = _assemble(root / f"step-{step:07d}", write, FILES, step)
+    write_text_atomic(root / "LATEST", final.name + "\n")
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -162,7 +136,7 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
             raise CheckpointError(
                 f"checkpoint {path}: {name} is truncated or altered ({size} bytes, manifest says {entry['bytes']})"
             )
-        if _sha256(file) != entry["sha256"]:
+        if sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupted (SHA-256 differs from the manifest)")
     return path
 
@@ -219,22 +193,35 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
     return model, tokenizer, info
 
 
-def _write_inference_dir(dst: Path, write_weights, run: dict[str, Any]) -> Path:
+def _assemble(dst: Path, write, files: tuple[str, ...], step) -> Path:
+    """Build a checkpoint directory aside (``write(tmp)`` creates ``files``), add the manifest of
+    their sizes and SHA-256, flush everything to disk, then rename it over ``dst``: a crash at any
+    point leaves either the old directory or the complete new one."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
     try:
-        write_weights(tmp / "model.safetensors")
-        (tmp / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
-        manifest = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in INFERENCE_FILES}
-        manifest["step"] = run.get("step")
-        _write_atomic(tmp / "MANIFEST.json", json.dumps(manifest, indent=1))
-        if dst.exists():
+        write(tmp)
+        manifest = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in files}
+        manifest["step"] = step
+        for name in files:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        write_text_atomic(tmp / "MANIFEST.json", json.dumps(manifest, indent=1))
+        if dst.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(dst)
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _write_inference_dir(dst: Path, write_weights, run: dict[str, Any]) -> Path:
+    def write(tmp: Path) -> None:
+        write_weights(tmp / "model.safetensors")
+        (tmp / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
+
+    return _assemble(dst, write, INFERENCE_FILES, run.get("step"))
 
 
 def export_for_inference(src: str | Path, dst: str | Path, note: dict[str, Any] | None = None) -> Path:
