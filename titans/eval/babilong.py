@@ -10,9 +10,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .niah import _check_common, answer_budget
+from .niah import _check_common, answer_sample
 from .report import EvalResult, EvalSettingError, fmt, format_table, generated, length_label, new_figure, save_figure
-from .streaming import decode_prediction, greedy_continue
 
 __all__ = ["BABILONG_TASKS", "babilong_table", "plot_babilong", "run_babilong"]
 
@@ -57,12 +56,9 @@ def run_babilong(
     bar = tqdm(total=len(cells) * samples, desc="babilong", unit="sample", disable=not progress)
     for task, length in cells:  # one setting's prompts at a time (long prompts are large)
         for i, sample in enumerate(make(task, length, samples)):
-            prompt = tokenizer.encode(sample.prompt)
-            budget = max_new_tokens or answer_budget(tokenizer, sample.answers)
-            new = greedy_continue(model, prompt, budget, chunk_tokens, eos_id=tokenizer.eos_id)
-            prediction = decode_prediction(tokenizer, new)
+            prompt_tokens, prediction = answer_sample(model, tokenizer, sample, max_new_tokens, chunk_tokens)
             records.append(dict(
-                model=name, task=task, length=length, index=i, prompt_tokens=len(prompt),
+                model=name, task=task, length=length, index=i, prompt_tokens=prompt_tokens,
                 question=sample.question, answers=list(sample.answers), prediction=prediction,
                 score=float(score(prediction, sample)),
             ))  # fmt: skip

@@ -30,6 +30,15 @@ def answer_budget(tokenizer, answers: Sequence[str], margin: int = 8) -> int:
     return max(len(tokenizer.encode(" " + a)) for a in answers) + margin if answers else margin
 
 
+def answer_sample(model, tokenizer, sample, max_new_tokens: int | None, chunk_tokens: int) -> tuple[int, str]:
+    """Stream ``sample.prompt`` and decode greedily: ``(prompt tokens, predicted text)``. Shared by
+    the NIAH and BABILong runners (any sample with ``prompt`` and ``answers``)."""
+    prompt = tokenizer.encode(sample.prompt)
+    budget = max_new_tokens or answer_budget(tokenizer, sample.answers)
+    new = greedy_continue(model, prompt, budget, chunk_tokens, eos_id=tokenizer.eos_id)
+    return len(prompt), decode_prediction(tokenizer, new)
+
+
 def _depth_list(depths: int | Sequence[float]) -> list[float]:
     if isinstance(depths, int):
         if depths < 1:
@@ -91,13 +100,10 @@ def run_niah(
     bar = tqdm(total=len(cells) * samples, desc="niah", unit="sample", disable=not progress)
     for variant, length in cells:  # one setting's prompts at a time (long prompts are large)
         for i, sample in enumerate(make(variant, length, samples)):
-            prompt = tokenizer.encode(sample.prompt)
-            budget = max_new_tokens or answer_budget(tokenizer, sample.answers)
-            new = greedy_continue(model, prompt, budget, chunk_tokens, eos_id=tokenizer.eos_id)
-            prediction = decode_prediction(tokenizer, new)
+            prompt_tokens, prediction = answer_sample(model, tokenizer, sample, max_new_tokens, chunk_tokens)
             records.append(dict(
                 model=name, variant=variant, length=length, depth=round(float(sample.depth), 6), index=i,
-                prompt_tokens=len(prompt), answers=list(sample.answers), prediction=prediction,
+                prompt_tokens=prompt_tokens, answers=list(sample.answers), prediction=prediction,
                 score=float(score(prediction, sample)),
             ))  # fmt: skip
             bar.update(1)
