@@ -199,8 +199,10 @@ def test_exported_checkpoint_loads_for_inference_but_cannot_resume(tmp_path):
 
 
 def test_diverging_forward_pass_is_reported_with_advice(tmp_path, monkeypatch):
+    from titans.errors import NonFiniteError
+
     def diverged(*args):
-        raise ValueError("x contains non-finite values (NaN or inf)")
+        raise NonFiniteError("x contains non-finite values (NaN or inf)")
 
     monkeypatch.setattr(trainer_mod, "_loss_sum", diverged)
     with pytest.raises(FloatingPointError, match="step 1 .*memory_theta_activation=sigmoid"):

@@ -4,3 +4,8 @@ checkpoint): the command line prints its message and exits 2 instead of a traceb
 
 class UserError(Exception):
     """An error whose message tells the user what is wrong and what to do."""
+
+
+class NonFiniteError(ValueError):
+    """An input holds NaN or inf (a ValueError, so callers that check inputs keep working; the
+    trainer catches this type to report a diverged run)."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..errors import NonFiniteError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.mlp import mlp_forward
 from ..ops.memory.state import compute_dtype
@@ -173,7 +174,7 @@ class NeuralMemory(nn.Module):
         if x.shape[1] == 0:
             raise ValueError("x has an empty time dimension (T = 0)")
         if not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains non-finite values (NaN or inf)")
+            raise NonFiniteError("x contains non-finite values (NaN or inf)")
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise TypeError(f"state must be a NeuralMemoryState, got {type(state).__name__}")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config_files import ConfigError
+from ..errors import NonFiniteError
 from ..model import TitansLM
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -270,9 +271,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                     with no_gradient_sync(model, skip=i < len(micro) - 1):
                         try:
                             loss, _ = _loss_sum(model, input_ids, labels, autocast)
-                        except ValueError as err:
-                            if "non-finite" not in str(err):
-                                raise
+                        except NonFiniteError as err:
                             raise FloatingPointError(
                                 f"activations became non-finite in the forward pass of step {step + 1} ({err}); "
                                 f"with a memory model this is usually the test-time updates diverging: lower "

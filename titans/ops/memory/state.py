@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ...errors import NonFiniteError
+
 __all__ = ["MemoryState", "memory_shapes", "initial_memory_state", "check_inputs"]
 
 
@@ -143,7 +145,7 @@ def _check_finite(named: dict[str, Tensor]) -> None:
     flags = torch.stack([torch.isfinite(t).all() for t in named.values()])
     if not bool(flags.all()):
         bad = [n for n, ok in zip(named, flags.tolist()) if not ok]
-        raise ValueError(f"non-finite values (NaN or inf) in {', '.join(bad)}")
+        raise NonFiniteError(f"non-finite values (NaN or inf) in {', '.join(bad)}")
 
 
 def check_inputs(
