@@ -19,6 +19,7 @@ from titans.eval import report
 from titans.eval.babilong import run_babilong
 from titans.eval.mqar import count_correct, run_mqar
 from titans.eval.niah import plot_niah_heatmap, run_niah
+from titans.eval.report import EvalSettingError
 from titans.eval.perplexity import position_edges, run_perplexity, text_file_documents
 from titans.eval.streaming import (
     check_chunk_tokens,
@@ -375,6 +376,30 @@ def test_run_niah_real_generator_and_malformed_predictions():
     for ids, expected in (([], 0.0), (TOK.encode(" \n\t "), 0.0), ([0xFF, 0xFE, 0xC3], 0.0),
                           ([0xFF] + answer + [0xC3], 1.0), (answer + [TOK.eos_id], 1.0)):  # fmt: skip
         assert score_niah(decode_prediction(TOK, ids), sample) == expected
+
+
+def test_answer_batch_equals_one_prompt_at_a_time():
+    """Rows streamed side by side answer as each alone: exactly for the longest prompt (unpadded)
+    and for equal-length prompts; shorter ones are left-padded with eos, a document boundary."""
+    from titans.eval.niah import answer_batch, answer_sample
+    from titans.tasks.niah import generate_niah
+
+    model = tiny("mac")
+    samples = needs_packages(generate_niah, TOK, 600, 3, variant="kv-pk", seed=1)
+    longest = max(samples, key=lambda s: len(TOK.encode(s.prompt)))
+    batch = [samples[0], longest, samples[0]]
+    got = answer_batch(model, TOK, batch, 12, chunk_tokens=64)
+    assert got[1] == answer_sample(model, TOK, longest, 12, chunk_tokens=64)
+    assert got[0] == got[2]  # equal prompts, equal answers
+    if len(TOK.encode(samples[0].prompt)) == len(TOK.encode(longest.prompt)):
+        assert got[0] == answer_sample(model, TOK, samples[0], 12, chunk_tokens=64)
+    res1 = run_niah(model, TOK, [600], ["kv-pk"], samples=3, depths=3, chunk_tokens=64, progress=False, seed=1)
+    res3 = run_niah(model, TOK, [600], ["kv-pk"], samples=3, depths=3, chunk_tokens=64, progress=False, seed=1,
+                    batch_size=3, bar_unit="token")  # fmt: skip
+    assert [r["prompt_tokens"] for r in res1.records] == [r["prompt_tokens"] for r in res3.records]
+    assert res3.meta["batch_size"] == 3
+    with pytest.raises(EvalSettingError, match="batch_size"):
+        run_niah(model, TOK, [600], ["kv-pk"], samples=1, progress=False, batch_size=0)
 
 
 def test_run_babilong_real_generator_and_malformed_predictions():

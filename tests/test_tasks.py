@@ -21,7 +21,15 @@ from titans.tasks.babilong import BabiSample, babi_story, generate_babilong, sco
 from titans.tasks.mqar import generate_mqar, mqar_accuracy
 from titans.tasks.multiple_choice import TASKS as MC_TASKS
 from titans.tasks.multiple_choice import load_lambada, load_mc_task
-from titans.tasks.niah import VARIANTS, generate_niah, niah_token_ids, ruler_prompt_parts, score_niah
+from titans.tasks.niah import (
+    SHORT_VARIANTS,
+    VARIANTS,
+    dense_niah_ids,
+    generate_niah,
+    niah_token_ids,
+    ruler_prompt_parts,
+    score_niah,
+)
 from titans.tasks.text_sources import NOISE_SENTENCES, TokenizedHaystack, book_text, split_sentences, strip_gutenberg
 from titans.tasks.train_sources import MQARTrainSource, NiahTrainSource
 
@@ -113,12 +121,15 @@ VALUE_PATTERNS = {
     "n": r"\d{7}",
     "w": r"[\w'-]+-[\w'-]+",
     "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+    "kv-pk": r"\d{7}",
+    "kv-n": r"\d{7}",
+    "kv-w": r"[\w'-]+-[\w'-]+",
 }
 
 
 def niah_oracle(prompt: str) -> str:
     """Answer from the prompt alone: the key from the question, then the needle with that key."""
-    key = re.search(r"What is the special magic \w+ for (\S+) mentioned in the provided text\?", prompt).group(1)
+    key = re.search(r"What is the special magic \w+ for (\S+?)(?: mentioned in the provided text)?\?", prompt).group(1)
     found = re.findall(rf"One of the special magic \w+ for {re.escape(key)} is: (\S+?)\.(?=\s|$)", prompt)
     assert len(found) == 1, found
     return f" {found[0]}."
@@ -149,13 +160,14 @@ def test_niah_samples(packages, variant):
         needle = f"One of the special magic {type_needle_v} for {s.key} is: {s.value}."
         assert s.prompt.count("One of the special magic") == 1 and s.context.count(needle) == 1
         assert s.prompt.count(s.value) == 1
+        noise = VARIANTS[variant][0] == "noise"
         n = len(TOK.encode(s.prompt))
         # never longer; shorter by less than one haystack sentence (noise) or a few tokens (book)
-        assert length - (25 if variant == "pk" else 12) <= n <= length, n
+        assert length - (25 if noise else 12) <= n <= length, n
         # the needle sits at the requested depth of the haystack
         where = s.context.index(needle) / max(1, len(s.context) - len(needle))
-        assert abs(where - s.depth) < (0.06 if variant == "pk" else 0.03), (where, s.depth)
-        if variant == "pk":
+        assert abs(where - s.depth) < (0.06 if noise else 0.05), (where, s.depth)  # whole sentences
+        if noise:
             lines = s.context.split("\n")
             assert lines.count(needle) == 1
             assert all(line == needle or NOISE_SENTENCES.startswith(line) for line in lines)
@@ -163,6 +175,9 @@ def test_niah_samples(packages, variant):
             assert "The grass is green." not in s.context
         assert score_niah(niah_oracle(s.prompt), s) == 1.0
         assert score_niah("1234567", s) == 0.0  # a constant guess: chance is ~0
+        if variant in SHORT_VARIANTS:  # no instruction, the question last, no answer prefix
+            assert s.instruction == "" and s.answer_prefix == "" and s.prompt == f"{s.context}\n{s.question}"
+            assert s.question == f"What is the special magic {type_needle_v[:-1]} for {s.key}?"
 
 
 def test_niah_depths_cycle_and_errors(packages):
@@ -210,6 +225,35 @@ def test_niah_training_document_is_the_encoded_prompt(packages, variant):
         assert ids[mask][-1] == TOK.eos_id and text.endswith(answer)
         assert answer == niah_oracle(text[: -len(answer)])  # the answer is in the haystack
         assert mask.sum() == len(answer) + 1
+
+
+@pytest.mark.parametrize("variant", ["kv-pk", "kv-w", "pk"])
+def test_dense_niah_rows_ask_for_every_needle(packages, variant):
+    rng = np.random.default_rng(1)
+    for total, needles, gap in ((1024, 4, 200), (2048, 6, 0)):
+        ids, mask = dense_niah_ids(TOK, total, rng, variant=variant, needles=needles, min_gap=gap)
+        assert ids.shape == mask.shape == (total,) and not mask[:-1].all()
+        pad = int(np.argmax(ids != TOK.eos_id))
+        text = TOK.decode(ids[pad:])
+        assert ids[pad:].tolist() == TOK.encode(text)
+        found = re.findall(r"One of the special magic \w+ for (\S+?) is: (\S+?)\.(?=\s|$)", text)
+        asked = re.findall(r"What is the special magic \w+ for (\S+?)(?: mentioned in the provided text)?\?"
+                           r"(?: The special magic \w+ for \S+ mentioned in the provided text is)? (\S+?)\.", text)
+        assert len(found) == len(asked) == needles and sorted(found) == sorted(asked)
+        for key, value in asked:  # each question comes after its needle, at least min_gap later
+            needle_at = text.index(f"for {key} is: {value}.")
+            question_at = text.index(f"for {key}", needle_at + 10)
+            assert question_at - needle_at >= min(gap, 0.5 * total) - 80
+        # exactly the answers " {value}." are scored
+        answers = TOK.decode(ids[mask])
+        assert answers == "".join(f" {v}." for _, v in asked)
+
+
+def test_dense_niah_errors(packages):
+    with pytest.raises(ValueError, match="needles must be >= 1"):
+        dense_niah_ids(TOK, 1024, np.random.default_rng(0), variant="kv-pk", needles=0)
+    with pytest.raises(ValueError, match="too few"):
+        dense_niah_ids(TOK, 300, np.random.default_rng(0), variant="kv-pk", needles=4)
 
 
 # ----------------------------------------------------------------------------- MQAR

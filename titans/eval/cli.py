@@ -73,10 +73,13 @@ def register(sub) -> None:
                          description="S-NIAH-PK/-N/-W accuracy per context length, and the length x depth heatmap.")
     t.add_argument("--lengths", type=parse_lengths, default=[1024, 2048, 4096],
                    help="context lengths in tokens (1K,4K,...; default 1K,2K,4K)")
-    t.add_argument("--variants", type=parse_names, default=["pk", "n", "w"], help="needle variants: pk,n,w,uuid")
+    t.add_argument("--variants", type=parse_names, default=["pk", "n", "w"],
+                   help="needle variants: pk,n,w,uuid (RULER prompts) or kv-pk,kv-n,kv-w (short prompts)")
     t.add_argument("--samples", type=int, default=20, help="samples per variant and length (default 20)")
     t.add_argument("--depths", type=int, default=10, help="number of evenly spaced needle depths (default 10)")
     t.add_argument("--max-new-tokens", type=int, default=None, help="tokens to decode (default: longest answer + 8)")
+    t.add_argument("--batch-size", type=int, default=1,
+                   help="prompts streamed side by side (default 1; shorter prompts are left-padded with eos)")
 
     t = tasks.add_parser("babilong", help="BABILong qa1-qa5 accuracy vs length (Figure 6)",
                          description="bAbI facts hidden in book text; accuracy per task and length, and its plot.")
@@ -229,7 +232,8 @@ def _run_task(args, model, tokenizer, common):
 
     if args.task == "niah":
         return niah.run_niah(model, tokenizer, args.lengths, args.variants, samples=args.samples, depths=args.depths,
-                             max_new_tokens=args.max_new_tokens, **common)  # fmt: skip
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             bar_unit="token" if args.batch_size > 1 else "sample", **common)  # fmt: skip
     if args.task == "babilong":
         return babilong.run_babilong(model, tokenizer, args.tasks, args.lengths, samples=args.samples,
                                      max_new_tokens=args.max_new_tokens, **common)  # fmt: skip

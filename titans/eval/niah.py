@@ -16,11 +16,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .report import EvalResult, EvalSettingError, fmt, format_table, generated, length_label, new_figure, save_figure
-from .streaming import decode_prediction, greedy_continue
+from .streaming import check_chunk_tokens, decode_prediction, greedy_continue, model_device
 
 __all__ = ["NIAH_VARIANTS", "answer_budget", "niah_table", "plot_niah_heatmap", "run_niah"]
 
-NIAH_VARIANTS = {"pk": "S-NIAH-PK", "n": "S-NIAH-N", "w": "S-NIAH-W", "uuid": "S-NIAH-UUID"}
+NIAH_VARIANTS = {
+    "pk": "S-NIAH-PK", "n": "S-NIAH-N", "w": "S-NIAH-W", "uuid": "S-NIAH-UUID",
+    "kv-pk": "KV-NIAH-PK", "kv-n": "KV-NIAH-N", "kv-w": "KV-NIAH-W",
+}  # fmt: skip
 
 
 def answer_budget(tokenizer, answers: Sequence[str], margin: int = 8) -> int:
@@ -37,6 +40,43 @@ def answer_sample(model, tokenizer, sample, max_new_tokens: int | None, chunk_to
     budget = max_new_tokens or answer_budget(tokenizer, sample.answers)
     new = greedy_continue(model, prompt, budget, chunk_tokens, eos_id=tokenizer.eos_id)
     return len(prompt), decode_prediction(tokenizer, new)
+
+
+def answer_batch(
+    model, tokenizer, samples, max_new_tokens: int | None, chunk_tokens: int, bar=None
+) -> list[tuple[int, str]]:
+    """``answer_sample`` for several samples streamed side by side as one batch (the state holds a
+    row per sample, so tokens/s grows with the batch while memory stays flat). Prompts shorter
+    than the longest are left-padded with ``eos`` (a document boundary, as the training rows
+    start). ``bar``: a tqdm bar advanced by the tokens streamed (all rows)."""
+    import torch
+
+    check_chunk_tokens(model, chunk_tokens)
+    eos = tokenizer.eos_id
+    prompts = [tokenizer.encode(s.prompt) for s in samples]
+    if not all(prompts):
+        raise ValueError("a prompt tokenizes to zero tokens")
+    if eos is None and len({len(p) for p in prompts}) > 1:
+        raise ValueError("prompts of different lengths need a tokenizer with an eos id to pad with")
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=model_device(model))
+    budget = max_new_tokens or answer_budget(tokenizer, [a for s in samples for a in s.answers])
+    n_head = (width - 1) // chunk_tokens * chunk_tokens
+    state = None
+    with torch.inference_mode():
+        for start in range(0, n_head, chunk_tokens):
+            _, _, state = model(ids[:, start : start + chunk_tokens], state=state)
+            if bar is not None:
+                bar.update(ids.shape[0] * chunk_tokens)
+        out, _ = model.generate(ids[:, n_head:], budget, temperature=0.0, top_k=1, eos_token_id=eos, state=state)
+    if bar is not None:
+        bar.update(ids.shape[0] * (width - n_head))
+    results = []
+    for prompt, row in zip(prompts, out[:, width - n_head :].tolist()):
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        results.append((len(prompt), decode_prediction(tokenizer, row)))
+    return results
 
 
 def _depth_list(depths: int | Sequence[float]) -> list[float]:
@@ -74,9 +114,13 @@ def run_niah(
     progress: bool = True,
     generate: Callable | None = None,
     score: Callable | None = None,
+    batch_size: int = 1,
+    bar_unit: str = "sample",
 ) -> EvalResult:
     """Accuracy (%) per variant and length. ``depths``: a number of evenly spaced depths over
-    [0, 1] or the depths themselves. ``generate``/``score`` default to
+    [0, 1] or the depths themselves. ``batch_size`` > 1 streams that many prompts side by side
+    (``answer_batch``; shorter prompts left-padded with eos); ``bar_unit`` "token" makes the
+    progress bar count streamed tokens instead of samples. ``generate``/``score`` default to
     ``titans.tasks.niah.generate_niah`` / ``score_niah`` (pass others for custom haystacks)."""
     if generate is None or score is None:
         from ..tasks.niah import generate_niah, score_niah
@@ -96,24 +140,45 @@ def run_niah(
 
     for cell in cells:  # one prompt of each setting first: a setting the generator refuses fails at once
         make(*cell, 1)
+    if batch_size < 1:
+        raise EvalSettingError(f"batch_size must be >= 1, got {batch_size}")
+    if bar_unit not in ("sample", "token"):
+        raise EvalSettingError(f"bar_unit must be 'sample' or 'token', got {bar_unit!r}")
     records = []
-    bar = tqdm(total=len(cells) * samples, desc="niah", unit="sample", disable=not progress)
+    per_token = bar_unit == "token"
+    total = sum(length * samples for _, length in cells) if per_token else len(cells) * samples
+    bar = tqdm(total=total, desc="niah", unit="tok" if per_token else "sample", unit_scale=per_token,
+               disable=not progress)  # fmt: skip
     for variant, length in cells:  # one setting's prompts at a time (long prompts are large)
-        for i, sample in enumerate(make(variant, length, samples)):
-            prompt_tokens, prediction = answer_sample(model, tokenizer, sample, max_new_tokens, chunk_tokens)
-            records.append(dict(
-                model=name, variant=variant, length=length, depth=round(float(sample.depth), 6), index=i,
-                prompt_tokens=prompt_tokens, answers=list(sample.answers), prediction=prediction,
-                score=float(score(prediction, sample)),
-            ))  # fmt: skip
-            bar.update(1)
+        made = make(variant, length, samples)
+        for first in range(0, len(made), batch_size):
+            group = made[first : first + batch_size]
+            if batch_size == 1:
+                answers = [answer_sample(model, tokenizer, group[0], max_new_tokens, chunk_tokens)]
+            else:
+                answers = answer_batch(model, tokenizer, group, max_new_tokens, chunk_tokens,
+                                       bar=bar if per_token else None)  # fmt: skip
+            for i, sample, (prompt_tokens, prediction) in zip(range(first, first + len(group)), group, answers):
+                _record(records, name, variant, length, i, sample, prompt_tokens, prediction, score)
+            if not per_token:
+                bar.update(len(group))
+            elif batch_size == 1:
+                bar.update(answers[0][0])
     bar.close()
     rows = _cell_rows(records)
     return EvalResult(
         task="niah", rows=rows, records=records, table=niah_table(rows),
         meta=dict(lengths=lengths, variants=list(variants), samples=samples, depths=depth_values, seed=seed,
-                  chunk_tokens=chunk_tokens, max_new_tokens=max_new_tokens),
+                  chunk_tokens=chunk_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size),
     )  # fmt: skip
+
+
+def _record(records, name, variant, length, i, sample, prompt_tokens, prediction, score) -> None:
+    records.append(dict(
+        model=name, variant=variant, length=length, depth=round(float(sample.depth), 6), index=i,
+        prompt_tokens=prompt_tokens, answers=list(sample.answers), prediction=prediction,
+        score=float(score(prediction, sample)),
+    ))  # fmt: skip
 
 
 def _cell_rows(records: list[dict]) -> list[dict]:

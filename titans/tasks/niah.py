@@ -10,6 +10,13 @@ for the value and ends with RULER's answer prefix. Variants (the Titans paper's 
 - ``w`` (S-NIAH-W): book text and an adjective-noun word as the value;
 - ``uuid``: book text and a UUID.
 
+The ``kv-`` variants (``kv-pk``, ``kv-n``, ``kv-w``: same haystacks, needles and values) drop the
+instruction and the answer prefix: the prompt is the context, a new line and the question
+``"What is the special magic {number|word} for {key}?"``; the answer follows it. These short
+prompts are what the demonstration's tiny byte-level models are trained on (``dense_niah_ids``:
+several needles and questions in one training row), where RULER's 300-byte instruction and
+answer prefix would leave little room for haystack in a 1K-token row.
+
 The prompt measures at most ``length`` tokens of the given tokenizer and at least ``length``
 minus about one haystack sentence (the haystack is cut at sentence boundaries; for book text the
 best-fitting of several windows is taken, so usually within a few tokens). A prediction scores 1
@@ -29,12 +36,15 @@ from .text_sources import TokenizedHaystack, _spec_key, continuation_ids, encode
 
 __all__ = [
     "NEEDLE",
+    "SHORT_VARIANTS",
     "VARIANTS",
     "NiahSample",
     "continuation_ids",
     "generate_niah",
     "niah_token_ids",
     "random_key",
+    "dense_niah_ids",
+    "prompt_parts",
     "ruler_prompt_parts",
     "score_niah",
 ]
@@ -47,7 +57,12 @@ VARIANTS = {
     "n": ("book", "numbers"),
     "w": ("book", "words"),
     "uuid": ("book", "uuids"),
+    "kv-pk": ("noise", "numbers"),
+    "kv-n": ("book", "numbers"),
+    "kv-w": ("book", "words"),
 }
+# variants whose prompt is ``context \n question`` (no instruction, no answer prefix)
+SHORT_VARIANTS = ("kv-pk", "kv-n", "kv-w")
 
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 
@@ -84,6 +99,18 @@ def ruler_prompt_parts(type_needle_v: str, key: str) -> tuple[str, str, str]:
     )
 
 
+def prompt_parts(variant: str, key: str) -> tuple[str, str, str]:
+    """``(instruction, question, answer_prefix)`` of ``variant``'s prompt: RULER's, or for the
+    short ``kv-`` variants no instruction, ``"What is the special magic number for {key}?"`` and
+    no answer prefix."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown NIAH variant {variant!r}; known: {sorted(VARIANTS)}")
+    type_needle_v = VARIANTS[variant][1]
+    if variant in SHORT_VARIANTS:
+        return "", f"What is the special magic {type_needle_v[:-1]} for {key}?", ""
+    return ruler_prompt_parts(type_needle_v, key)
+
+
 @dataclass
 class NiahSample:
     """One S-NIAH prompt; ``prompt`` is what the model reads, ``answers`` what it must produce."""
@@ -100,11 +127,12 @@ class NiahSample:
 
     @property
     def instruction(self) -> str:
-        return ruler_prompt_parts(VARIANTS[self.variant][1], self.key)[0]
+        return prompt_parts(self.variant, self.key)[0]
 
     @property
     def prompt(self) -> str:
-        return f"{self.instruction}\n{self.context}\n{self.question}{self.answer_prefix}"
+        head = f"{self.instruction}\n" if self.instruction else ""
+        return f"{head}{self.context}\n{self.question}{self.answer_prefix}"
 
 
 @lru_cache(maxsize=2)
@@ -149,29 +177,31 @@ class _Builder:
         kind, self.type_needle_v = VARIANTS[variant]
         self.tokenizer, self.variant = tokenizer, variant
         self.hay: TokenizedHaystack = haystack("noise" if kind == "noise" else book, tokenizer)
+        self.noise = kind == "noise"
         self.sep = "\n" if kind == "noise" else " "  # RULER: noise needles are lines of their own
         # the context's first separator is dropped: the budget gains its tokens
         self.first_sep = len(encode_pieces(tokenizer, [self.sep])[0])
-        self.head = ruler_prompt_parts(self.type_needle_v, "KEY")[0] + "\n"
-        self.head_ids = np.asarray(tokenizer.encode(self.head), dtype=np.int64)
+        instruction = prompt_parts(variant, "KEY")[0]
+        self.head = instruction + "\n" if instruction else ""
+        self.head_ids = np.asarray(tokenizer.encode(self.head) if self.head else [], dtype=np.int64)
 
     def draw(self, rng: np.random.Generator) -> tuple[str, str, str, str, str]:
         key = random_key(rng)
         value = _random_value(self.type_needle_v, rng, key)
         needle = NEEDLE.format(type_needle_v=self.type_needle_v, key=key, value=value)
-        _, question, prefix = ruler_prompt_parts(self.type_needle_v, key)
+        _, question, prefix = prompt_parts(self.variant, key)
         return key, value, needle, question, prefix
 
     def starts(self, rng: np.random.Generator) -> np.ndarray:
         """Window starts to choose from: the noise haystack starts with a whole block; book text
         anywhere (the window that best fills the budget is taken)."""
-        return np.zeros(1, dtype=np.int64) if self.variant == "pk" else rng.integers(0, self.hay.n, _WINDOW_TRIES)
+        return np.zeros(1, dtype=np.int64) if self.noise else rng.integers(0, self.hay.n, _WINDOW_TRIES)
 
     def insert_at(self, depth: float, start: int, count: int) -> int:
         """Unit index of the needle, at ``depth`` of the haystack's tokens: any sentence boundary
         of book text, a line boundary (a multiple of the five-sentence block, or the end) of the
         noise."""
-        return self.hay.boundary(start, count, depth, every=self.hay.n if self.variant == "pk" else 1)
+        return self.hay.boundary(start, count, depth, every=self.hay.n if self.noise else 1)
 
 
 _BUILDERS: dict[tuple[str, str, str], _Builder] = {}
@@ -279,3 +309,71 @@ def score_niah(prediction, sample: NiahSample) -> float:
         raise ValueError(f"sample has no non-empty answer: {sample.answers!r}")
     text = prediction.lower()
     return float(any(a.lower() in text for a in answers))
+
+
+def dense_niah_ids(
+    tokenizer,
+    total: int,
+    rng: np.random.Generator,
+    *,
+    variant: str,
+    needles: int,
+    min_gap: int = 0,
+    book: str = "shakespeare",
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training row of exactly ``total`` tokens with several needles, each asked for later:
+    ``(ids, answer_mask)``, both [total].
+
+    The haystack window holds ``needles`` needles at random unit boundaries; each is followed,
+    at least ``min_gap`` tokens later when the row has room, by a line with its question and the
+    answer ``" {value}."`` (the answer is what ``answer_mask`` marks). The question lines are
+    those of ``generate_niah``'s prompts, so a model trained on these rows answers its prompts;
+    one row scores ``needles`` answers instead of one. ``eos`` pads the start when sentence cuts
+    leave tokens over.
+    """
+    if needles < 1:
+        raise ValueError(f"needles must be >= 1, got {needles}")
+    b = _builder(tokenizer, variant, book)
+    drawn = [b.draw(rng) for _ in range(needles)]
+    needle_ids = encode_pieces(tokenizer, [b.sep + d[2] for d in drawn])
+    question_ids = encode_pieces(tokenizer, ["\n" + d[3] + d[4] for d in drawn])
+    answer_ids = [continuation_ids(tokenizer, d[3] + d[4], f" {d[1]}.") for d in drawn]
+    fixed = sum(map(len, needle_ids)) + sum(map(len, question_ids)) + sum(map(len, answer_ids))
+    if fixed > total:
+        raise ValueError(f"{total} tokens are too few for {needles} NIAH-{variant} needles and questions ({fixed})")
+    start, count = b.hay.fit(total - fixed, b.starts(rng))
+    every = b.hay.n if b.noise else 1
+    slots = np.unique(np.append(np.arange(0, count + 1, every), count))
+    offsets = b.hay._pos(start + slots) - b.hay._pos(start)  # haystack tokens before each slot
+    # needles in the first half of their window, questions after them by >= min_gap haystack tokens
+    events = []
+    for i in range(needles):
+        at = int(rng.integers(len(slots)))
+        later = np.flatnonzero(offsets >= offsets[at] + min_gap)
+        ask = int(later[rng.integers(len(later))]) if len(later) else len(slots) - 1
+        events += [(int(slots[at]), 0, i), (int(slots[max(ask, at)]), 1, i)]
+    events.sort()
+    pieces, masks, prev = [], [], 0
+    for k, is_question, i in events:
+        if k > prev:
+            pieces.append(b.hay.token_ids(start + prev, k - prev).astype(np.int64))
+            masks.append(np.zeros(k - prev and len(pieces[-1]), dtype=bool))
+            prev = k
+        if is_question:
+            pieces += [np.asarray(question_ids[i], dtype=np.int64), np.asarray(answer_ids[i], dtype=np.int64)]
+            masks += [np.zeros(len(question_ids[i]), dtype=bool), np.ones(len(answer_ids[i]), dtype=bool)]
+        else:
+            pieces.append(np.asarray(needle_ids[i], dtype=np.int64))
+            masks.append(np.zeros(len(needle_ids[i]), dtype=bool))
+    if count > prev:
+        pieces.append(b.hay.token_ids(start + prev, count - prev).astype(np.int64))
+        masks.append(np.zeros(len(pieces[-1]), dtype=bool))
+    ids, mask = np.concatenate(pieces), np.concatenate(masks)
+    pad = total - len(ids)
+    if pad < 0:  # cannot happen for the byte tokenizer; subword pieces may merge differently
+        ids, mask = ids[-total:], mask[-total:]
+        pad = 0
+    return (
+        np.concatenate([np.full(pad, tokenizer.eos_id, dtype=np.int64), ids]),
+        np.concatenate([np.zeros(pad, dtype=bool), mask]),
+    )

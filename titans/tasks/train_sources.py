@@ -19,7 +19,7 @@ import torch
 from ..data.stream import rank_rows
 from .mqar import _check as _check_mqar
 from .mqar import generate_mqar
-from .niah import VARIANTS, _builder, niah_token_ids
+from .niah import VARIANTS, _builder, dense_niah_ids, niah_token_ids
 
 __all__ = ["MQARTrainSource", "NiahTrainSource"]
 
@@ -48,6 +48,15 @@ class NiahTrainSource:
     packed with documents of random lengths in ``[min_doc_tokens, seq_len + 1]`` (several needles
     per row, separated by ``eos``), which shows the model many prompt lengths. The few tokens a
     sentence-cut haystack leaves over are ``eos`` at the start of a document (never scored).
+
+    With ``needles=N`` every row is instead one haystack holding N needles, each asked for later
+    in the row (``titans.tasks.niah.dense_niah_ids``, at least ``min_gap`` tokens after its needle
+    when there is room): N answers scored per row instead of one.
+
+    ``score="all"`` scores every token but the leading ``eos`` padding (language modelling of the
+    whole row, answers included) instead of the answers alone: the repeated haystack and the
+    question lines, whose key repeats a needle's, teach copying from earlier text long before the
+    answers alone would.
     """
 
     def __init__(
@@ -61,6 +70,9 @@ class NiahTrainSource:
         world_size: int = 1,
         min_doc_tokens: int | None = None,
         book: str = "shakespeare",
+        needles: int | None = None,
+        min_gap: int = 0,
+        score: str = "answers",
     ):
         if not variants or any(v not in VARIANTS for v in variants):
             raise ValueError(f"variants must be a non-empty subset of {sorted(VARIANTS)}, got {list(variants)}")
@@ -70,15 +82,30 @@ class NiahTrainSource:
             raise ValueError(f"min_doc_tokens must be in [1, seq_len + 1 = {seq_len + 1}], got {min_doc_tokens}")
         self.tokenizer, self.seq_len, self.seed = tokenizer, int(seq_len), int(seed)
         self.variants, self.rank, self.world_size = tuple(variants), rank, world_size
+        if needles is not None and (needles < 1 or min_doc_tokens is not None):
+            raise ValueError("needles must be >= 1 and cannot be combined with min_doc_tokens")
+        if score not in ("answers", "all"):
+            raise ValueError(f"score must be 'answers' or 'all', got {score!r}")
+        if min_gap < 0:
+            raise ValueError(f"min_gap must be >= 0, got {min_gap}")
         self.min_doc_tokens, self.book = min_doc_tokens, book
+        self.needles, self.min_gap, self.score = needles, int(min_gap), score
         self.step = 0
         for v in self.variants:  # build haystacks now, and fail now if a row cannot hold a prompt
             _builder(tokenizer, v, book)
             shortest = min_doc_tokens or seq_len + 1
+            if needles is not None:
+                dense_niah_ids(tokenizer, seq_len + 1, np.random.default_rng(0), variant=v, needles=needles, book=book)
+                continue
             niah_token_ids(tokenizer, shortest, np.random.default_rng(0), variant=v, depth=0.5, book=book)
 
     def _row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         total = self.seq_len + 1
+        if self.needles is not None:
+            return dense_niah_ids(
+                self.tokenizer, total, rng, variant=self.variants[rng.integers(len(self.variants))],
+                needles=self.needles, min_gap=self.min_gap, book=self.book,
+            )  # fmt: skip
         lengths = [total]
         if self.min_doc_tokens is not None:
             lengths, left = [], total
@@ -104,13 +131,15 @@ class NiahTrainSource:
         self.step += 1
         ids = torch.from_numpy(np.stack([b[0] for b in built]))
         mask = torch.from_numpy(np.stack([b[1] for b in built]))
+        if self.score == "all":  # everything after the leading eos padding
+            mask = (ids != self.tokenizer.eos_id).cumsum(1) > 0
         return {"input_ids": ids, "labels": torch.where(mask, ids, torch.full_like(ids, -100))}
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "kind": "niah", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
             "variants": list(self.variants), "min_doc_tokens": self.min_doc_tokens, "book": self.book,
-            "tokenizer": self.tokenizer.to_spec(),
+            "needles": self.needles, "min_gap": self.min_gap, "score": self.score, "tokenizer": self.tokenizer.to_spec(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
