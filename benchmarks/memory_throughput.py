@@ -17,6 +17,7 @@ resident size after setup; on CUDA, ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/memory_throughput.py                 # full table (several minutes)
     python benchmarks/memory_throughput.py --lengths 1024 4096 --skip-naive
+    python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch titans-pytorch-b64
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ def main() -> None:
     p.add_argument("--peer-lengths", type=int, nargs="+", default=[4096], help="lengths for titans-pytorch")
     p.add_argument("--naive-length", type=int, default=256)
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--impls", nargs="+", choices=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
+                   default=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
+                   help="rows to measure (the naive row is controlled by --skip-naive)")
     p.add_argument("--min-seconds", type=float, default=5.0, help="time each measurement at least this long")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="do not apply titans.utils.tune_cpu_allocator() (applied to every implementation by default)")
@@ -139,16 +143,17 @@ def main() -> None:
         have_peer = True
     except ImportError:
         have_peer = False
-    plan = [(impl, T) for impl in ("titans", "titans-compile") for T in args.lengths]
+    plan = [(impl, T) for impl in ("titans", "titans-compile") if impl in args.impls for T in args.lengths]
     if not args.skip_naive:
         plan.append(("titans-naive", args.naive_length))
     if have_peer:
-        plan += [(impl, T) for impl in ("titans-pytorch", "titans-pytorch-b64") for T in args.peer_lengths]
+        plan += [(impl, T) for impl in ("titans-pytorch", "titans-pytorch-b64") if impl in args.impls
+                 for T in args.peer_lengths]
     else:
         print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)\n")
 
     print(f"B={B}, dim={DIM}, heads={HEADS}x{HEAD_DIM}, memory depth {DEPTH}, expansion {EXPANSION:g}, "
-          f"chunk {CHUNK}; threads={os.cpu_count()}; allocator tuned: {tune}")  # fmt: skip
+          f"chunk {CHUNK}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; allocator tuned: {tune}")  # fmt: skip
     header = f"{'implementation':<20} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} | {'fwd tok/s':>10}"
     print(header)
     print("-" * len(header))

@@ -14,6 +14,7 @@ every implementation unless ``--no-tune-allocator``.
 
     python benchmarks/model_throughput.py
     python benchmarks/model_throughput.py --lengths 1024 4096 --contexts 1000 10000
+    python benchmarks/model_throughput.py --lengths 4096 --variants mac --skip-decode
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--min-seconds", type=float, default=3.0)
     p.add_argument("--no-tune-allocator", action="store_true")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="our model variants to measure")
+    p.add_argument("--skip-decode", action="store_true", help="measure training only (skip the decoding table)")
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -150,23 +153,31 @@ def main() -> None:
     head = f"{'model':<20} {'T':>6} | {'tok/s':>8} {'peak MB':>8}"
     print(head + "\n" + "-" * len(head))
     train = {}
-    for impl in list(VARIANTS) + peer:
+    for impl in list(args.variants) + peer:
         for T in args.peer_lengths if impl in peer else args.lengths:
             r = _sub(["--one", tune, "train", impl, str(T), str(args.min_seconds)])
             train[(impl, T)] = r
             cells = f"{r['tokens_per_s']:>8,.0f} {r['peak_bytes'] / 2**20:>8,.0f}" if r else f"{'failed':>8} {'':>8}"
             print(f"{impl:<20} {T:>6} | {cells}", flush=True)
 
+    if not args.skip_decode:
+        _decode_table(args, tune, peer)
+    _ratios(args, train)
+
+
+def _decode_table(args, tune: str, peer: list[str]) -> None:
     print(f"\ndecoding (B=1, {args.new_tokens} tokens after the context)")
     head = f"{'model':<20} {'context':>8} | {'tok/s':>8} {'state MB':>9} {'RSS MB':>8}"
     print(head + "\n" + "-" * len(head))
-    for impl in list(VARIANTS) + peer:
+    for impl in list(args.variants) + peer:
         rows = _sub(["--one", tune, "decode", impl, str(args.new_tokens), *map(str, args.contexts)])
         for r in rows or []:
             state = f"{r['state_bytes'] / 2**20:>9.2f}" if r["state_bytes"] is not None else f"{'-':>9}"
             print(f"{impl:<20} {r['context']:>8} | {r['tokens_per_s']:>8,.1f} {state} {r['rss_bytes'] / 2**20:>8,.0f} {r['note']}",
                   flush=True)  # fmt: skip
 
+
+def _ratios(args, train: dict) -> None:
     print()
     for T in args.lengths:
         a, b = train.get(("mac", args.lengths[0])), train.get(("mac", T))

@@ -249,11 +249,24 @@ def test_dense_niah_rows_ask_for_every_needle(packages, variant):
         assert answers == "".join(f" {v}." for _, v in asked)
 
 
+@pytest.mark.parametrize("variant", ["kv-pk", "kv-n"])
+def test_dense_niah_latest_alternates_needles_and_questions(packages, variant):
+    ids, mask = dense_niah_ids(TOK, 1500, np.random.default_rng(2), variant=variant, needles=4, ask="latest")
+    text = TOK.decode(ids[int(np.argmax(ids != TOK.eos_id)) :])
+    events = re.findall(r"(One of the special magic numbers for|What is the special magic number for) (\S+?)(?: is:|\?) (\d+)", text)
+    assert len(events) == 8
+    for needle, question in zip(events[0::2], events[1::2]):  # each question right after its needle
+        assert needle[0].startswith("One") and question[0].startswith("What") and needle[1:] == question[1:]
+    assert TOK.decode(ids[mask]) == "".join(f" {e[2]}." for e in events[1::2])
+
+
 def test_dense_niah_errors(packages):
     with pytest.raises(ValueError, match="needles must be >= 1"):
         dense_niah_ids(TOK, 1024, np.random.default_rng(0), variant="kv-pk", needles=0)
     with pytest.raises(ValueError, match="too few"):
         dense_niah_ids(TOK, 300, np.random.default_rng(0), variant="kv-pk", needles=4)
+    with pytest.raises(ValueError, match="ask must be"):
+        dense_niah_ids(TOK, 1024, np.random.default_rng(0), variant="kv-pk", needles=2, ask="first")
 
 
 # ----------------------------------------------------------------------------- MQAR
@@ -523,6 +536,25 @@ def test_niah_train_source_contract(packages):
         NiahTrainSource(TOK, 1023, seed=3).load_state_dict(src.state_dict())
     with pytest.raises(ValueError, match="variants"):
         NiahTrainSource(TOK, 511, seed=3, variants=("pk", "x"))
+
+
+def test_niah_dense_train_source(packages):
+    make = lambda **kw: NiahTrainSource(TOK, 1023, variants=("kv-pk", "kv-w"), needles=3, ask="latest", **kw)  # noqa: E731
+    _check_source_contract(make)
+    batch = make(seed=0).next_batch(4)
+    scored = batch["labels"] != -100
+    assert batch["input_ids"].shape == (4, 1024) and (scored.sum(1) >= 3 * 9).all()
+    every = NiahTrainSource(TOK, 1023, seed=0, variants=("kv-pk", "kv-w"), needles=3, ask="latest", score="all")
+    labels = every.next_batch(4)["labels"]
+    assert torch.equal(labels[scored], batch["input_ids"][scored])  # the same rows, answers still scored
+    pad = batch["input_ids"] == TOK.eos_id
+    assert ((labels == -100) == pad).all()  # everything but the leading eos padding
+    with pytest.raises(ValueError, match="cannot resume"):
+        make(seed=0).load_state_dict(every.state_dict())
+    for bad, match in (({"score": "some"}, "score"), ({"ask": "first"}, "ask"), ({"needles": 0}, "needles"),
+                       ({"needles": 2, "min_doc_tokens": 300}, "needles")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            NiahTrainSource(TOK, 1023, seed=0, variants=("kv-pk",), **bad)
 
 
 def test_mqar_train_source_contract():

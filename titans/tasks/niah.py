@@ -319,6 +319,7 @@ def dense_niah_ids(
     variant: str,
     needles: int,
     min_gap: int = 0,
+    ask: str = "any",
     book: str = "shakespeare",
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training row of exactly ``total`` tokens with several needles, each asked for later:
@@ -326,13 +327,18 @@ def dense_niah_ids(
 
     The haystack window holds ``needles`` needles at random unit boundaries; each is followed,
     at least ``min_gap`` tokens later when the row has room, by a line with its question and the
-    answer ``" {value}."`` (the answer is what ``answer_mask`` marks). The question lines are
+    answer ``" {value}."`` (the answer is what ``answer_mask`` marks). With ``ask="latest"`` needles
+    and questions alternate instead (each question asks for the needle just before it, after a
+    random stretch of haystack; ``min_gap`` is not used): a single-needle prompt needs no more, and
+    the model need not tell keys apart to learn to keep a needle. The question lines are
     those of ``generate_niah``'s prompts, so a model trained on these rows answers its prompts;
     one row scores ``needles`` answers instead of one. ``eos`` pads the start when sentence cuts
     leave tokens over.
     """
     if needles < 1:
         raise ValueError(f"needles must be >= 1, got {needles}")
+    if ask not in ("any", "latest"):
+        raise ValueError(f"ask must be 'any' or 'latest', got {ask!r}")
     b = _builder(tokenizer, variant, book)
     drawn = [b.draw(rng) for _ in range(needles)]
     needle_ids = encode_pieces(tokenizer, [b.sep + d[2] for d in drawn])
@@ -347,14 +353,22 @@ def dense_niah_ids(
     offsets = b.hay._pos(start + slots) - b.hay._pos(start)  # haystack tokens before each slot
     # needles in the first half of their window, questions after them by >= min_gap haystack tokens
     events = []
-    for i in range(needles):
+    if ask == "latest":  # needle i and question i take the (2i)-th and (2i+1)-th of sorted slots
+        picks = np.sort(rng.integers(len(slots), size=2 * needles))
+        for i in range(needles):
+            events += [(int(slots[picks[2 * i]]), 2 * i, i), (int(slots[picks[2 * i + 1]]), 2 * i + 1, i)]
+        needles_at = ()
+    else:
+        needles_at = range(needles)
+    for i in needles_at:
         at = int(rng.integers(len(slots)))
         later = np.flatnonzero(offsets >= offsets[at] + min_gap)
-        ask = int(later[rng.integers(len(later))]) if len(later) else len(slots) - 1
-        events += [(int(slots[at]), 0, i), (int(slots[max(ask, at)]), 1, i)]
+        asked = int(later[rng.integers(len(later))]) if len(later) else len(slots) - 1
+        events += [(int(slots[at]), 0, i), (int(slots[max(asked, at)]), 1, i)]
     events.sort()
     pieces, masks, prev = [], [], 0
-    for k, is_question, i in events:
+    for k, order, i in events:
+        is_question = order % 2 == 1 if ask == "latest" else order == 1
         if k > prev:
             pieces.append(b.hay.token_ids(start + prev, k - prev).astype(np.int64))
             masks.append(np.zeros(k - prev and len(pieces[-1]), dtype=bool))

@@ -51,7 +51,8 @@ class NiahTrainSource:
 
     With ``needles=N`` every row is instead one haystack holding N needles, each asked for later
     in the row (``titans.tasks.niah.dense_niah_ids``, at least ``min_gap`` tokens after its needle
-    when there is room): N answers scored per row instead of one.
+    when there is room; ``ask="latest"``: needles and questions alternate): N answers scored per
+    row instead of one.
 
     ``score="all"`` scores every token but the leading ``eos`` padding (language modelling of the
     whole row, answers included) instead of the answers alone: the repeated haystack and the
@@ -73,6 +74,7 @@ class NiahTrainSource:
         needles: int | None = None,
         min_gap: int = 0,
         score: str = "answers",
+        ask: str = "any",
     ):
         if not variants or any(v not in VARIANTS for v in variants):
             raise ValueError(f"variants must be a non-empty subset of {sorted(VARIANTS)}, got {list(variants)}")
@@ -89,7 +91,9 @@ class NiahTrainSource:
         if min_gap < 0:
             raise ValueError(f"min_gap must be >= 0, got {min_gap}")
         self.min_doc_tokens, self.book = min_doc_tokens, book
-        self.needles, self.min_gap, self.score = needles, int(min_gap), score
+        if ask not in ("any", "latest"):
+            raise ValueError(f"ask must be 'any' or 'latest', got {ask!r}")
+        self.needles, self.min_gap, self.score, self.ask = needles, int(min_gap), score, ask
         self.step = 0
         for v in self.variants:  # build haystacks now, and fail now if a row cannot hold a prompt
             _builder(tokenizer, v, book)
@@ -104,7 +108,7 @@ class NiahTrainSource:
         if self.needles is not None:
             return dense_niah_ids(
                 self.tokenizer, total, rng, variant=self.variants[rng.integers(len(self.variants))],
-                needles=self.needles, min_gap=self.min_gap, book=self.book,
+                needles=self.needles, min_gap=self.min_gap, ask=self.ask, book=self.book,
             )  # fmt: skip
         lengths = [total]
         if self.min_doc_tokens is not None:
@@ -139,7 +143,8 @@ class NiahTrainSource:
         return {
             "kind": "niah", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
             "variants": list(self.variants), "min_doc_tokens": self.min_doc_tokens, "book": self.book,
-            "needles": self.needles, "min_gap": self.min_gap, "score": self.score, "tokenizer": self.tokenizer.to_spec(),
+            "needles": self.needles, "min_gap": self.min_gap, "score": self.score, "ask": self.ask,
+            "tokenizer": self.tokenizer.to_spec(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
