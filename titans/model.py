@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
+from .layers.neural_memory import NeuralMemory
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
 
@@ -57,6 +58,9 @@ class TitansConfig:
     memory_max_lr: float = 0.1
     memory_eta_init: float = 0.9
     memory_alpha_init: float = 1e-3
+    # M_0's last layer starts at zero: an untrained memory then answers exactly what was written
+    # into it (no fixed random term to drown one needle's few writes at a small theta)
+    memory_zero_init_output: bool = False
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -170,6 +174,10 @@ class TitansLM(nn.Module):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        if self.cfg.memory_zero_init_output:
+            for module in self.modules():
+                if isinstance(module, NeuralMemory):
+                    nn.init.zeros_(module.initial_weights[-1])
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

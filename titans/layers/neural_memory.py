@@ -50,6 +50,22 @@ class NeuralMemoryState:
         return self.memory.num_bytes() + conv
 
 
+def _causal_depthwise(full: Tensor, weight: Tensor) -> Tensor:
+    """Depthwise convolution over time, ``out[:, t] = sum_j weight[:, 0, j] * full[:, t + j]``.
+
+    full ``[B, K-1+T, C]`` (the K-1 earlier inputs, then the T new ones), weight ``[C, 1, K]``
+    (``nn.Conv1d`` layout) -> ``[B, T, C]``. Written as K shifted multiply-adds in the
+    channels-last layout: for the small kernels used here this is far cheaper than ``F.conv1d``,
+    whose depthwise backward on CPU took a quarter of a memory layer's training step."""
+    K = weight.shape[-1]
+    T = full.shape[1] - (K - 1)
+    w = weight[:, 0, :]  # (C, K)
+    out = full[:, :T] * w[:, 0]
+    for j in range(1, K):
+        out = out.addcmul_(full[:, j : j + T], w[:, j])
+    return out
+
+
 def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
@@ -195,8 +211,7 @@ class NeuralMemory(nn.Module):
         if tail is None:
             tail = u.new_zeros(B, self.conv_kernel - 1, C)
         full = torch.cat([tail.to(u.dtype), u], dim=1)  # (B, K-1+T, C)
-        out = F.conv1d(full.transpose(1, 2), self.conv.weight, groups=C).transpose(1, 2)
-        return out, full[:, -(self.conv_kernel - 1) :]
+        return _causal_depthwise(full, self.conv.weight), full[:, -(self.conv_kernel - 1) :]
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Per-token, per-head (theta, eta, alpha), each ``[B, T, H]``, from the layer input."""
@@ -258,7 +273,7 @@ class NeuralMemory(nn.Module):
             B, T, C = u.shape
             tail = u.new_zeros(B, self.conv_kernel - 1, C) if conv_tail is None else conv_tail.to(u.dtype)
             full = torch.cat([tail, u], dim=1)
-            u = F.conv1d(full.transpose(1, 2), self.conv.weight[:inner], groups=C).transpose(1, 2)
+            u = _causal_depthwise(full, self.conv.weight[:inner])
             conv_tail = full[:, -(self.conv_kernel - 1) :]
         q = F.normalize(F.silu(u).reshape(*u.shape[:2], self.heads, self.head_dim), dim=-1)
         B, T, H, D = q.shape
