@@ -175,9 +175,11 @@ def test_niah_samples(packages, variant):
             assert "The grass is green." not in s.context
         assert score_niah(niah_oracle(s.prompt), s) == 1.0
         assert score_niah("1234567", s) == 0.0  # a constant guess: chance is ~0
-        if variant in SHORT_VARIANTS:  # no instruction, the question last, no answer prefix
-            assert s.instruction == "" and s.answer_prefix == "" and s.prompt == f"{s.context}\n{s.question}"
+        if variant in SHORT_VARIANTS:  # no instruction; the answer prefix ends as the needle does
+            assert s.instruction == "" and s.prompt == f"{s.context}\n{s.question}{s.answer_prefix}"
             assert s.question == f"What is the special magic {type_needle_v[:-1]} for {s.key}?"
+            assert s.answer_prefix == f" The special magic {type_needle_v[:-1]} for {s.key} is:"
+            assert needle.endswith(f" for {s.key} is: {s.value}.") and s.answer_prefix.endswith(f" for {s.key} is:")
 
 
 def test_niah_depths_cycle_and_errors(packages):
@@ -238,7 +240,7 @@ def test_dense_niah_rows_ask_for_every_needle(packages, variant):
         assert ids[pad:].tolist() == TOK.encode(text)
         found = re.findall(r"One of the special magic \w+ for (\S+?) is: (\S+?)\.(?=\s|$)", text)
         asked = re.findall(r"What is the special magic \w+ for (\S+?)(?: mentioned in the provided text)?\?"
-                           r"(?: The special magic \w+ for \S+ mentioned in the provided text is)? (\S+?)\.", text)
+                           r"(?: The special magic \w+ for \S+(?: mentioned in the provided text)? is:?)? (\S+?)\.", text)
         assert len(found) == len(asked) == needles and sorted(found) == sorted(asked)
         for key, value in asked:  # each question comes after its needle, at least min_gap later
             needle_at = text.index(f"for {key} is: {value}.")
@@ -253,7 +255,8 @@ def test_dense_niah_rows_ask_for_every_needle(packages, variant):
 def test_dense_niah_latest_alternates_needles_and_questions(packages, variant):
     ids, mask = dense_niah_ids(TOK, 1500, np.random.default_rng(2), variant=variant, needles=4, ask="latest")
     text = TOK.decode(ids[int(np.argmax(ids != TOK.eos_id)) :])
-    events = re.findall(r"(One of the special magic numbers for|What is the special magic number for) (\S+?)(?: is:|\?) (\d+)", text)
+    events = re.findall(r"(One of the special magic numbers for|What is the special magic number for) (\S+?)"
+                        r"(?: is:|\? The special magic number for \S+ is:) (\d+)", text)
     assert len(events) == 8
     for needle, question in zip(events[0::2], events[1::2]):  # each question right after its needle
         assert needle[0].startswith("One") and question[0].startswith("What") and needle[1:] == question[1:]

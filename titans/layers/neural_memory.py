@@ -50,20 +50,86 @@ class NeuralMemoryState:
         return self.memory.num_bytes() + conv
 
 
-def _causal_depthwise(full: Tensor, weight: Tensor) -> Tensor:
-    """Depthwise convolution over time, ``out[:, t] = sum_j weight[:, 0, j] * full[:, t + j]``.
+def _causal_depthwise(u: Tensor, tail: Tensor | None, weight: Tensor) -> Tensor:
+    """Causal depthwise convolution over time, continuing from ``tail``.
 
-    full ``[B, K-1+T, C]`` (the K-1 earlier inputs, then the T new ones), weight ``[C, 1, K]``
-    (``nn.Conv1d`` layout) -> ``[B, T, C]``. Written as K shifted multiply-adds in the
-    channels-last layout: for the small kernels used here this is far cheaper than ``F.conv1d``,
-    whose depthwise backward on CPU took a quarter of a memory layer's training step."""
-    K = weight.shape[-1]
-    T = full.shape[1] - (K - 1)
-    w = weight[:, 0, :]  # (C, K)
-    out = full[:, :T] * w[:, 0]
-    for j in range(1, K):
-        out = out.addcmul_(full[:, j : j + T], w[:, j])
-    return out
+    u ``[B, T, C]``; tail ``[B, K-1, C]``, the K-1 inputs before u (None = zeros); weight
+    ``[C, 1, K]`` (``nn.Conv1d`` layout). Returns ``out [B, T, C]`` with
+    ``out[:, t] = sum_j weight[:, 0, j] * full[:, t + j]``, ``full = [tail || u]``.
+    Written as K shifted multiply-adds in the channels-last layout, without building ``full``:
+    for the small kernels used here this is far cheaper than ``F.conv1d``, whose depthwise
+    backward on CPU took a quarter of a memory layer's training step."""
+    return _CausalDepthwise.apply(u, tail, weight)
+
+
+def _tap_sums(g: Tensor, x: Tensor, K: int, block: int = 256) -> Tensor:
+    """``out[s, c] = sum_{b, t >= s} g[b, t, c] * x[b, t - s, c]`` for s < K (the weight gradient
+    of each tap), accumulated block by block in place so that no full-size product is built."""
+    B, T, C = g.shape
+    acc = g.new_zeros(K, min(block, T), C)
+    for b in range(B):
+        for t0 in range(0, T, block):
+            t1 = min(t0 + block, T)
+            for s in range(min(K, t1)):
+                lo = max(t0, s)
+                acc[s, : t1 - lo].addcmul_(g[b, lo:t1], x[b, lo - s : t1 - s])
+    return acc.sum(1)
+
+
+class _CausalDepthwise(torch.autograd.Function):
+    """``_causal_depthwise``; tap j reads ``s = K-1-j`` steps back (into the tail for t < s).
+    The backward accumulates in place too (autograd through the shifted slices would zero-fill a
+    full-size buffer per tap)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, tail: Tensor | None, weight: Tensor) -> Tensor:
+        K, T = weight.shape[-1], u.shape[1]
+        w = weight[:, 0, :].to(u.dtype)  # (C, K); the output keeps u's dtype, as F.conv1d under autocast
+        out = u * w[:, K - 1]
+        for j in range(K - 1):
+            s = K - 1 - j
+            if s < T:
+                out[:, s:].addcmul_(u[:, : T - s], w[:, j])
+            if tail is not None:
+                m = min(s, T)
+                out[:, :m].addcmul_(tail[:, j : j + m], w[:, j])
+        ctx.save_for_backward(u, tail, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        u, tail, weight = ctx.saved_tensors
+        K, T = weight.shape[-1], u.shape[1]
+        w = weight[:, 0, :].to(u.dtype)
+        g_u = g_tail = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_u = g * w[:, K - 1]
+            for j in range(K - 1):
+                s = K - 1 - j
+                if s < T:
+                    g_u[:, : T - s].addcmul_(g[:, s:], w[:, j])
+        if tail is not None and ctx.needs_input_grad[1]:
+            g_tail = torch.zeros_like(tail)
+            for j in range(K - 1):
+                m = min(K - 1 - j, T)
+                g_tail[:, j : j + m].addcmul_(g[:, :m], w[:, j])
+        if ctx.needs_input_grad[2]:
+            by_shift = _tap_sums(g, u, K)  # (K, C), row s = tap K-1-s
+            if tail is not None:
+                for j in range(K - 1):
+                    m = min(K - 1 - j, T)
+                    by_shift[K - 1 - j] += (g[:, :m] * tail[:, j : j + m]).sum((0, 1))
+            g_w = by_shift.flip(0).t().unsqueeze(1).to(weight.dtype)  # (C, 1, K)
+        return g_u, g_tail, g_w
+
+
+def _next_tail(u: Tensor, tail: Tensor | None, K: int) -> Tensor:
+    """The last K-1 inputs of ``[tail || u]`` (zeros before the first token): the next call's tail."""
+    B, T, C = u.shape
+    if T >= K - 1:
+        return u[:, T - (K - 1) :]
+    tail = u.new_zeros(B, K - 1, C) if tail is None else tail
+    return torch.cat([tail, u], dim=1)[:, -(K - 1) :]
 
 
 def _logit(p: float) -> float:
@@ -207,11 +273,8 @@ class NeuralMemory(nn.Module):
         """Causal depthwise convolution over time, continuing from ``tail`` ``[B, K-1, C]``."""
         if not self.conv_kernel:
             return u, None
-        B, T, C = u.shape
-        if tail is None:
-            tail = u.new_zeros(B, self.conv_kernel - 1, C)
-        full = torch.cat([tail.to(u.dtype), u], dim=1)  # (B, K-1+T, C)
-        return _causal_depthwise(full, self.conv.weight), full[:, -(self.conv_kernel - 1) :]
+        tail = None if tail is None else tail.to(u.dtype)
+        return _causal_depthwise(u, tail, self.conv.weight), _next_tail(u, tail, self.conv_kernel)
 
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Per-token, per-head (theta, eta, alpha), each ``[B, T, H]``, from the layer input."""
@@ -270,11 +333,8 @@ class NeuralMemory(nn.Module):
         inner = self.heads * self.head_dim
         u = F.linear(x, self.to_qkv.weight[:inner])
         if self.conv_kernel:
-            B, T, C = u.shape
-            tail = u.new_zeros(B, self.conv_kernel - 1, C) if conv_tail is None else conv_tail.to(u.dtype)
-            full = torch.cat([tail, u], dim=1)
-            u = _causal_depthwise(full, self.conv.weight[:inner])
-            conv_tail = full[:, -(self.conv_kernel - 1) :]
+            tail = None if conv_tail is None else conv_tail.to(u.dtype)
+            u, conv_tail = _causal_depthwise(u, tail, self.conv.weight[:inner]), _next_tail(u, tail, self.conv_kernel)
         q = F.normalize(F.silu(u).reshape(*u.shape[:2], self.heads, self.head_dim), dim=-1)
         B, T, H, D = q.shape
         cd = compute_dtype(q.dtype)

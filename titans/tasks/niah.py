@@ -11,11 +11,12 @@ for the value and ends with RULER's answer prefix. Variants (the Titans paper's 
 - ``uuid``: book text and a UUID.
 
 The ``kv-`` variants (``kv-pk``, ``kv-n``, ``kv-w``: same haystacks, needles and values) drop the
-instruction and the answer prefix: the prompt is the context, a new line and the question
-``"What is the special magic {number|word} for {key}?"``; the answer follows it. These short
-prompts are what the demonstration's tiny byte-level models are trained on (``dense_niah_ids``:
-several needles and questions in one training row), where RULER's 300-byte instruction and
-answer prefix would leave little room for haystack in a 1K-token row.
+instruction: the prompt is the context, a new line, the question ``"What is the special magic
+{number|word} for {key}?"`` and the answer prefix ``" The special magic {number|word} for {key}
+is:"``, which ends as the needle does before its value (the pass-key prompt of Mohtashami & Jaggi,
+2023, is built the same way). These short prompts are what the demonstration's tiny byte-level
+models are trained on (``dense_niah_ids``: several needles and questions in one training row),
+where RULER's 150-byte instruction would fill much of a 1K-token row.
 
 The prompt measures at most ``length`` tokens of the given tokenizer and at least ``length``
 minus about one haystack sentence (the haystack is cut at sentence boundaries; for book text the
@@ -102,12 +103,13 @@ def ruler_prompt_parts(type_needle_v: str, key: str) -> tuple[str, str, str]:
 def prompt_parts(variant: str, key: str) -> tuple[str, str, str]:
     """``(instruction, question, answer_prefix)`` of ``variant``'s prompt: RULER's, or for the
     short ``kv-`` variants no instruction, ``"What is the special magic number for {key}?"`` and
-    no answer prefix."""
+    ``" The special magic number for {key} is:"``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown NIAH variant {variant!r}; known: {sorted(VARIANTS)}")
     type_needle_v = VARIANTS[variant][1]
     if variant in SHORT_VARIANTS:
-        return "", f"What is the special magic {type_needle_v[:-1]} for {key}?", ""
+        single = type_needle_v[:-1]
+        return "", f"What is the special magic {single} for {key}?", f" The special magic {single} for {key} is:"
     return ruler_prompt_parts(type_needle_v, key)
 
 

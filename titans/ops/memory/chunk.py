@@ -31,18 +31,21 @@ __all__ = ["chunk_memory"]
 def _segsum(x: Tensor) -> Tensor:
     """``out[..., t, s] = sum_{j=s+1..t} x[..., j]`` for t >= s (0 on the diagonal), -inf above.
 
-    Each entry is its own masked cumulative sum, never a difference of two long cumulative sums,
-    so no precision is lost when the logs are large and negative."""
+    Each entry is its own masked sum, never a difference of two long cumulative sums, so no
+    precision is lost when the logs are large and negative. The sums are one product with a
+    lower-triangular matrix of ones (not a ``cumsum`` over the n x n grid, whose backward flips
+    the whole batched grid twice)."""
     n = x.shape[-1]
-    xe = x.unsqueeze(-1).expand(*x.shape, n)  # (..., t, s) = x_t
-    strict = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)  # t > s
-    out = xe.masked_fill(~strict, 0.0).cumsum(dim=-2)
-    lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # t >= s
-    return out.masked_fill(~lower, float("-inf"))
+    ones = torch.ones(n, n, dtype=x.dtype, device=x.device)
+    strict = ones.tril(-1).bool()  # j > s
+    xm = x.unsqueeze(-1).masked_fill(~strict, 0.0)  # (..., j, s) = x_j where j > s
+    out = ones.tril() @ xm  # (..., t, s): sum over j <= t
+    return out.masked_fill(~ones.tril().bool(), float("-inf"))
 
 
 def _decay_products(theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None):
-    """The chunk's mixing coefficients from its gates (positions 1..n, all ``[N, n]`` inputs).
+    """The chunk's mixing coefficients from its gates (positions 1..n, all ``[..., n]`` inputs;
+    leading dims batch independent chunks).
 
     A_t = prod_{j<=t} a_j,  F[t,s] = prod_{s<j<=t} a_j,  e_s = prod_{j<=s} eta_j,
     E[s,i] = prod_{i<j<=s} eta_j,  B = F e,  C = F E diag(theta).
@@ -61,7 +64,29 @@ def _decay_products(theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None)
     E = _segsum(log_eta).exp()  # (N, n, n)
     B = (Fm @ e.unsqueeze(-1)).squeeze(-1)  # (N, n)
     C = (Fm @ E) * theta.unsqueeze(-2)  # (N, n, n)
-    return A, B, C, e[:, -1], E[:, -1, :] * theta
+    return A, B, C, e[..., -1], E[..., -1, :] * theta
+
+
+def _chunk_coefficients(sizes: list[int], theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None):
+    """``_decay_products`` of every chunk span (``sizes`` along the time dim of the ``[N, T]``
+    gates), as one tuple per span. Each run of equal-length spans (all full chunks, typically) is
+    computed in one batched call: a few ops per call instead of a dozen per chunk, and one
+    autograd node per op for the whole sequence."""
+    out, t, i = [], 0, 0
+    while i < len(sizes):
+        n, r = sizes[i], 1
+        while i + r < len(sizes) and sizes[i + r] == n:
+            r += 1
+        span = slice(t, t + r * n)
+
+        def runs(x: Tensor | None) -> Tensor | None:  # (N, r*n) -> (N, r, n)
+            return None if x is None else x[:, span].reshape(x.shape[0], r, n)
+
+        coefs = _decay_products(runs(theta), runs(log_a), runs(log_eta))
+        per_chunk = [[None] * r if c is None else c.unbind(1) for c in coefs]
+        out.extend(zip(*per_chunk))
+        t, i = t + r * n, i + r
+    return out
 
 
 def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=False):
@@ -73,20 +98,24 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
     entered mid-way by a state). Returns ``(y, W_end, S_end)``, plus, when ``keep``, the
     intermediates the backward pass needs: the key-side pre-activations, the factored gradients,
     the retrieval pre-activations and the n x n scores.
+
+    In-place updates touch only tensors created here (autograd accepts them: no op whose
+    backward needs the overwritten value reads it), which saves a copy per product.
     """
     L = len(W0)
+    mT = lambda x: x.transpose(-1, -2)  # noqa: E731
     # Per-token gradients at Wg in factored form: u_i(l) = dz_i(l) h_i(l-1)^T.
     hs, zks, dzs = key_gradients(Wg, k, v, act, residual)
     # Retrieval with per-token weights M_t = A_t W0 + B_t S0 - sum_{i<=t} C[t,i] u_i, layer by layer.
     r, zs, Qs = q, [], []
     for l in range(L):
-        z = r @ W0[l].transpose(-1, -2)
+        z = r @ mT(W0[l])
         if A is not None:
-            z = A.unsqueeze(-1) * z
+            z = z.mul_(A.unsqueeze(-1))
         if S0 is not None:
-            z = torch.addcmul(z, B.unsqueeze(-1), r @ S0[l].transpose(-1, -2))
-        Q = r @ hs[l].transpose(-1, -2)  # (N, n, n): query-side against key-side activations
-        z = torch.baddbmm(z, Q * C, dzs[l], alpha=-1)
+            z = z.addcmul_(B.unsqueeze(-1), r @ mT(S0[l]))
+        Q = r @ mT(hs[l])  # (N, n, n): query-side against key-side activations
+        z = z.baddbmm_(Q * C, dzs[l], alpha=-1)
         zs.append(z)
         Qs.append(Q)
         r = act_fn(act, z) if l < L - 1 else z
@@ -98,10 +127,13 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
     for l in range(L):
         w = W0[l] if A is None else A[:, -1, None, None] * W0[l]
         if S0 is not None:
-            w = torch.addcmul(w, B[:, -1, None, None], S0[l])
+            w = torch.addcmul(w, B[:, -1, None, None], S0[l]) if w is W0[l] else w.addcmul_(B[:, -1, None, None], S0[l])
             s = e_end[:, None, None] * S0[l]
-            S_end.append(torch.baddbmm(s, dzs[l].transpose(-1, -2), m.unsqueeze(-1) * hs[l], alpha=-1))
-        W_end.append(torch.baddbmm(w, dzs[l].transpose(-1, -2), c * hs[l], alpha=-1))
+            S_end.append(s.baddbmm_(mT(dzs[l]), m.unsqueeze(-1) * hs[l], alpha=-1))
+        if w is W0[l]:
+            W_end.append(torch.baddbmm(w, mT(dzs[l]), c * hs[l], alpha=-1))
+        else:
+            W_end.append(w.baddbmm_(mT(dzs[l]), c * hs[l], alpha=-1))
     if keep:
         return y, W_end, S_end, (zks[:-1], dzs, zs[:-1], Qs)
     return y, W_end, S_end
@@ -172,7 +204,10 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 def _chunk_backward(
     gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, zks, dzs, zs, Qs
 ):
-    """Reverse mode of ``_chunk_forward``; names as there, ``g*`` = gradient of the loss."""
+    """Reverse mode of ``_chunk_forward``; names as there, ``g*`` = gradient of the loss.
+
+    Runs without autograd, so buffers created here are updated in place (``baddbmm_``,
+    ``addcmul_``): no copies of ``[n, E]`` operands; the inputs and saved tensors are only read."""
     L = len(W0)
     mT = lambda x: x.transpose(-1, -2)  # noqa: E731
     # Key side again: h_{l+1} = act(zk_l), and act', act'' where the backward needs them.
@@ -189,6 +224,7 @@ def _chunk_backward(
     gA = None if A is None else torch.zeros_like(A)
     gB = None if S0 is None else torch.zeros_like(B)
     gC = torch.zeros_like(C)
+    negC = -C  # the retrieval subtracts (Q * C) dz: negate the n x n factor, not an [n, E] product
     gW0, gS0 = [None] * L, [None] * L
     gh, gdz = [None] * L, [None] * L
 
@@ -196,27 +232,26 @@ def _chunk_backward(
     gz = gy if gy is not None else torch.zeros_like(q)
     for l in reversed(range(L)):
         r, h, dz = rs[l], hs[l], dzs[l]
-        P1 = gz @ W0[l]  # (N, n, in); row t dotted with r_t is dL/dA_t
+        gr = gz @ W0[l]  # (N, n, in); row t dotted with r_t is dL/dA_t
         if A is not None:
-            gA += (P1 * r).sum(-1)
-            gr = A.unsqueeze(-1) * P1
+            gA += (gr * r).sum(-1)
+            gr.mul_(A.unsqueeze(-1))
             gW0[l] = mT(gz) @ (A.unsqueeze(-1) * r)
         else:
-            gr = P1
             gW0[l] = mT(gz) @ r
         if S0 is not None:
             P2 = gz @ S0[l]
             gB += (P2 * r).sum(-1)
-            gr = torch.addcmul(gr, B.unsqueeze(-1), P2)
+            gr.addcmul_(B.unsqueeze(-1), P2)
             gS0[l] = mT(gz) @ (B.unsqueeze(-1) * r)
         gPn = gz @ mT(dz)  # (N, n, n) = -dL/d(Q * C)
-        gdz[l] = -(mT(Qs[l] * C) @ gz)
-        gC -= gPn * Qs[l]
-        gQn = gPn * C  # = -dL/dQ
-        gr = torch.baddbmm(gr, gQn, h, alpha=-1)
-        gh[l] = -(mT(gQn) @ r)
-        gz = gr * dr1[l - 1] if l > 0 else gr
-    gq = gz + gy if (residual and gy is not None) else gz
+        gdz[l] = mT(Qs[l] * negC) @ gz
+        gC.addcmul_(gPn, Qs[l], value=-1)
+        gQ = gPn * negC  # = dL/dQ
+        gr.baddbmm_(gQ, h)
+        gh[l] = mT(gQ) @ r
+        gz = gr.mul_(dr1[l - 1]) if l > 0 else gr
+    gq = gz.add_(gy) if (residual and gy is not None) else gz
 
     # End state: W_end = A_n W0 + B_n S0 - dz^T (c h),  S_end = e_n S0 - dz^T (m h).
     c = C[:, -1, :]
@@ -229,24 +264,24 @@ def _chunk_backward(
         if G is not None:
             if A is not None:
                 gA[:, -1] += _dot(G, W0[l])
-                gW0[l] = torch.addcmul(gW0[l], A[:, -1, None, None], G)
+                gW0[l].addcmul_(A[:, -1, None, None], G)
             else:
-                gW0[l] = gW0[l] + G
+                gW0[l].add_(G)
             if S0 is not None:
                 gB[:, -1] += _dot(G, S0[l])
-                gS0[l] = torch.addcmul(gS0[l], B[:, -1, None, None], G)
-            gdz[l] = torch.baddbmm(gdz[l], c.unsqueeze(-1) * h, mT(G), alpha=-1)
+                gS0[l].addcmul_(B[:, -1, None, None], G)
+            gdz[l].baddbmm_(c.unsqueeze(-1) * h, mT(G), alpha=-1)
             gch = dz @ G  # (N, n, in) = -dL/d(c h)
             gc -= (gch * h).sum(-1)
-            gh[l] = torch.addcmul(gh[l], c.unsqueeze(-1), gch, value=-1)
+            gh[l].addcmul_(c.unsqueeze(-1), gch, value=-1)
         G = gSe[l]
         if G is not None:
             ge_end += _dot(G, S0[l])
-            gS0[l] = torch.addcmul(gS0[l], e_end[:, None, None], G)
-            gdz[l] = torch.baddbmm(gdz[l], m.unsqueeze(-1) * h, mT(G), alpha=-1)
+            gS0[l].addcmul_(e_end[:, None, None], G)
+            gdz[l].baddbmm_(m.unsqueeze(-1) * h, mT(G), alpha=-1)
             gmh = dz @ G
             gm -= (gmh * h).sum(-1)
-            gh[l] = torch.addcmul(gh[l], m.unsqueeze(-1), gmh, value=-1)
+            gh[l].addcmul_(m.unsqueeze(-1), gmh, value=-1)
     gC[:, -1, :] += gc
 
     # Per-token gradients: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), dz_{L-1} = 2 (zk_{L-1} (+k) - v),
@@ -255,26 +290,25 @@ def _chunk_backward(
     gzk = [None] * L
     for l in range(1, L):
         g = gdz[l - 1]
-        dh = dzs[l] @ Wg[l]
         gdh = g * dk1[l - 1]
-        gzk[l - 1] = g * dh * dk2[l - 1]
-        gdz[l] = torch.baddbmm(gdz[l], gdh, mT(Wg[l]))
+        gzk[l - 1] = (dzs[l] @ Wg[l]).mul_(g).mul_(dk2[l - 1])  # g * dh * act'', dh = dz_l Wg_l
+        gdz[l].baddbmm_(gdh, mT(Wg[l]))
         gWg[l] = mT(dzs[l]) @ gdh
-    gout = 2 * gdz[L - 1]
+    gout = gdz[L - 1].mul_(2)
     gv = -gout
     gzk[L - 1] = gout
-    gk = gout if residual else None
     for l in reversed(range(L)):
-        g = mT(gzk[l]) @ hs[l]
-        gWg[l] = g if gWg[l] is None else gWg[l] + g
-        ghl = torch.baddbmm(gh[l], gzk[l], Wg[l])
-        if l > 0:
-            gzk[l - 1] = torch.addcmul(gzk[l - 1], ghl, dk1[l - 1])
+        if gWg[l] is None:
+            gWg[l] = mT(gzk[l]) @ hs[l]
         else:
-            gk = ghl if gk is None else gk + ghl
+            gWg[l].baddbmm_(mT(gzk[l]), hs[l])
+        ghl = gh[l].baddbmm_(gzk[l], Wg[l])
+        if l > 0:
+            gzk[l - 1].addcmul_(ghl, dk1[l - 1])
+    gk = gh[0].add_(gout) if residual else gh[0]
 
     if shared:
-        g_states = tuple(a + b for a, b in zip(gW0, gWg)) + (tuple(gS0) if S0 is not None else ())
+        g_states = tuple(a.add_(b) for a, b in zip(gW0, gWg)) + (tuple(gS0) if S0 is not None else ())
     else:
         g_states = tuple(gW0) + (tuple(gS0) if S0 is not None else ()) + tuple(gWg)
     return (gq, gk, gv, gA, gB, gC, ge_end, gm) + g_states
@@ -349,13 +383,11 @@ def chunk_memory(
 
     use_fn = backward == "analytic" and torch.is_grad_enabled()
     ys, pos = [], state.position
-    for n, q_c, k_c, v_c, th_c, la_c, le_c in zip(
-        sizes, split(qf), split(kf), split(vf), split(thf), split(log_a), split(log_eta)
-    ):
+    coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
+    for n, q_c, k_c, v_c, gates in zip(sizes, split(qf), split(kf), split(vf), coefficients):
         fresh = pos == 0
         if fresh:
             Wg = W
-        gates = _decay_products(th_c, la_c, le_c)
         if use_fn:
             states = W + (S if has_mom else ()) + (() if fresh else Wg)
             cfg = (L, has_mom, fresh, activation, residual, compile)
