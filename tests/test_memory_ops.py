@@ -317,3 +317,35 @@ def test_double_backward_needs_autograd_mode():
     (h_a,) = torch.autograd.grad(g_a.pow(2).sum(), [kw["q"]])
     (h_n,) = torch.autograd.grad(g_n.pow(2).sum(), [kw["q"]])
     _assert_close(h_a, h_n, 1e-9, "second derivative (autograd mode vs token loop)")
+
+
+def test_batched_chunk_coefficients_match_per_chunk():
+    """The gate coefficients of all chunk spans computed in batched runs equal the per-span
+    ``_decay_products`` (irregular first and last spans included), and ``_segsum`` matches its
+    definition."""
+    from titans.ops.memory.chunk import _chunk_coefficients, _decay_products, _segsum
+
+    g = torch.Generator().manual_seed(0)
+    N, sizes = 3, [5, 8, 8, 8, 3]
+    T = sum(sizes)
+    theta = torch.rand(N, T, dtype=torch.float64, generator=g)
+    log_a = torch.log(1 - 0.3 * torch.rand(N, T, dtype=torch.float64, generator=g))
+    log_eta = torch.log(torch.rand(N, T, dtype=torch.float64, generator=g))
+    for la, le in [(log_a, log_eta), (None, log_eta), (log_a, None), (None, None)]:
+        got = _chunk_coefficients(sizes, theta, la, le)
+        assert len(got) == len(sizes)
+        t = 0
+        for n, coefs in zip(sizes, got):
+            span = slice(t, t + n)
+            ref = _decay_products(theta[:, span], None if la is None else la[:, span], None if le is None else le[:, span])
+            for a, b in zip(coefs, ref):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert torch.allclose(a, b, rtol=1e-14, atol=0)
+            t += n
+    x = log_eta[:, :8]
+    seg = _segsum(x)
+    for ti in range(8):
+        for s in range(8):
+            want = x[:, s + 1 : ti + 1].sum(-1) if ti >= s else torch.full((N,), float("-inf"), dtype=x.dtype)
+            assert torch.allclose(seg[:, ti, s], want, rtol=1e-14, atol=1e-15)

@@ -223,3 +223,18 @@ def test_bounded_memory_learning_rate_reaches_every_memory_layer():
     for block in model.blocks:
         theta, _, _ = block.memory.gates(x)
         assert block.memory.theta_activation == "sigmoid" and float(theta.max()) <= 0.01
+
+
+def test_mac_block_checks_its_input_once():
+    """MAC validates the block input at its entry (the segment loop then skips the memory layer's
+    per-call checks): a non-finite input is still refused, by name."""
+    from titans.errors import NonFiniteError
+
+    model = _model("mac")
+    block = model.blocks[0]
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    y, _ = block(x)
+    assert torch.isfinite(y).all()
+    x[1, 13, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match="x contains non-finite"):  # the entry check's message
+        block(x)

@@ -189,3 +189,27 @@ def test_retrieve_reads_without_writing():
         y1, tail = layer.retrieve(x[:, :7], W)
         y2, _ = layer.retrieve(x[:, 7:], W, tail)
         assert rel_rms(torch.cat([y1, y2], 1), y_read) < 1e-12
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 40])
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_causal_depthwise_matches_conv1d(T, with_tail):
+    """The shifted multiply-add convolution (and its hand-written backward) against F.conv1d on
+    ``[tail || u]``, including pieces shorter than the kernel."""
+    import torch.nn.functional as F
+
+    from titans.layers.neural_memory import _causal_depthwise, _next_tail
+
+    g = torch.Generator().manual_seed(T)
+    u = torch.randn(2, T, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    tail = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True) if with_tail else None
+    full = torch.cat([tail if with_tail else u.new_zeros(2, 3, 6), u], dim=1)
+    ref = F.conv1d(full.transpose(1, 2), w, groups=6).transpose(1, 2)
+    out = _causal_depthwise(u, tail, w)
+    assert rel_rms(out, ref) < 1e-14
+    assert torch.equal(_next_tail(u, tail, 4), full[:, -3:])
+    probe = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    leaves = [u, w] + ([tail] if with_tail else [])
+    for a, b in zip(torch.autograd.grad(out, leaves, probe), torch.autograd.grad(ref, leaves, probe)):
+        assert rel_rms(a, b) < 1e-13

@@ -35,16 +35,22 @@ class MACBlock(nn.Module):
         state = state or BlockState()
         B, T, _ = x.shape
         u = self.norm(x)
-        mem, cache, qconv, seg_w = state.memory, state.attn, state.query_conv, state.segment_weights
+        # Validate once here; the segment loop then uses the memory's unchecked entry points (its
+        # per-call checks were a full isfinite pass and a host sync per segment, twice).
+        self.memory._check_input(u, state.memory)
+        # The read side's projections depend on u alone: computed for all of it at once; each
+        # segment then only reads with its own weights.
+        queries, read_gate, qconv = self.memory._read_inputs(u, state.query_conv)
+        mem, cache, seg_w = state.memory, state.attn, state.segment_weights
         pos, t, outs = state.position, 0, []
         while t < T:
             n = min(self.segment - pos % self.segment, T - t)  # up to the end of this segment
             if pos % self.segment == 0:  # a new segment reads the memory as it is now
                 seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
             piece = u[:, t : t + n]
-            h, qconv = self.memory.retrieve(piece, seg_w, qconv)
+            h = self.memory._read(queries[:, t : t + n], read_gate[:, t : t + n], seg_w, u.dtype)
             y, cache = self.attn(piece, cache, memory_tokens=h)
-            m, mem = self.memory(y, mem)
+            m, mem = self.memory._memorise(y, mem)
             outs.append(self.gate(y, m))
             t, pos = t + n, pos + n
         x = x + torch.cat(outs, dim=1)

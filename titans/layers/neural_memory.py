@@ -124,10 +124,11 @@ class _CausalDepthwise(torch.autograd.Function):
 
 
 def _next_tail(u: Tensor, tail: Tensor | None, K: int) -> Tensor:
-    """The last K-1 inputs of ``[tail || u]`` (zeros before the first token): the next call's tail."""
+    """The last K-1 inputs of ``[tail || u]`` (zeros before the first token): the next call's tail.
+    A copy, not a view: a state kept between calls must not pin the whole ``[B, T, C]`` projection."""
     B, T, C = u.shape
     if T >= K - 1:
-        return u[:, T - (K - 1) :]
+        return u[:, T - (K - 1) :].clone()
     tail = u.new_zeros(B, K - 1, C) if tail is None else tail
     return torch.cat([tail, u], dim=1)[:, -(K - 1) :]
 
@@ -292,6 +293,12 @@ class NeuralMemory(nn.Module):
         """x ``[B, T, dim]`` -> ``(y [B, T, dim], state)``. Memorises every token of x and returns
         for each token the memory's answer to its query, with the weights as of that token."""
         self._check_input(x, state)
+        return self._memorise(x, state)
+
+    def _memorise(self, x: Tensor, state: NeuralMemoryState | None) -> tuple[Tensor, NeuralMemoryState]:
+        """``forward`` without the layer-input checks, for callers that validated their input once
+        and call the layer many times on parts of it (MAC, once per segment). The memory op still
+        checks its q, k, v and gates."""
         qkv, conv_tail = self._conv(self.to_qkv(x), None if state is None else state.conv)
         qkv = F.silu(qkv)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
@@ -313,9 +320,12 @@ class NeuralMemory(nn.Module):
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMSNorm, SiLU output gate from the layer input, projection back to dim."""
-        y = self.out_norm(y.to(x.dtype))  # (B, T, H, D)
-        y = rearrange(y, "b t h d -> b t (h d)") * F.silu(self.to_gate(x))
-        return self.to_out(y)
+        return self._gated_output(y, F.silu(self.to_gate(x)), x.dtype)
+
+    def _gated_output(self, y: Tensor, gate: Tensor, dtype: torch.dtype) -> Tensor:
+        """``_output`` with the gate ``silu(x W_gate)`` ``[B, T, heads * head_dim]`` given."""
+        y = self.out_norm(y.to(dtype))  # (B, T, H, D)
+        return self.to_out(rearrange(y, "b t h d -> b t (h d)") * gate)
 
     def initial_weights_for(self, batch_size: int) -> tuple[Tensor, ...]:
         """M_0 broadcast to the batch, ``[B, H, out, in]`` per layer (a view: gradients flow)."""
@@ -330,6 +340,20 @@ class NeuralMemory(nn.Module):
         (the last ``kernel - 1`` query projections ``[B, K-1, heads * head_dim]``).
         Returns ``(y [B, T, dim], new conv tail)``."""
         self._check_input(x, None)
+        return self._retrieve(x, weights, conv_tail)
+
+    def _retrieve(
+        self, x: Tensor, weights: tuple[Tensor, ...], conv_tail: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``retrieve`` without the input checks (see ``_memorise``)."""
+        flat_q, gate, conv_tail = self._read_inputs(x, conv_tail)
+        return self._read(flat_q, gate, weights, x.dtype), conv_tail
+
+    def _read_inputs(self, x: Tensor, conv_tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """What ``retrieve`` computes from x alone, for all of x at once: the queries
+        ``[B*heads, T, head_dim]`` (compute dtype, the layout of ``_read``), the output gate
+        ``[B, T, heads * head_dim]`` and the new conv tail. MAC calls this once per block call and
+        ``_read`` once per segment, instead of projecting every segment separately."""
         inner = self.heads * self.head_dim
         u = F.linear(x, self.to_qkv.weight[:inner])
         if self.conv_kernel:
@@ -337,12 +361,17 @@ class NeuralMemory(nn.Module):
             u, conv_tail = _causal_depthwise(u, tail, self.conv.weight[:inner]), _next_tail(u, tail, self.conv_kernel)
         q = F.normalize(F.silu(u).reshape(*u.shape[:2], self.heads, self.head_dim), dim=-1)
         B, T, H, D = q.shape
-        cd = compute_dtype(q.dtype)
-        flat_q = q.to(cd).transpose(1, 2).reshape(B * H, T, D)
-        flat_w = [w.to(cd).reshape(B * H, *w.shape[2:]) for w in weights]
+        flat_q = q.to(compute_dtype(q.dtype)).transpose(1, 2).reshape(B * H, T, D)
+        return flat_q, F.silu(self.to_gate(x)), conv_tail
+
+    def _read(self, flat_q: Tensor, gate: Tensor, weights: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        """``y = M(q)`` with the fixed ``weights`` (``[B, H, out, in]`` per layer) for a span of
+        ``_read_inputs``' queries ``[B*H, t, D]`` and gate ``[B, t, inner]`` -> ``[B, t, dim]``."""
+        B, (BH, T, D) = gate.shape[0], flat_q.shape
+        flat_w = [w.to(flat_q.dtype).reshape(BH, *w.shape[2:]) for w in weights]
         y = mlp_forward(flat_w, flat_q, self.activation, self.residual)
-        y = y.reshape(B, H, T, D).transpose(1, 2)
-        return self._output(y, x), conv_tail
+        y = y.reshape(B, self.heads, T, D).transpose(1, 2)
+        return self._gated_output(y, gate, dtype)
 
     def extra_repr(self) -> str:
         return (
