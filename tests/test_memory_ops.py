@@ -349,3 +349,43 @@ def test_batched_chunk_coefficients_match_per_chunk():
         for s in range(8):
             want = x[:, s + 1 : ti + 1].sum(-1) if ti >= s else torch.full((N,), float("-inf"), dtype=x.dtype)
             assert torch.allclose(seg[:, ti, s], want, rtol=1e-14, atol=1e-15)
+
+
+def test_mlp_read_backward_matches_autograd():
+    """``mlp_read`` (one node that keeps only its input and weights, recomputing activations in
+    the backward) gives ``mlp_forward``'s values and gradients for every activation and depth."""
+    from titans.ops.memory.mlp import mlp_forward, mlp_read
+
+    g = torch.Generator().manual_seed(0)
+    for act, depth, residual in itertools.product(("silu", "gelu", "relu"), (1, 2, 3), (False, True)):
+        dims = [4] + [6] * (depth - 1) + [4]
+        x = torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        ws = [
+            torch.randn(3, dims[i + 1], dims[i], dtype=torch.float64, generator=g, requires_grad=True)
+            for i in range(depth)
+        ]
+        ref = mlp_forward(ws, x, act, residual)
+        got = mlp_read(ws, x, act, residual)
+        assert torch.allclose(got, ref, rtol=1e-14, atol=1e-15)
+        probe = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        want = torch.autograd.grad((ref * probe).sum(), [x, *ws])
+        have = torch.autograd.grad((got * probe).sum(), [x, *ws])
+        for a, b in zip(have, want):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-13), (act, depth, residual)
+
+
+def test_unchecked_entry_equals_checked_one():
+    """``chunk_memory_unchecked`` (for callers that validated once, e.g. MAC's segment loop) gives
+    ``chunk_memory``'s results; the public entry still refuses bad input by name."""
+    from titans.ops.memory.chunk import chunk_memory_unchecked
+
+    kw, _ = make_inputs(B=2, T=11, H=2, D=4, depth=2, seed=3)
+    y, st = chunk_memory(**kw, chunk_size=4)
+    y2, st2 = chunk_memory_unchecked(**kw, chunk_size=4)
+    assert torch.equal(y, y2)
+    for a, b in zip(state_tensors(st), state_tensors(st2)):
+        assert torch.equal(a, b)
+    bad = dict(kw, q=kw["q"].clone())
+    bad["q"][0, 3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        chunk_memory(**bad, chunk_size=4)

@@ -238,3 +238,31 @@ def test_mac_block_checks_its_input_once():
     x[1, 13, 5] = float("nan")
     with pytest.raises(NonFiniteError, match="x contains non-finite"):  # the entry check's message
         block(x)
+
+
+def test_swiglu_one_node_backward_matches_autograd(monkeypatch):
+    """The SwiGLU's own backward node (saves a and b only, backward in blocks of rows) gives the
+    plain autograd composition's outputs and gradients, for uneven blocks too; double backward
+    raises instead of being silently wrong."""
+    import torch.nn.functional as F
+
+    from titans.blocks import common
+
+    torch.manual_seed(0)
+    ffn = common.SwiGLU(6, 10).double()
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, *ffn.parameters()]
+    ref = ffn.down(F.silu(ffn.gate(x)) * ffn.up(x))
+    want = torch.autograd.grad(ref.square().sum(), params)
+    for rows in (5, 14, 1000):  # uneven, exact and a single block
+        monkeypatch.setattr(common, "_SWIGLU_BACKWARD_ROWS", rows)
+        y = ffn(x)
+        assert torch.allclose(y, ref, rtol=1e-13, atol=1e-14)
+        got = torch.autograd.grad(y.square().sum(), params)
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-12, atol=1e-13)
+    with torch.no_grad():
+        assert torch.allclose(ffn(x), ref, rtol=1e-13, atol=1e-14)
+    (g,) = torch.autograd.grad(ffn(x).square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

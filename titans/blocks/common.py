@@ -7,9 +7,46 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..layers.attention import KVCache
 from ..layers.neural_memory import NeuralMemoryState
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """``W_down(silu(a) * b)`` as one node that saves only a, b and W_down. Autograd would also
+    keep silu(a) and the product (the down projection's input), two more [batch, time, hidden]
+    tensors per block; the backward recomputes both elementwise from a and b."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, w_down: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b, w_down)
+        return F.linear(F.silu(a).mul_(b), w_down.to(a.dtype))
+
+    @staticmethod
+    @once_differentiable  # double backward raises instead of being silently wrong
+    def backward(ctx, g: Tensor):
+        a, b, w_down = ctx.saved_tensors
+        hidden, w = a.shape[-1], w_down.to(g.dtype)
+        a2, b2, g2 = a.reshape(-1, hidden), b.reshape(-1, hidden), g.reshape(-1, g.shape[-1])
+        ga, gb = torch.empty_like(a2), torch.empty_like(b2)
+        g_w = torch.zeros_like(w_down)  # summed over blocks in W_down's dtype (not bf16)
+        # In blocks of rows: the temporaries (sigmoid, silu, product, d loss / d product) stay
+        # block-sized. This is the first backward step, while every saved activation is still
+        # held: full-size temporaries here set the training peak.
+        for start in range(0, a2.shape[0], _SWIGLU_BACKWARD_ROWS):
+            r = slice(start, start + _SWIGLU_BACKWARD_ROWS)
+            ab, bb, gpb = a2[r], b2[r], g2[r] @ w  # gpb = d loss / d (silu(a) * b)
+            s = torch.sigmoid(ab)
+            p = ab * s  # silu(a)
+            torch.mul(p, gpb, out=gb[r])
+            g_w.add_((g2[r].T @ p.mul_(bb)).to(g_w.dtype))  # W_down's gradient takes the product
+            # silu'(a) = s (1 + a (1 - s))
+            torch.mul(s.mul_((1 - s).mul_(ab).add_(1)), gpb, out=ga[r]).mul_(bb)
+        return ga.reshape(a.shape), gb.reshape(b.shape), g_w
+
+
+_SWIGLU_BACKWARD_ROWS = 2048  # tokens per block of the SwiGLU backward
 
 
 class SwiGLU(nn.Module):
@@ -22,7 +59,12 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        a, b = self.gate(x), self.up(x)
+        needs_grad = a.requires_grad or b.requires_grad or self.down.weight.requires_grad
+        if torch.is_grad_enabled() and needs_grad:
+            # one node that saves a and b only (the default would also keep silu(a) and the product)
+            return _SwiGLUDown.apply(a, b, self.down.weight)
+        return self.down(F.silu(a).mul_(b))
 
 
 class NormalizedGate(nn.Module):

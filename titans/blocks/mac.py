@@ -50,7 +50,8 @@ class MACBlock(nn.Module):
             piece = u[:, t : t + n]
             h = self.memory._read(queries[:, t : t + n], read_gate[:, t : t + n], seg_w, u.dtype)
             y, cache = self.attn(piece, cache, memory_tokens=h)
-            m, mem = self.memory._memorise(y, mem)
+            # The op checks the caller's state on the first segment; later ones carry its own.
+            m, mem = self.memory._memorise(y, mem, check_op=t == 0)
             outs.append(self.gate(y, m))
             t, pos = t + n, pos + n
         x = x + torch.cat(outs, dim=1)

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..errors import NonFiniteError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
-from ..ops.memory.mlp import mlp_forward
+from ..ops.memory.chunk import chunk_memory_unchecked
+from ..ops.memory.mlp import mlp_read
 from ..ops.memory.state import compute_dtype
 
 __all__ = ["NeuralMemory", "NeuralMemoryState"]
@@ -295,10 +296,13 @@ class NeuralMemory(nn.Module):
         self._check_input(x, state)
         return self._memorise(x, state)
 
-    def _memorise(self, x: Tensor, state: NeuralMemoryState | None) -> tuple[Tensor, NeuralMemoryState]:
+    def _memorise(
+        self, x: Tensor, state: NeuralMemoryState | None, check_op: bool = True
+    ) -> tuple[Tensor, NeuralMemoryState]:
         """``forward`` without the layer-input checks, for callers that validated their input once
         and call the layer many times on parts of it (MAC, once per segment). The memory op still
-        checks its q, k, v and gates."""
+        checks its q, k, v, gates and state unless ``check_op`` is False (MAC's later segments,
+        whose state the op itself produced)."""
         qkv, conv_tail = self._conv(self.to_qkv(x), None if state is None else state.conv)
         qkv = F.silu(qkv)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
@@ -315,7 +319,8 @@ class NeuralMemory(nn.Module):
         if x.shape[1] == 1:
             y, mem = step_memory(**kwargs)
         else:
-            y, mem = chunk_memory(**kwargs, compile=self.use_compile)
+            op = chunk_memory if check_op else chunk_memory_unchecked
+            y, mem = op(**kwargs, compile=self.use_compile)
         return self._output(y, x), NeuralMemoryState(memory=mem, conv=conv_tail)
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
@@ -369,7 +374,7 @@ class NeuralMemory(nn.Module):
         ``_read_inputs``' queries ``[B*H, t, D]`` and gate ``[B, t, inner]`` -> ``[B, t, dim]``."""
         B, (BH, T, D) = gate.shape[0], flat_q.shape
         flat_w = [w.to(flat_q.dtype).reshape(BH, *w.shape[2:]) for w in weights]
-        y = mlp_forward(flat_w, flat_q, self.activation, self.residual)
+        y = mlp_read(flat_w, flat_q, self.activation, self.residual)  # saves q and weights only
         y = y.reshape(B, self.heads, T, D).transpose(1, 2)
         return self._gated_output(y, gate, dtype)
 

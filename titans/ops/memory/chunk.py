@@ -25,7 +25,7 @@ from .mlp import activation as act_fn
 from .mlp import activation_with_grads, key_gradients
 from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate, state_from_flat
 
-__all__ = ["chunk_memory"]
+__all__ = ["chunk_memory", "chunk_memory_unchecked"]
 
 
 def _segsum(x: Tensor) -> Tensor:
@@ -93,8 +93,9 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
     W0, S0: weights and momentum before the chunk's first token (S0 None without momentum);
     Wg: the weights every token of the chunk takes its gradient at (W0 unless the chunk was
     entered mid-way by a state). Returns ``(y, W_end, S_end)``, plus, when ``keep``, the
-    intermediates the backward pass needs: the key-side pre-activations, the factored gradients,
-    the retrieval pre-activations and the n x n scores.
+    intermediates the backward pass keeps: the factored gradients and the retrieval
+    pre-activations (the key-side pre-activations and the n x n scores are one small product
+    each, recomputed in the backward instead of held for every chunk).
 
     In-place updates touch only tensors created here, which saves a copy per product; under
     autograd (the reference mode) they stay correct, as the tests against the token loop check.
@@ -102,9 +103,9 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
     L = len(W0)
     mT = lambda x: x.transpose(-1, -2)
     # Per-token gradients at Wg in factored form: u_i(l) = dz_i(l) h_i(l-1)^T.
-    hs, zks, dzs = key_gradients(Wg, k, v, act, residual)
+    hs, _, dzs = key_gradients(Wg, k, v, act, residual)
     # Retrieval with per-token weights M_t = A_t W0 + B_t S0 - sum_{i<=t} C[t,i] u_i, layer by layer.
-    r, zs, Qs = q, [], []
+    r, zs = q, []
     for l in range(L):
         z = r @ mT(W0[l])
         if A is not None:
@@ -114,7 +115,6 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
         Q = r @ mT(hs[l])  # (N, n, n): query-side against key-side activations
         z = z.baddbmm_(Q * C, dzs[l], alpha=-1)
         zs.append(z)
-        Qs.append(Q)
         r = act_fn(act, z) if l < L - 1 else z
     y = r + q if residual else r
 
@@ -133,7 +133,7 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
         else:
             W_end.append(w.baddbmm_(mT(dzs[l]), c * hs[l], alpha=-1))
     if keep:
-        return y, W_end, S_end, (zks[:-1], dzs, zs[:-1], Qs)
+        return y, W_end, S_end, (dzs, zs[:-1])
     return y, W_end, S_end
 
 
@@ -141,18 +141,19 @@ class _ChunkFunction(torch.autograd.Function):
     """One chunk with a hand-derived backward.
 
     Saves the chunk-start state (produced by the previous chunk anyway), views of its inputs and
-    a few intermediates (pre-activations, factored gradients, n x n scores: O(n (D + E)) per
-    memory); activations are recomputed from the pre-activations in the backward pass."""
+    a few intermediates (factored gradients and retrieval pre-activations: O(n (D + E)) per
+    memory); activations, key-side pre-activations and the n x n scores are recomputed in the
+    backward pass (one small product each), which keeps the training peak down."""
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, A, B, C, e_end, m, *states):
         L, has_mom, shared, act, residual, compiled = cfg
         W0, S0, Wg = _split_states(states, L, has_mom, shared)
-        y, W_end, S_end, (zks, dzs, zs, Qs) = _maybe_compiled(_chunk_forward, compiled)(
+        y, W_end, S_end, (dzs, zs) = _maybe_compiled(_chunk_forward, compiled)(
             q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=True
         )
         ctx.cfg = cfg
-        ctx.save_for_backward(q, k, v, A, B, C, e_end, m, *states, *zks, *dzs, *zs, *Qs)
+        ctx.save_for_backward(q, k, v, A, B, C, e_end, m, *states, *dzs, *zs)
         return (y, *W_end, *(S_end or ()))
 
     @staticmethod
@@ -162,12 +163,12 @@ class _ChunkFunction(torch.autograd.Function):
         q, k, v, A, B, C, e_end, m, *rest = ctx.saved_tensors
         n_states = L * (1 + has_mom + (not shared))
         states, rest = rest[:n_states], rest[n_states:]
-        zks, dzs, zs, Qs = rest[: L - 1], rest[L - 1 : 2 * L - 1], rest[2 * L - 1 : 3 * L - 2], rest[3 * L - 2 :]
+        dzs, zs = rest[:L], rest[L:]
         W0, S0, Wg = _split_states(states, L, has_mom, shared)
         gWe = g_end[:L]
         gSe = g_end[L:] if has_mom else (None,) * L
         return (None,) + _maybe_compiled(_chunk_backward, compiled)(
-            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, zks, dzs, zs, Qs
+            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, dzs, zs
         )
 
 
@@ -200,7 +201,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _chunk_backward(
-    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, zks, dzs, zs, Qs
+    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, dzs, zs
 ):
     """Reverse mode of ``_chunk_forward``; names as there, ``g*`` = gradient of the loss.
 
@@ -208,10 +209,10 @@ def _chunk_backward(
     ``addcmul_``): no copies of ``[n, E]`` operands; the inputs and saved tensors are only read."""
     L = len(W0)
     mT = lambda x: x.transpose(-1, -2)  # noqa: E731
-    # Key side again: h_{l+1} = act(zk_l), and act', act'' where the backward needs them.
+    # Key side again: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), and act', act'' where needed.
     hs, dk1, dk2 = [k], [], []
-    for z in zks:
-        a, d1, d2 = activation_with_grads(act, z, second=True)
+    for l in range(L - 1):
+        a, d1, d2 = activation_with_grads(act, hs[l] @ mT(Wg[l]), second=True)
         hs.append(a), dk1.append(d1), dk2.append(d2)
     # Query side: r_{l+1} = act(z_l).
     rs, dr1 = [q], []
@@ -242,9 +243,10 @@ def _chunk_backward(
             gB += (P2 * r).sum(-1)
             gr.addcmul_(B.unsqueeze(-1), P2)
             gS0[l] = mT(gz) @ (B.unsqueeze(-1) * r)
+        Q = r @ mT(h)  # the forward's n x n scores, recomputed
         gPn = gz @ mT(dz)  # (N, n, n) = -dL/d(Q * C)
-        gdz[l] = mT(Qs[l] * negC) @ gz
-        gC.addcmul_(gPn, Qs[l], value=-1)
+        gdz[l] = mT(Q * negC) @ gz
+        gC.addcmul_(gPn, Q, value=-1)
         gQ = gPn * negC  # = dL/dQ
         gr.baddbmm_(gQ, h)
         gh[l] = mT(gQ) @ r
@@ -312,7 +314,6 @@ def _chunk_backward(
     return (gq, gk, gv, gA, gB, gC, ge_end, gm) + g_states
 
 
-@full_precision
 def chunk_memory(
     *,
     q: Tensor,
@@ -338,6 +339,32 @@ def chunk_memory(
     (opt-in: faster steps after a one-off compile of tens of seconds on CPU).
     """
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation)
+    return chunk_memory_unchecked(
+        q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, state=state,
+        chunk_size=chunk_size, activation=activation, residual=residual, backward=backward, compile=compile,
+    )  # fmt: skip
+
+
+@full_precision
+def chunk_memory_unchecked(
+    *,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor | None = None,
+    alpha: Tensor | None = None,
+    weights: Sequence[Tensor] | None = None,
+    state: MemoryState | None = None,
+    chunk_size: int = 64,
+    activation: str = "silu",
+    residual: bool = False,
+    backward: str = "analytic",
+    compile: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """``chunk_memory`` without ``check_inputs``, for callers that build q, k, v and the gates
+    themselves from an input they validated once and then call the op many times (MAC, once
+    per segment): the checks' finiteness pass and host sync would run on every call."""
     if backward not in ("analytic", "autograd"):
         raise ValueError(f"backward must be 'analytic' or 'autograd', got {backward!r}")
     if compile and backward != "analytic":

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -66,6 +67,46 @@ def mlp_forward(weights: Sequence[Tensor], x: Tensor, act: str, residual: bool) 
         z = h @ w.transpose(-1, -2)
         h = activation(act, z) if i < len(weights) - 1 else z
     return h + x if residual else h
+
+
+class _MLPRead(torch.autograd.Function):
+    """``mlp_forward`` as one node that saves only its input and weights; the backward recomputes
+    the pre-activations (one product per layer) instead of autograd keeping two ``[N, n, hidden]``
+    tensors per layer alive until the backward pass."""
+
+    @staticmethod
+    def forward(ctx, act: str, residual: bool, x: Tensor, *weights: Tensor) -> Tensor:
+        ctx.act, ctx.residual = act, residual
+        ctx.save_for_backward(x, *weights)
+        return mlp_forward(weights, x, act, residual)
+
+    @staticmethod
+    @once_differentiable  # double backward raises instead of being silently wrong
+    def backward(ctx, g: Tensor):
+        x, *weights = ctx.saved_tensors
+        mT = lambda t: t.transpose(-1, -2)
+        hs, d1s = [x], []
+        for w in weights[:-1]:
+            a, d1, _ = activation_with_grads(ctx.act, hs[-1] @ mT(w))
+            hs.append(a), d1s.append(d1)
+        gws, gz = [None] * len(weights), g
+        for l in reversed(range(len(weights))):
+            gws[l] = mT(gz) @ hs[l]
+            gh = gz @ weights[l]
+            gz = gh.mul_(d1s[l - 1]) if l > 0 else gh
+        gx = gz.add_(g) if ctx.residual else gz
+        return (None, None, gx, *gws)
+
+
+def mlp_read(weights: Sequence[Tensor], x: Tensor, act: str, residual: bool) -> Tensor:
+    """``mlp_forward`` (first-order differentiable) with a training memory of its input and
+    weights only: for reads whose activations would otherwise be held until the backward pass.
+    Double backward raises; use ``mlp_forward`` for that. Under autocast it is ``mlp_forward``
+    (the recomputing backward runs outside the autocast region, in other dtypes)."""
+    needs_grad = x.requires_grad or any(w.requires_grad for w in weights)
+    if torch.is_grad_enabled() and needs_grad and not torch.is_autocast_enabled(x.device.type):
+        return _MLPRead.apply(act, residual, x, *weights)
+    return mlp_forward(weights, x, act, residual)
 
 
 def key_gradients(
