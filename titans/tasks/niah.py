@@ -373,7 +373,7 @@ def dense_niah_ids(
         is_question = order % 2 == 1 if ask == "latest" else order == 1
         if k > prev:
             pieces.append(b.hay.token_ids(start + prev, k - prev).astype(np.int64))
-            masks.append(np.zeros(k - prev and len(pieces[-1]), dtype=bool))
+            masks.append(np.zeros(len(pieces[-1]), dtype=bool))
             prev = k
         if is_question:
             pieces += [np.asarray(question_ids[i], dtype=np.int64), np.asarray(answer_ids[i], dtype=np.int64)]
