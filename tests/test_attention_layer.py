@@ -148,3 +148,32 @@ def test_bad_forward():
         layer(x[..., :5], memory_tokens=h[..., :5])
     with pytest.raises(ValueError, match="empty time"):
         layer(x[:, :0], memory_tokens=h[:, :0])
+
+
+@pytest.mark.parametrize("name", ["segment", "segment+persistent"])
+@pytest.mark.parametrize("T", [6, 4])  # a whole segment and the start of one
+def test_fresh_segment_path_matches_general_path(name, T):
+    """A call that starts a segment takes ``_fresh_segment`` (one block, cached mask): same outputs,
+    gradients and cache as ``segment_attention`` (the general path, with its padding and cache
+    concatenation) on the same projections."""
+    from titans.ops.attention import segment_attention
+
+    layer = _layer(name)
+    x, h = (t.requires_grad_() for t in _inputs(T=T))
+    y, cache = layer(x, memory_tokens=h)
+    q, k, v = layer.project(x, 0)
+    hk, hv = layer._keys(h, torch.arange(T))
+    pk, pv = layer._prefix(x.dtype)
+    out = segment_attention(q, k, v, hk, hv, segment=layer.segment, prefix_k=pk, prefix_v=pv)
+    ref = layer.to_out(out.reshape(2, T, -1))
+    assert rel_rms(y, ref) < 1e-13
+    params = [x, h, *layer.parameters()]
+    got = torch.autograd.grad(y.square().sum(), params)
+    want = torch.autograd.grad(ref.square().sum(), params)
+    for g, w in zip(got, want):
+        assert rel_rms(g, w) < 1e-12
+    keep = T % layer.segment
+    assert cache.position == T and cache.k.shape[1] == keep
+    for got_t, want_t in ((cache.k, k), (cache.v, v), (cache.mem_k, hk), (cache.mem_v, hv)):
+        assert torch.equal(got_t, want_t[:, T - keep :])
+        assert got_t._base is None  # a copy: a kept state must not pin the whole projection

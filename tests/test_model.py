@@ -266,3 +266,73 @@ def test_swiglu_one_node_backward_matches_autograd(monkeypatch):
     (g,) = torch.autograd.grad(ffn(x).square().sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def _mac_reference(block, x, state=None):
+    """MAC through the layers' public forward, segment by segment (the plain form of
+    ``MACBlock.forward``, which projects and gates the whole input at once)."""
+    from titans.blocks import BlockState
+
+    state = state or BlockState()
+    u = block.norm(x)
+    mem, cache, seg_w, qconv = state.memory, state.attn, state.segment_weights, state.query_conv
+    pos, t, outs = state.position, 0, []
+    while t < x.shape[1]:
+        n = min(block.segment - pos % block.segment, x.shape[1] - t)
+        if pos % block.segment == 0:
+            seg_w = mem.memory.weights if mem is not None else block.memory.initial_weights_for(x.shape[0])
+        piece = u[:, t : t + n]
+        h, qconv = block.memory.retrieve(piece, seg_w, qconv)
+        y, cache = block.attn(piece, cache, memory_tokens=h)
+        m, mem = block.memory(y, mem)
+        outs.append(block.gate(y, m))
+        t, pos = t + n, pos + n
+    x = x + torch.cat(outs, 1)
+    return x + block.ffn(block.ffn_norm(x)), mem
+
+
+def test_mac_block_matches_segment_by_segment_reference():
+    """The MAC block's batched projections and output paths give the per-segment composition of
+    the layers' public calls: outputs, gradients of every parameter, and a continued state."""
+    model = _model("mac", memory_chunk=3)
+    block = model.blocks[0]
+    x = torch.randn(2, 21, 32, dtype=torch.float64, requires_grad=True)
+    y, state = block(x[:, :13])  # ends mid-segment and mid-chunk
+    y2, _ = block(x[:, 13:], state)
+    ref, mem = _mac_reference(block, x[:, :13])
+    _, ref_state = block(x[:, :13])
+    ref2, _ = _mac_reference(block, x[:, 13:], ref_state)
+    assert rel_rms(y, ref) < 1e-12 and rel_rms(y2, ref2) < 1e-12
+    for a, b in zip(state.memory.memory.weights, mem.memory.weights):
+        assert rel_rms(a, b) < 1e-12
+    params = [x, *block.parameters()]
+    got = torch.autograd.grad((y.square().sum() + y2.sum()), params, allow_unused=True)
+    want = torch.autograd.grad((ref.square().sum() + ref2.sum()), params, allow_unused=True)
+    for p, g, w in zip(params, got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert rel_rms(g, w) < 1e-10
+
+
+def test_rmsnorm_one_node_backward_matches_nn_rmsnorm():
+    """The blocks' RMSNorm (one node, its own backward) gives nn.RMSNorm's outputs and gradients
+    and shares its state dict; double backward raises instead of being silently wrong."""
+    from titans.blocks.common import RMSNorm
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(6, eps=1e-6).double(), torch.nn.RMSNorm(6, eps=1e-6).double()
+    with torch.no_grad():
+        ref.weight.normal_()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    y, want_y = ours(x), ref(x)
+    assert torch.allclose(y, want_y, rtol=1e-13, atol=1e-14)
+    got = torch.autograd.grad(y.pow(3).sum(), [x, ours.weight])
+    want = torch.autograd.grad(want_y.pow(3).sum(), [x, ref.weight])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-12, atol=1e-13)
+    with torch.no_grad():  # the inference path (no node)
+        assert torch.allclose(ours(x), want_y, rtol=1e-13, atol=1e-14)
+    (g,) = torch.autograd.grad(ours(x).square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
+from .blocks.common import RMSNorm
 from .layers.neural_memory import NeuralMemory
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
@@ -162,7 +163,7 @@ class TitansLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(_make_block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._init_weights()
         if cfg.tie_embeddings:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..layers.attention import KVCache
-from ..layers.neural_memory import NeuralMemoryState
+from ..layers.neural_memory import NeuralMemoryState, RMSNorm
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -73,8 +73,8 @@ class NormalizedGate(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm_y = nn.RMSNorm(dim, eps=1e-6)
-        self.norm_m = nn.RMSNorm(dim, eps=1e-6)
+        self.norm_y = RMSNorm(dim, eps=1e-6)
+        self.norm_m = RMSNorm(dim, eps=1e-6)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
         return self.norm_y(y) * torch.sigmoid(self.norm_m(m))

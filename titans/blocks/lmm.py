@@ -5,15 +5,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..layers.neural_memory import NeuralMemory
-from .common import BlockState, SwiGLU
+from .common import BlockState, RMSNorm, SwiGLU
 
 
 class LMMBlock(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
-        self.mem_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mem_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.memory = NeuralMemory(cfg.dim, **cfg.memory_kwargs())
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:

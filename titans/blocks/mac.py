@@ -16,19 +16,19 @@ from torch import Tensor, nn
 
 from ..layers.attention import Attention
 from ..layers.neural_memory import NeuralMemory
-from .common import BlockState, NormalizedGate, SwiGLU
+from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU
 
 
 class MACBlock(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         self.segment = cfg.segment
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.memory = NeuralMemory(cfg.dim, **cfg.memory_kwargs())
         self.attn = Attention(cfg.dim, cfg.heads, kind="segment", segment=cfg.segment,
                               persistent_tokens=cfg.persistent_tokens, rope_base=cfg.rope_base)  # fmt: skip
         self.gate = NormalizedGate(cfg.dim)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:
@@ -38,22 +38,35 @@ class MACBlock(nn.Module):
         # Validate once here; the segment loop then uses the memory's unchecked entry points (its
         # per-call checks were a full isfinite pass and a host sync per segment, twice).
         self.memory._check_input(u, state.memory)
-        # The read side's projections depend on u alone: computed for all of it at once; each
-        # segment then only reads with its own weights.
+        # The read side's and the attention's projections depend on u alone: computed for all of
+        # it at once; each segment then only reads with its own weights, attends and memorises.
         queries, read_gate, qconv = self.memory._read_inputs(u, state.query_conv)
         mem, cache, seg_w = state.memory, state.attn, state.segment_weights
-        pos, t, outs = state.position, 0, []
+        if cache is None:
+            cache = self.attn.empty_cache(B, u.device, u.dtype)
+        aq, ak, av = self.attn.project(u, cache.position)
+        prefix = self.attn._prefix(u.dtype)
+        # Spans up to each segment end. Split, not sliced in the loop: a slice's backward
+        # zero-fills a gradient the size of the whole input, once per segment (quadratic in T);
+        # one split node gathers every span's gradient at once.
+        sizes, t, pos = [], 0, state.position
         while t < T:
-            n = min(self.segment - pos % self.segment, T - t)  # up to the end of this segment
+            sizes.append(min(self.segment - pos % self.segment, T - t))
+            t, pos = t + sizes[-1], pos + sizes[-1]
+        pos, ys, answers = state.position, [], []
+        spans = zip(sizes, *(z.split(sizes, dim=1) for z in (queries, read_gate, aq, ak, av)))
+        for n, q_s, gate_s, aq_s, ak_s, av_s in spans:
             if pos % self.segment == 0:  # a new segment reads the memory as it is now
                 seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
-            piece = u[:, t : t + n]
-            h = self.memory._read(queries[:, t : t + n], read_gate[:, t : t + n], seg_w, u.dtype)
-            y, cache = self.attn(piece, cache, memory_tokens=h)
+            h = self.memory._read(q_s, gate_s, seg_w, u.dtype)
+            y, cache = self.attn.attend(aq_s, ak_s, av_s, cache, h, prefix)
             # The op checks the caller's state on the first segment; later ones carry its own.
-            m, mem = self.memory._memorise(y, mem, check_op=t == 0)
-            outs.append(self.gate(y, m))
-            t, pos = t + n, pos + n
-        x = x + torch.cat(outs, dim=1)
+            answer, mem = self.memory._memorise_raw(y, mem, check_op=pos == state.position)
+            ys.append(y), answers.append(answer)
+            pos += n
+        # The output paths (the memory's gated projection of M*(y), the gate y ⊗ M*(y)) hold no
+        # state: once over the whole input, not per segment.
+        y = torch.cat(ys, dim=1)
+        x = x + self.gate(y, self.memory._output(torch.cat(answers, dim=1), y))
         x = x + self.ffn(self.ffn_norm(x))
         return x, BlockState(memory=mem, attn=cache, query_conv=qconv, segment_weights=seg_w, position=pos)

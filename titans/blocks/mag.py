@@ -7,18 +7,18 @@ from torch import Tensor, nn
 
 from ..layers.attention import Attention
 from ..layers.neural_memory import NeuralMemory
-from .common import BlockState, NormalizedGate, SwiGLU, memorise_persistent
+from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU, memorise_persistent
 
 
 class MAGBlock(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.heads, kind="swa", window=cfg.window,
                               persistent_tokens=cfg.persistent_tokens, rope_base=cfg.rope_base)  # fmt: skip
         self.memory = NeuralMemory(cfg.dim, **cfg.memory_kwargs())
         self.gate = NormalizedGate(cfg.dim)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:

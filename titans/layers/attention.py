@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from ..ops.attention import apply_rotary, causal_attention, segment_attention, sliding_window_attention
+from ..ops.attention import _sdpa, apply_rotary, causal_attention, segment_attention, sliding_window_attention
 
 __all__ = ["Attention", "KVCache", "PersistentMemory"]
 
@@ -103,6 +103,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.persistent = PersistentMemory(persistent_tokens, dim) if persistent_tokens else None
+        self._masks: dict = {}  # segment masks by (T, prefix, device): built once, reused
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.reshape(*x.shape[:-1], self.heads, self.head_dim)  # (B, T, H, D)
@@ -141,12 +142,36 @@ class Attention(nn.Module):
             cache = self.empty_cache(B, x.device, x.dtype)
         elif cache.k.shape[0] != B:
             raise ValueError(f"cache was made for batch size {cache.k.shape[0]}, x has {B}")
-        pos = cache.position
-        positions = torch.arange(pos, pos + T, device=x.device)
+        q, k, v = self.project(x, cache.position)
+        return self.attend(q, k, v, cache, memory_tokens, self._prefix(x.dtype))
+
+    def project(self, x: Tensor, position: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries and keys (RoPE at positions ``position, position + 1, ...``) and values of x
+        ``[B, T, dim]``, each ``[B, T, H, D]``. MAC projects its whole input once with this and
+        then attends segment by segment (``attend``), instead of projecting every segment."""
+        positions = torch.arange(position, position + x.shape[1], device=x.device)
         q = apply_rotary(self._heads(self.to_q(x)), positions, self.rope_base)
         k, v = self._keys(x, positions)
+        return q, k, v
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cache: KVCache,
+        memory_tokens: Tensor | None,
+        prefix: tuple[Tensor | None, Tensor | None],
+    ) -> tuple[Tensor, KVCache]:
+        """``forward`` after the projections: q, k, v ``[B, T, H, D]`` from ``project`` at
+        ``cache.position``; ``prefix`` the persistent tokens' keys and values (``_prefix``).
+        Unchecked: ``forward`` validates, MAC builds these from one validated input."""
+        B, T = q.shape[:2]
+        pos = cache.position
+        pk, pv = prefix
+        if self.kind == "segment" and pos % self.segment == 0 and T <= self.segment:
+            return self._fresh_segment(q, k, v, memory_tokens, pos, prefix)
         k_all, v_all = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1)
-        pk, pv = self._prefix(x.dtype)
         mem_k = mem_v = None
         if self.kind == "full":
             kk, vv = k_all, v_all
@@ -159,6 +184,7 @@ class Attention(nn.Module):
             out = sliding_window_attention(q, k_all, v_all, window=self.window, prefix_k=pk, prefix_v=pv)
             keep = self.window - 1
         else:
+            positions = torch.arange(pos, pos + T, device=q.device)
             hk, hv = self._keys(memory_tokens, positions)
             mk_all, mv_all = torch.cat([cache.mem_k, hk], 1), torch.cat([cache.mem_v, hv], 1)
             offset = pos % self.segment
@@ -171,3 +197,34 @@ class Attention(nn.Module):
         v_keep = v_all[:, v_all.shape[1] - min(keep, v_all.shape[1]) :]
         y = self.to_out(out.reshape(B, T, self.heads * self.head_dim))
         return y, KVCache(k=k_keep, v=v_keep, position=pos + T, mem_k=mem_k, mem_v=mem_v)
+
+    def _fresh_segment(self, q, k, v, memory_tokens, pos: int, prefix) -> tuple[Tensor, KVCache]:
+        """Segment attention for T <= segment tokens that start a segment (MAC's training calls):
+        nothing cached to join, one block ``[P || h || x]`` with a mask built once per shape,
+        instead of ``segment_attention``'s padding and cache concatenations (the general path,
+        which gives the same outputs; the tests compare them)."""
+        B, T = q.shape[:2]
+        hk, hv = self._keys(memory_tokens, torch.arange(pos, pos + T, device=q.device))
+        pk, pv = prefix
+        ks, vs = [hk, k], [hv, v]
+        if pk is not None:
+            ks.insert(0, pk.expand(B, -1, -1, -1))
+            vs.insert(0, pv.expand(B, -1, -1, -1))
+        mask = self._segment_mask(T, 0 if pk is None else pk.shape[1], q.device)
+        out = _sdpa(q, torch.cat(ks, 1), torch.cat(vs, 1), mask)
+        y = self.to_out(out.reshape(B, T, self.heads * self.head_dim))
+        # the open segment's keys: copies, so that a state kept between calls does not pin a
+        # projection of the whole input (MAC passes slices of one)
+        keep = (pos + T) % self.segment
+        kept = [t[:, T - keep :].clone() for t in (k, v, hk, hv)]
+        return y, KVCache(k=kept[0], v=kept[1], position=pos + T, mem_k=kept[2], mem_v=kept[3])
+
+    def _segment_mask(self, T: int, n_prefix: int, device) -> Tensor:
+        """``[T, n_prefix + 2T]``: every query sees the prefix, and h_i and x_i for i <= j."""
+        key = (T, n_prefix, str(device))
+        mask = self._masks.get(key)
+        if mask is None:
+            tri = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = torch.cat([torch.ones(T, n_prefix, dtype=torch.bool, device=device), tri, tri], dim=-1)
+            self._masks[key] = mask
+        return mask

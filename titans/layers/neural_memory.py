@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..errors import NonFiniteError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
@@ -26,7 +27,7 @@ from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
 from ..ops.memory.state import compute_dtype
 
-__all__ = ["NeuralMemory", "NeuralMemoryState"]
+__all__ = ["NeuralMemory", "NeuralMemoryState", "RMSNorm"]
 
 
 @dataclass
@@ -122,6 +123,61 @@ class _CausalDepthwise(torch.autograd.Function):
                     by_shift[K - 1 - j] += (g[:, :m] * tail[:, j : j + m]).sum((0, 1))
             g_w = by_shift.flip(0).t().unsqueeze(1).to(weight.dtype)  # (C, 1, K)
         return g_u, g_tail, g_w
+
+
+def _rstd(x: Tensor, eps: float) -> Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last dim, ``[..., 1]``: the mean square through
+    ``vector_norm`` (one read of x; ``square().mean()`` writes a full-size temporary first)."""
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+    return ms.add_(eps).rsqrt_()
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` as one node that saves x and the per-token rsqrt.
+    Autograd through ``torch.rms_norm`` on CPU records its decomposition (pow, mean, add, rsqrt,
+    two products): six nodes and three full-size saved tensors per call, and about twice the
+    elementwise passes of this backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        rstd = _rstd(x, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    @once_differentiable  # double backward raises instead of being silently wrong
+    def backward(ctx, g: Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x * rstd
+        g_w = None
+        if ctx.needs_input_grad[1]:
+            g_w = (g * xhat).reshape(-1, x.shape[-1]).sum(0)
+        g_xhat = g * weight
+        # d/dx of xhat = rstd * (g_xhat - xhat * mean(g_xhat * xhat))
+        dot = (g_xhat * xhat).mean(-1, keepdim=True)
+        g_x = g_xhat.sub_(xhat.mul_(dot)).mul_(rstd)
+        return g_x, g_w, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameters and state dict) whose training forward is one autograd node
+    with its own backward (``_RMSNormFunction``) and whose inference forward takes three passes
+    over x (``torch.rms_norm`` on CPU runs its decomposition, about twice as many); autocast and
+    mixed dtypes take ``nn.RMSNorm``'s own path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (
+            w is None
+            or x.dtype != w.dtype
+            or torch.is_autocast_enabled(x.device.type)
+            or len(self.normalized_shape) != 1
+        ):
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):  # inference: no node
+            return (x * _rstd(x, eps)).mul_(w)
+        return _RMSNormFunction.apply(x, w, eps)
 
 
 def _next_tail(u: Tensor, tail: Tensor | None, K: int) -> Tensor:
@@ -225,7 +281,7 @@ class NeuralMemory(nn.Module):
         self.initial_weights = nn.ParameterList(
             nn.Parameter(torch.empty(heads, o, i)) for o, i in memory_shapes(head_dim, depth, expansion)
         )
-        self.out_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.out_norm = RMSNorm(head_dim, eps=1e-6)
         self.to_gate = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
         self._theta_init, self._eta_init, self._alpha_init = theta_init, eta_init, alpha_init
@@ -303,6 +359,15 @@ class NeuralMemory(nn.Module):
         and call the layer many times on parts of it (MAC, once per segment). The memory op still
         checks its q, k, v, gates and state unless ``check_op`` is False (MAC's later segments,
         whose state the op itself produced)."""
+        y, state = self._memorise_raw(x, state, check_op)
+        return self._output(y, x), state
+
+    def _memorise_raw(
+        self, x: Tensor, state: NeuralMemoryState | None, check_op: bool = True
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """``_memorise`` before the output path: the memory's answers ``[B, T, heads, head_dim]``
+        and the new state. MAC memorises segment by segment and then runs ``_output`` once on the
+        whole block input (the output path needs no memory state)."""
         qkv, conv_tail = self._conv(self.to_qkv(x), None if state is None else state.conv)
         qkv = F.silu(qkv)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
@@ -321,7 +386,7 @@ class NeuralMemory(nn.Module):
         else:
             op = chunk_memory if check_op else chunk_memory_unchecked
             y, mem = op(**kwargs, compile=self.use_compile)
-        return self._output(y, x), NeuralMemoryState(memory=mem, conv=conv_tail)
+        return y, NeuralMemoryState(memory=mem, conv=conv_tail)
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMSNorm, SiLU output gate from the layer input, projection back to dim."""

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .mlp import activation as act_fn
-from .mlp import activation_with_grads, key_gradients
+from .mlp import activation_with_grads
 from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate, state_from_flat
 
 __all__ = ["chunk_memory", "chunk_memory_unchecked"]
@@ -86,6 +86,41 @@ def _chunk_coefficients(sizes: list[int], theta: Tensor, log_a: Tensor | None, l
     return out
 
 
+def _key_side(Wg, k, v, act: str, residual: bool):
+    """``key_gradients`` (the per-token gradients in factored form, at Wg) plus
+    ``dhs[l] = dz_{l+1} Wg_{l+1}``, the loss gradient at each hidden activation before act' is
+    applied: the backward pass needs it and would otherwise redo that product."""
+    mT = lambda x: x.transpose(-1, -2)  # noqa: E731
+    L = len(Wg)
+    hs, d1s = [k], []
+    for l in range(L - 1):
+        h, d1, _ = activation_with_grads(act, hs[-1] @ mT(Wg[l]))
+        hs.append(h), d1s.append(d1)
+    out = hs[-1] @ mT(Wg[-1])
+    dz = torch.sub(out + k if residual else out, v).mul_(2)
+    dzs, dhs = [dz], []
+    for l in range(L - 1, 0, -1):
+        dh = dz @ Wg[l]
+        dz = dh * d1s[l - 1]
+        dzs.append(dz), dhs.append(dh)
+    dzs.reverse(), dhs.reverse()
+    return hs, dzs, dhs
+
+
+def _widens(w: Tensor) -> bool:
+    """A layer ``[N, out, in]`` with more outputs than inputs: per-token row scalings are cheaper
+    on its inputs (and on its output otherwise), which decides how each layer's products run."""
+    return w.shape[-2] > w.shape[-1]
+
+
+def _outer_factors(dz: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``a^T b = dz^T diag(c) h`` (c ``[N, n]``), the row scaling applied to the
+    narrower of dz ``[N, n, out]`` and h ``[N, n, in]``."""
+    if h.shape[-1] <= dz.shape[-1]:
+        return dz, c.unsqueeze(-1) * h
+    return c.unsqueeze(-1) * dz, h
+
+
 def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=False):
     """One chunk of n tokens for N independent memories (differentiable by autograd, too).
 
@@ -93,25 +128,35 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
     W0, S0: weights and momentum before the chunk's first token (S0 None without momentum);
     Wg: the weights every token of the chunk takes its gradient at (W0 unless the chunk was
     entered mid-way by a state). Returns ``(y, W_end, S_end)``, plus, when ``keep``, the
-    intermediates the backward pass keeps: the factored gradients and the retrieval
-    pre-activations (the key-side pre-activations and the n x n scores are one small product
-    each, recomputed in the backward instead of held for every chunk).
+    intermediates the backward pass keeps: the factored gradients, the hidden-activation
+    gradients, the retrieval pre-activations and, for layers that do not widen, the retrieval's
+    ``r W0^T`` and ``r S0^T`` (``[N, n, out]``, small there). The key-side pre-activations and
+    the n x n scores are one small product each, recomputed in the backward instead.
 
+    Per-token scalings (A, B, the end-state's c and m) go on the narrower operand of each
+    product, so that no ``[n, hidden]`` tensor takes an extra elementwise pass for them.
     In-place updates touch only tensors created here, which saves a copy per product; under
     autograd (the reference mode) they stay correct, as the tests against the token loop check.
     """
     L = len(W0)
-    mT = lambda x: x.transpose(-1, -2)
+    mT = lambda x: x.transpose(-1, -2)  # noqa: E731
     # Per-token gradients at Wg in factored form: u_i(l) = dz_i(l) h_i(l-1)^T.
-    hs, _, dzs = key_gradients(Wg, k, v, act, residual)
+    hs, dzs, dhs = _key_side(Wg, k, v, act, residual)
     # Retrieval with per-token weights M_t = A_t W0 + B_t S0 - sum_{i<=t} C[t,i] u_i, layer by layer.
-    r, zs = q, []
+    r, zs, proj = q, [], []
     for l in range(L):
-        z = r @ mT(W0[l])
-        if A is not None:
-            z = z.mul_(A.unsqueeze(-1))
-        if S0 is not None:
-            z = z.addcmul_(B.unsqueeze(-1), r @ mT(S0[l]))
+        if _widens(W0[l]) or (A is None and S0 is None):
+            z = (r if A is None else A.unsqueeze(-1) * r) @ mT(W0[l])
+            if S0 is not None:
+                z = z.baddbmm_(B.unsqueeze(-1) * r, mT(S0[l]))
+            proj.append((None, None))
+        else:  # scale the (narrower) outputs; keep the products for the backward's dA, dB
+            rW = r @ mT(W0[l])
+            rS = None if S0 is None else r @ mT(S0[l])
+            z = rW if A is None else rW * A.unsqueeze(-1)
+            if S0 is not None:
+                z = torch.addcmul(z, B.unsqueeze(-1), rS) if z is rW else z.addcmul_(B.unsqueeze(-1), rS)
+            proj.append((rW, rS))
         Q = r @ mT(hs[l])  # (N, n, n): query-side against key-side activations
         z = z.baddbmm_(Q * C, dzs[l], alpha=-1)
         zs.append(z)
@@ -119,7 +164,7 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
     y = r + q if residual else r
 
     # State after the chunk's last token: the last row of the same formulas.
-    c = C[:, -1, :].unsqueeze(-1)  # (N, n, 1)
+    c = C[:, -1, :]  # (N, n)
     W_end, S_end = [], None if S0 is None else []
     for l in range(L):
         w = W0[l] if A is None else A[:, -1, None, None] * W0[l]
@@ -127,13 +172,15 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
             b_end = B[:, -1, None, None]
             w = torch.addcmul(w, b_end, S0[l]) if w is W0[l] else w.addcmul_(b_end, S0[l])
             s = e_end[:, None, None] * S0[l]
-            S_end.append(s.baddbmm_(mT(dzs[l]), m.unsqueeze(-1) * hs[l], alpha=-1))
+            a, b = _outer_factors(dzs[l], hs[l], m)
+            S_end.append(s.baddbmm_(mT(a), b, alpha=-1))
+        a, b = _outer_factors(dzs[l], hs[l], c)
         if w is W0[l]:
-            W_end.append(torch.baddbmm(w, mT(dzs[l]), c * hs[l], alpha=-1))
+            W_end.append(torch.baddbmm(w, mT(a), b, alpha=-1))
         else:
-            W_end.append(w.baddbmm_(mT(dzs[l]), c * hs[l], alpha=-1))
+            W_end.append(w.baddbmm_(mT(a), b, alpha=-1))
     if keep:
-        return y, W_end, S_end, (dzs, zs[:-1])
+        return y, W_end, S_end, (dzs, dhs, zs[:-1], [t for p in proj for t in p])
     return y, W_end, S_end
 
 
@@ -141,19 +188,20 @@ class _ChunkFunction(torch.autograd.Function):
     """One chunk with a hand-derived backward.
 
     Saves the chunk-start state (produced by the previous chunk anyway), views of its inputs and
-    a few intermediates (factored gradients and retrieval pre-activations: O(n (D + E)) per
-    memory); activations, key-side pre-activations and the n x n scores are recomputed in the
-    backward pass (one small product each), which keeps the training peak down."""
+    a few intermediates (factored gradients, hidden-activation gradients, retrieval
+    pre-activations and the narrowing layers' ``r W0^T``, ``r S0^T``: O(n (D + E)) per memory);
+    activations, key-side pre-activations and the n x n scores are recomputed in the backward
+    pass (one small product each), which keeps the training peak down."""
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, A, B, C, e_end, m, *states):
         L, has_mom, shared, act, residual, compiled = cfg
         W0, S0, Wg = _split_states(states, L, has_mom, shared)
-        y, W_end, S_end, (dzs, zs) = _maybe_compiled(_chunk_forward, compiled)(
+        y, W_end, S_end, (dzs, dhs, zs, proj) = _maybe_compiled(_chunk_forward, compiled)(
             q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=True
         )
         ctx.cfg = cfg
-        ctx.save_for_backward(q, k, v, A, B, C, e_end, m, *states, *dzs, *zs)
+        ctx.save_for_backward(q, k, v, A, B, C, e_end, m, *states, *dzs, *dhs, *zs, *proj)
         return (y, *W_end, *(S_end or ()))
 
     @staticmethod
@@ -163,12 +211,12 @@ class _ChunkFunction(torch.autograd.Function):
         q, k, v, A, B, C, e_end, m, *rest = ctx.saved_tensors
         n_states = L * (1 + has_mom + (not shared))
         states, rest = rest[:n_states], rest[n_states:]
-        dzs, zs = rest[:L], rest[L:]
+        dzs, dhs, zs, proj = rest[:L], rest[L : 2 * L - 1], rest[2 * L - 1 : 3 * L - 2], rest[3 * L - 2 :]
         W0, S0, Wg = _split_states(states, L, has_mom, shared)
         gWe = g_end[:L]
         gSe = g_end[L:] if has_mom else (None,) * L
         return (None,) + _maybe_compiled(_chunk_backward, compiled)(
-            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, dzs, zs
+            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, dzs, dhs, zs, proj
         )
 
 
@@ -200,13 +248,19 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a.reshape(a.shape[0], 1, -1) @ b.reshape(b.shape[0], -1, 1)).reshape(-1)
 
 
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``[N, n, d]`` x ``[N, n, d]`` -> ``[N, n]``: each token's inner product."""
+    return (a * b).sum(-1)
+
+
 def _chunk_backward(
-    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, dzs, zs
+    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, dzs, dhs, zs, proj
 ):
     """Reverse mode of ``_chunk_forward``; names as there, ``g*`` = gradient of the loss.
 
     Runs without autograd, so buffers created here are updated in place (``baddbmm_``,
-    ``addcmul_``): no copies of ``[n, E]`` operands; the inputs and saved tensors are only read."""
+    ``addcmul_``): no copies of ``[n, E]`` operands; the inputs and saved tensors are only read.
+    Row scalings go on the narrower operand, as in the forward."""
     L = len(W0)
     mT = lambda x: x.transpose(-1, -2)  # noqa: E731
     # Key side again: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), and act', act'' where needed.
@@ -231,18 +285,32 @@ def _chunk_backward(
     gz = gy if gy is not None else torch.zeros_like(q)
     for l in reversed(range(L)):
         r, h, dz = rs[l], hs[l], dzs[l]
-        gr = gz @ W0[l]  # (N, n, in); row t dotted with r_t is dL/dA_t
-        if A is not None:
-            gA += (gr * r).sum(-1)
-            gr.mul_(A.unsqueeze(-1))
-            gW0[l] = mT(gz) @ (A.unsqueeze(-1) * r)
-        else:
-            gW0[l] = mT(gz) @ r
-        if S0 is not None:
-            P2 = gz @ S0[l]
-            gB += (P2 * r).sum(-1)
-            gr.addcmul_(B.unsqueeze(-1), P2)
-            gS0[l] = mT(gz) @ (B.unsqueeze(-1) * r)
+        rW, rS = proj[2 * l], proj[2 * l + 1]
+        if rW is None:  # a widening layer (or no gates): scale the narrow inputs r
+            gr = gz @ W0[l]  # (N, n, in); row t dotted with r_t is dL/dA_t
+            if A is not None:
+                gA += _rowdot(gr, r)
+                gr.mul_(A.unsqueeze(-1))
+                gW0[l] = mT(gz) @ (A.unsqueeze(-1) * r)
+            else:
+                gW0[l] = mT(gz) @ r
+            if S0 is not None:
+                P2 = gz @ S0[l]
+                gB += _rowdot(P2, r)
+                gr.addcmul_(B.unsqueeze(-1), P2)
+                gS0[l] = mT(gz) @ (B.unsqueeze(-1) * r)
+        else:  # scale the narrow output gradient gz; dL/dA_t = gz_t . (r W0^T)_t (kept)
+            gzA = gz
+            if A is not None:
+                gA += _rowdot(gz, rW)
+                gzA = A.unsqueeze(-1) * gz
+            gr = gzA @ W0[l]
+            gW0[l] = mT(gzA) @ r
+            if S0 is not None:
+                gB += _rowdot(gz, rS)
+                gzB = B.unsqueeze(-1) * gz
+                gr.baddbmm_(gzB, S0[l])
+                gS0[l] = mT(gzB) @ r
         Q = r @ mT(h)  # the forward's n x n scores, recomputed
         gPn = gz @ mT(dz)  # (N, n, n) = -dL/d(Q * C)
         gdz[l] = mT(Q * negC) @ gz
@@ -270,28 +338,22 @@ def _chunk_backward(
             if S0 is not None:
                 gB[:, -1] += _dot(G, S0[l])
                 gS0[l].addcmul_(B[:, -1, None, None], G)
-            gdz[l].baddbmm_(c.unsqueeze(-1) * h, mT(G), alpha=-1)
-            gch = dz @ G  # (N, n, in) = -dL/d(c h)
-            gc -= (gch * h).sum(-1)
-            gh[l].addcmul_(c.unsqueeze(-1), gch, value=-1)
+            _outer_backward(G, dz, h, c, gc, gdz[l], gh[l])
         G = gSe[l]
         if G is not None:
             ge_end += _dot(G, S0[l])
             gS0[l].addcmul_(e_end[:, None, None], G)
-            gdz[l].baddbmm_(m.unsqueeze(-1) * h, mT(G), alpha=-1)
-            gmh = dz @ G
-            gm -= (gmh * h).sum(-1)
-            gh[l].addcmul_(m.unsqueeze(-1), gmh, value=-1)
+            _outer_backward(G, dz, h, m, gm, gdz[l], gh[l])
     gC[:, -1, :] += gc
 
     # Per-token gradients: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), dz_{L-1} = 2 (zk_{L-1} (+k) - v),
-    # dz_{l-1} = (dz_l Wg_l) * act'(zk_{l-1}). First back along the dz chain (dz_0 first).
+    # dz_{l-1} = dh_l * act'(zk_{l-1}) with dh_l = dz_l Wg_l (kept). First back along the dz chain.
     gWg = [None] * L
     gzk = [None] * L
     for l in range(1, L):
         g = gdz[l - 1]
         gdh = g * dk1[l - 1]
-        gzk[l - 1] = (dzs[l] @ Wg[l]).mul_(g).mul_(dk2[l - 1])  # g * dh * act'', dh = dz_l Wg_l
+        gzk[l - 1] = torch.mul(dhs[l - 1], g).mul_(dk2[l - 1])  # g * dh * act''
         gdz[l].baddbmm_(gdh, mT(Wg[l]))
         gWg[l] = mT(dzs[l]) @ gdh
     gout = gdz[L - 1].mul_(2)
@@ -312,6 +374,22 @@ def _chunk_backward(
     else:
         g_states = tuple(gW0) + (tuple(gS0) if S0 is not None else ()) + tuple(gWg)
     return (gq, gk, gv, gA, gB, gC, ge_end, gm) + g_states
+
+
+def _outer_backward(G: Tensor, dz: Tensor, h: Tensor, c: Tensor, gc: Tensor, gdz: Tensor, gh: Tensor) -> None:
+    """Accumulate the gradients of ``- dz^T diag(c) h`` (an end-state term) given its gradient G
+    ``[N, out, in]``: into gc ``[N, n]``, gdz ``[N, n, out]`` and gh ``[N, n, in]``, in place.
+    The products run through the narrower of ``dz G`` (``[n, in]``) and ``h G^T`` (``[n, out]``)."""
+    if h.shape[-1] <= dz.shape[-1]:
+        gdz.baddbmm_(c.unsqueeze(-1) * h, G.transpose(-1, -2), alpha=-1)
+        gch = dz @ G  # (N, n, in) = -dL/d(c h)
+        gc -= _rowdot(gch, h)
+        gh.addcmul_(c.unsqueeze(-1), gch, value=-1)
+    else:
+        P = h @ G.transpose(-1, -2)  # (N, n, out): dz_t . P_t = dz_t^T G h_t
+        gc -= _rowdot(P, dz)
+        gdz.addcmul_(c.unsqueeze(-1), P, value=-1)
+        gh.baddbmm_(c.unsqueeze(-1) * dz, G, alpha=-1)
 
 
 def chunk_memory(

@@ -120,19 +120,20 @@ def key_gradients(
     outer product ``dzs[l][:, i, :, None] * hs[l][:, i, None, :]``. One batched forward/backward,
     no per-sample autograd.
     """
-    hs, zs = [k], []
-    h = k
+    # act and act' share their work (one sigmoid for SiLU), in place on fresh buffers: this runs
+    # once per chunk and its [n, hidden] passes are a good part of a chunk's memory traffic.
+    hs, zs, d1s = [k], [], []
     for i, w in enumerate(weights):
-        z = h @ w.transpose(-1, -2)
+        z = hs[-1] @ w.transpose(-1, -2)
         zs.append(z)
         if i < len(weights) - 1:
-            h = activation(act, z)
-            hs.append(h)
+            h, d1, _ = activation_with_grads(act, z)
+            hs.append(h), d1s.append(d1)
     out = zs[-1] + k if residual else zs[-1]
-    dz = 2 * (out - v)
+    dz = torch.sub(out, v).mul_(2)
     dzs = [dz]
     for i in range(len(weights) - 1, 0, -1):
-        dz = (dz @ weights[i]) * activation_grad(act, zs[i - 1])
+        dz = (dz @ weights[i]).mul_(d1s[i - 1])
         dzs.append(dz)
     dzs.reverse()
     return hs, zs, dzs
