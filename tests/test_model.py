@@ -222,7 +222,7 @@ def test_bounded_memory_learning_rate_reaches_every_memory_layer():
     x = torch.randn(1, 5, 32) * 100  # large inputs saturate the gate: theta stays <= max_lr
     for block in model.blocks:
         theta, _, _ = block.memory.gates(x)
-        assert block.memory.theta_activation == "sigmoid" and float(theta.max()) <= 0.01
+        assert block.memory.theta_activation == "sigmoid" and float(theta.max().detach()) <= 0.01
 
 
 def test_mac_block_checks_its_input_once():
@@ -336,3 +336,15 @@ def test_rmsnorm_one_node_backward_matches_nn_rmsnorm():
     (g,) = torch.autograd.grad(ours(x).square().sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_associative_init_survives_the_model_init(variant):
+    # TitansLM re-initialises Linear layers; the memory's q/k/v projection and conv keep theirs
+    cfg = TitansConfig(variant=variant, vocab_size=32, dim=32, depth=2, heads=2, window=8, segment=8,
+                       memory_chunk=4, memory_associative_init=True)  # fmt: skip
+    model = TitansLM(cfg)
+    for block in model.blocks:
+        w, inner = block.memory.to_qkv.weight, 32
+        assert torch.equal(w[inner : 2 * inner], w[:inner])
+        assert (block.memory.conv.weight[inner : 2 * inner, 0, -2] > 0.9).all()

@@ -213,3 +213,62 @@ def test_causal_depthwise_matches_conv1d(T, with_tail):
     leaves = [u, w] + ([tail] if with_tail else [])
     for a, b in zip(torch.autograd.grad(out, leaves, probe), torch.autograd.grad(ref, leaves, probe)):
         assert rel_rms(a, b) < 1e-13
+
+
+def _recall_at_init(associative: bool) -> tuple[float, float]:
+    """Mean cosine between the untrained memory's answer at a key's second occurrence and the
+    value written after its first occurrence (true), and other pairs' values (other)."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(64, heads=2, chunk_size=4, theta_activation="sigmoid", max_lr=0.5,
+                         theta_init=0.03, eta_init=0.5, alpha_init=1e-4, associative_init=associative)  # fmt: skip
+    with torch.no_grad():
+        layer.initial_weights[-1].zero_()  # M_0 answers nothing: only the writes show
+    vocab = torch.randn(40, 64)
+    g = torch.Generator().manual_seed(1)
+    filler = torch.randint(16, 40, (160,), generator=g)
+    keys, vals = torch.arange(8), torch.arange(8, 16)
+    ids = filler.clone()
+    for i in range(8):  # pairs (key, value) in the first half, each key again in the second half
+        ids[8 * i], ids[8 * i + 1] = keys[i], vals[i]
+        ids[100 + 6 * i] = keys[(i * 3) % 8]
+    x = vocab[ids][None]  # (1, T, dim)
+    with torch.no_grad():
+        y, _ = layer._memorise_raw(x, None)  # (1, T, H, D)
+        qkv, _ = layer._conv(layer.to_qkv(x), None)
+        v = torch.nn.functional.silu(qkv)[..., 128:].view(1, -1, 2, 32)
+    true, other = [], []
+    for i in range(8):
+        at, key = 100 + 6 * i, (i * 3) % 8
+        cos = torch.nn.functional.cosine_similarity(y[0, at].flatten()[None], v[0, 8 * torch.arange(8) + 1].flatten(1))
+        true.append(cos[key].item())
+        other.append(torch.cat([cos[:key], cos[key + 1 :]]).mean().item())
+    return sum(true) / 8, sum(other) / 8
+
+
+def test_associative_init_reads_back_what_followed():
+    true, other = _recall_at_init(associative=True)
+    assert true > 0.15 and true > other + 0.15, (true, other)
+    true, other = _recall_at_init(associative=False)  # the default init has no such structure
+    assert true < 0.1, (true, other)
+
+
+def test_associative_init_layout_and_finite_gradients():
+    layer = NeuralMemory(32, heads=2, chunk_size=4, associative_init=True)
+    inner = 32
+    w, taps = layer.to_qkv.weight, layer.conv.weight
+    assert torch.equal(w[inner : 2 * inner], w[:inner])
+    assert (taps[:inner, 0, -1] > 0.9).all() and (taps[inner : 2 * inner, 0, -2] > 0.9).all()
+    assert (taps[2 * inner :, 0, -1] > 0.9).all() and taps.abs().min() > 0  # no exactly-zero tap
+    layer.reset_parameters()  # idempotent: re-initialises, does not shift twice
+    assert (layer.conv.weight[:inner, 0, -1] < 1.11).all()
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    y, _ = layer(x)
+    y.square().sum().backward()
+    grads = [p.grad for p in layer.parameters()] + [x.grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert layer.conv.weight.grad.norm() < 1e3  # a zero key's normalisation would give ~1e10
+
+
+def test_associative_init_needs_a_convolution():
+    with pytest.raises(ValueError, match="associative_init.*conv_kernel"):
+        NeuralMemory(32, heads=2, conv_kernel=0, associative_init=True)

@@ -62,6 +62,7 @@ class TitansConfig:
     # M_0's last layer starts at zero: an untrained memory then answers exactly what was written
     # into it (no fixed random term to drown one needle's few writes at a small theta)
     memory_zero_init_output: bool = False
+    memory_associative_init: bool = False  # M starts storing "what followed each token" (NeuralMemory)
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -104,6 +105,7 @@ class TitansConfig:
             conv_kernel=self.memory_conv_kernel, theta_init=self.memory_theta_init,
             theta_activation=self.memory_theta_activation, max_lr=self.memory_max_lr,
             eta_init=self.memory_eta_init, alpha_init=self.memory_alpha_init,
+            associative_init=self.memory_associative_init,
         )  # fmt: skip
 
     def to_dict(self) -> dict:

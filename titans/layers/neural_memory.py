@@ -219,6 +219,15 @@ class NeuralMemory(nn.Module):
             the weights by up to ~chunk_size / (1 - eta) times theta times a gradient. With
             coherent keys (MAC writes attention outputs, which are alike) theta_init = 1e-2
             diverged within 300 tokens at dim 256, chunk 64; 1e-3 stayed bounded over 4K tokens.
+        associative_init: start the memory as an associative store of "what came after this
+            token": the key projection starts equal to the query projection, and the convolution
+            reads the previous token for the key, the current token for the query and the value.
+            A token's write then stores ``k(previous token) -> v(token)``, and a later occurrence
+            of that previous token reads back what followed it, before any training. Needs
+            ``conv_kernel >= 2``. The architecture is unchanged (only the initial values of
+            ``to_qkv`` and ``conv``); see docs/niah_demo.md for why it matters: without it a tiny
+            model trained on key-value recall stayed at chance, with it the LMM learned the recall
+            in ~200 steps.
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
     """
@@ -241,6 +250,7 @@ class NeuralMemory(nn.Module):
         theta_init: float = 1e-3,
         eta_init: float = 0.9,
         alpha_init: float = 1e-3,
+        associative_init: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -262,6 +272,9 @@ class NeuralMemory(nn.Module):
             raise ValueError("eta_init and alpha_init must lie in (0, 1)")
         if conv_kernel < 0:
             raise ValueError(f"conv_kernel must be >= 0, got {conv_kernel}")
+        if associative_init and conv_kernel < 2:
+            raise ValueError(f"associative_init reads the previous token through the convolution: "
+                             f"it needs conv_kernel >= 2, got {conv_kernel}")
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.depth, self.expansion, self.chunk_size = depth, expansion, chunk_size
         self.activation, self.residual = activation, residual
@@ -285,6 +298,7 @@ class NeuralMemory(nn.Module):
         self.to_gate = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
         self._theta_init, self._eta_init, self._alpha_init = theta_init, eta_init, alpha_init
+        self.associative_init = associative_init
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -298,6 +312,24 @@ class NeuralMemory(nn.Module):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.constant_(lin.bias, bias)
+        if self.associative_init:
+            self._init_associative()
+
+    @torch.no_grad()
+    def _init_associative(self) -> None:
+        """See ``associative_init``: W_k = W_q; conv taps: q and v the current token, k the
+        previous one. The random taps stay at a tenth of their size rather than zero: a key with
+        exactly zero input (the first token has no previous one) has no direction, and the
+        gradient of its l2-normalisation is ~1/eps (measured: 6e10 on the conv weights)."""
+        self.to_qkv.reset_parameters()
+        self.conv.reset_parameters()
+        inner = self.heads * self.head_dim
+        w, taps = self.to_qkv.weight, self.conv.weight  # [3 inner, dim], [3 inner, 1, K]
+        w[inner : 2 * inner] = w[:inner]
+        taps.mul_(0.1)
+        taps[:inner, 0, -1] += 1  # query: the current token (the last tap)
+        taps[inner : 2 * inner, 0, -2] += 1  # key: the previous token
+        taps[2 * inner :, 0, -1] += 1  # value: the current token
 
     def _theta_bias(self) -> float:
         if self.theta_activation == "softplus":
