@@ -62,7 +62,8 @@ class MACBlock(nn.Module):
             y, cache = self.attn.attend(aq_s, ak_s, av_s, cache, h, prefix)
             # The op checks the caller's state on the first segment; later ones carry its own.
             answer, mem = self.memory._memorise_raw(y, mem, check_op=pos == state.position)
-            ys.append(y), answers.append(answer)
+            ys.append(y)
+            answers.append(answer)
             pos += n
         # The output paths (the memory's gated projection of M*(y), the gate y ⊗ M*(y)) hold no
         # state: once over the whole input, not per segment.

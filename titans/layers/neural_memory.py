@@ -226,8 +226,8 @@ class NeuralMemory(nn.Module):
             of that previous token reads back what followed it, before any training. Needs
             ``conv_kernel >= 2``. The architecture is unchanged (only the initial values of
             ``to_qkv`` and ``conv``); see docs/niah_demo.md for why it matters: without it a tiny
-            model trained on key-value recall stayed at chance, with it the LMM learned the recall
-            in ~200 steps.
+            model trained on key-value recall stayed at chance, with it the LMM reached 93% answer
+            accuracy after 150 steps (``benchmarks/recall_learning.py``).
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
     """
