@@ -14,7 +14,7 @@ import torch
 
 from titans.data.packages import PackageUnavailable, cache_root
 from titans.data.stream import BatchSource
-from titans.data.tokenizers import ByteTokenizer
+from titans.data.tokenizers import ByteTokenizer, load_tokenizer
 from titans.tasks import babilong, multiple_choice, niah, text_sources
 from titans.tasks.babilong import TASKS as BABI_TASKS
 from titans.tasks.babilong import BabiSample, babi_story, generate_babilong, score_babilong
@@ -22,6 +22,7 @@ from titans.tasks.mqar import generate_mqar, mqar_accuracy
 from titans.tasks.multiple_choice import TASKS as MC_TASKS
 from titans.tasks.multiple_choice import load_lambada, load_mc_task
 from titans.tasks.niah import (
+    PAIR_VARIANTS,
     SHORT_VARIANTS,
     VARIANTS,
     dense_niah_ids,
@@ -124,11 +125,19 @@ VALUE_PATTERNS = {
     "kv-pk": r"\d{7}",
     "kv-n": r"\d{7}",
     "kv-w": r"[\w'-]+-[\w'-]+",
+    "pair-pk": r"\d{3}",
+    "pair-n": r"\d{3}",
+    "pair-w": r"[a-z]+",
 }
 
 
 def niah_oracle(prompt: str) -> str:
     """Answer from the prompt alone: the key from the question, then the needle with that key."""
+    pair = re.search(r"\nRecall the pair: (\w+)$", prompt)
+    if pair is not None:
+        found = re.findall(rf"Remember the pair: {pair.group(1)} (\w+)\.", prompt)
+        assert len(found) == 1, found
+        return f" {found[0]}."
     key = re.search(r"What is the special magic \w+ for (\S+?)(?: mentioned in the provided text)?\?", prompt).group(1)
     found = re.findall(rf"One of the special magic \w+ for {re.escape(key)} is: (\S+?)\.(?=\s|$)", prompt)
     assert len(found) == 1, found
@@ -157,16 +166,22 @@ def test_niah_samples(packages, variant):
     for s in samples:
         assert s.variant == variant and s.length == length and s.answers == [s.value]
         assert re.fullmatch(VALUE_PATTERNS[variant], s.value)
-        needle = f"One of the special magic {type_needle_v} for {s.key} is: {s.value}."
-        assert s.prompt.count("One of the special magic") == 1 and s.context.count(needle) == 1
-        assert s.prompt.count(s.value) == 1
+        if variant in PAIR_VARIANTS:
+            needle = f"Remember the pair: {s.key} {s.value}."
+            assert s.prompt.count("Remember the pair:") == 1 and s.context.count(needle) == 1
+            assert re.fullmatch(r"[a-z]+", s.key) and s.prompt.endswith(f"\nRecall the pair: {s.key}")
+        else:
+            needle = f"One of the special magic {type_needle_v} for {s.key} is: {s.value}."
+            assert s.prompt.count("One of the special magic") == 1 and s.context.count(needle) == 1
+            assert s.prompt.count(s.value) == 1
         noise = VARIANTS[variant][0] == "noise"
         n = len(TOK.encode(s.prompt))
         # never longer; shorter by less than one haystack sentence (noise) or a few tokens (book)
         assert length - (25 if noise else 12) <= n <= length, n
         # the needle sits at the requested depth of the haystack
         where = s.context.index(needle) / max(1, len(s.context) - len(needle))
-        assert abs(where - s.depth) < (0.06 if noise else 0.05), (where, s.depth)  # whole sentences
+        # whole sentences: a long speech of Shakespeare is up to ~0.1 of these 2048 bytes
+        assert abs(where - s.depth) < (0.06 if noise else 0.05 if variant not in PAIR_VARIANTS else 0.1), (where, s.depth)
         if noise:
             lines = s.context.split("\n")
             assert lines.count(needle) == 1
@@ -174,7 +189,7 @@ def test_niah_samples(packages, variant):
         else:
             assert "The grass is green." not in s.context
         assert score_niah(niah_oracle(s.prompt), s) == 1.0
-        assert score_niah("1234567", s) == 0.0  # a constant guess: chance is ~0
+        assert score_niah("1234567" if variant not in PAIR_VARIANTS else "0", s) == 0.0  # a constant guess
         if variant in SHORT_VARIANTS:  # no instruction; the answer prefix ends as the needle does
             assert s.instruction == "" and s.prompt == f"{s.context}\n{s.question}{s.answer_prefix}"
             assert s.question == f"What is the special magic {type_needle_v[:-1]} for {s.key}?"
@@ -719,3 +734,39 @@ def test_lengths_with_a_subword_tokenizer(packages):
         prompt = tok.decode(body)
         assert answer == niah_oracle(prompt)
         assert body == tok.encode(prompt)  # pieces tokenised in context: the prompt's own ids
+
+
+def test_pair_needles_are_one_token_key_then_value_with_the_word_tokenizer(packages):
+    words = load_tokenizer("words")
+    for variant in PAIR_VARIANTS:
+        for s in generate_niah(words, 600, 4, variant=variant, seed=1):
+            ids = words.encode(s.prompt)
+            key, value = words.encode(" " + s.key), words.encode(" " + s.value)
+            assert len(key) == 1 and len(value) == 1 and ids[-1] == key[0]  # the prompt ends on the key
+            at = [i for i in range(len(ids) - 1) if ids[i : i + 2] == key + value]
+            assert len(at) == 1  # the needle: key right before its value, once
+            assert words.decode(ids) == s.prompt
+        row, answers = dense_niah_ids(words, 512, np.random.default_rng(0), variant=variant, needles=6, min_gap=64)
+        assert row.shape == (512,) and answers.sum() == 12  # " value" and "." of six questions
+        values = row[answers][::2]
+        assert all(words.decode([v]).strip() for v in values) and len(words.decode(values.tolist()).split()) == 6
+
+
+def test_niah_train_source_weights_answers(packages):
+    make = lambda **kw: NiahTrainSource(TOK, 511, seed=0, variants=("pair-pk",), needles=4, score="all", **kw)  # noqa: E731
+    plain, weighted = make().next_batch(3), make(answer_weight=10).next_batch(3)
+    assert "loss_weights" not in plain and torch.equal(plain["labels"], weighted["labels"])
+    w = weighted["loss_weights"]
+    assert w.shape == (3, 512) and set(w.unique().tolist()) == {1.0, 10.0}
+    answers = NiahTrainSource(TOK, 511, seed=0, variants=("pair-pk",), needles=4).next_batch(3)["labels"] != -100
+    assert torch.equal(w == 10, answers)  # exactly the answers weigh more
+    with pytest.raises(ValueError, match="cannot resume"):
+        make(answer_weight=10).load_state_dict(make().state_dict())
+    old = make().state_dict()
+    del old["answer_weight"]  # saved before the option existed: weight 1
+    make().load_state_dict(old)
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="answer_weight"):
+            make(answer_weight=bad)
+    with pytest.raises(ValueError, match="score='all'"):
+        NiahTrainSource(TOK, 511, seed=0, variants=("pair-pk",), needles=4, answer_weight=10)

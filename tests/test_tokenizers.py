@@ -14,6 +14,7 @@ from titans.data.tokenizers import (
     ByteTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
+    WordTokenizer,
     encode_batch,
     find_mistral_tokenizer_model,
     load_tokenizer,
@@ -179,6 +180,33 @@ def test_bpe_bad_arguments_and_corrupt_spec():
         load_tokenizer("bpe")
 
 
+def test_words_round_trip_and_spec():
+    tok = WordTokenizer([" quick", " fox", "Hello", " 😀"])
+    assert isinstance(tok, Tokenizer) and tok.vocab_size == 261
+    _round_trips(tok)
+    assert tok.encode("Hello, quick fox!") == [259, ord(","), 257, 258, ord("!")]
+    assert tok.encode("quick foxes") == list(b"quick foxes")  # not a whole listed piece: bytes
+    assert tok.encode(" quick") == [257] and tok.decode([257, 256, 9999]) == " quick"  # eos / unknown ids: no text
+    again = _rebuilds(tok)
+    assert again.words == tok.words
+    spec = dict(tok.to_spec(), words=[" quick", " fox"])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_tokenizer(spec)
+    for bad in ([], [" quick", " quick"], ["two words"], ["a"], [" fox!"], [3]):
+        with pytest.raises(ValueError, match="word"):
+            WordTokenizer(bad)
+
+
+def test_words_niah_vocabulary():
+    try:
+        tok = load_tokenizer("words")
+    except Exception as err:  # PackageUnavailable: the word lists come from a registry package
+        pytest.skip(f"NIAH word lists unavailable: {err}")
+    _round_trips(tok)
+    assert len(tok.encode(" grasshopper 657")) == 2 and len(tok.encode("The grass is green.")) == 5
+    assert load_tokenizer(json.loads(json.dumps(tok.to_spec()))).words == tok.words
+
+
 def test_unknown_tokenizer_names():
     with pytest.raises(ValueError, match=r"unknown tokenizer 'gpt2'.*'bytes'"):
         load_tokenizer("gpt2")
@@ -190,9 +218,10 @@ def test_unknown_tokenizer_names():
 
 def test_parse_tokenizer_arg():
     assert parse_tokenizer_arg("bytes") == {"name": "bytes"}
+    assert parse_tokenizer_arg("words") == {"name": "words"}
     assert parse_tokenizer_arg("sentencepiece") == {"name": "sentencepiece"}
     assert parse_tokenizer_arg("sentencepiece:/m/x.model") == {"name": "sentencepiece", "path": "/m/x.model"}
     assert parse_tokenizer_arg("bpe:8192") == {"name": "bpe", "vocab_size": 8192}
-    for bad in ("bpe", "bpe:lots", "bytes:1", "wordpiece"):
+    for bad in ("bpe", "bpe:lots", "bytes:1", "wordpiece", "words:x"):
         with pytest.raises(ValueError, match="tokenizer"):
             parse_tokenizer_arg(bad)

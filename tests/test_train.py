@@ -215,3 +215,52 @@ def test_overrides_never_change_the_callers_config():
     base = {"models": {"titans": {"model": {"dim": 64}}}}
     out = apply_overrides(base, ["models.titans.model.dim=128"])
     assert out["models"]["titans"]["model"]["dim"] == 128 and base["models"]["titans"]["model"]["dim"] == 64
+
+
+def test_loss_weights_weigh_each_target():
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig(variant="swa", vocab_size=17, dim=16, depth=1, heads=2, window=4))
+    ids = torch.randint(0, 17, (2, 9))
+    labels = ids.clone()
+    labels[0, 3] = -100
+    weights = torch.rand(2, 9) * 5
+    loss, count = trainer_mod._loss_sum(model, ids, labels, torch.autocast("cpu", enabled=False), weights)
+    logits, _, _ = model(ids)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+    w = weights[:, 1:] * (labels[:, 1:] != -100)
+    assert loss.item() == pytest.approx((ce * w).sum().item(), rel=1e-6)
+    assert count == pytest.approx(w.sum().item()) == trainer_mod._target_weight(labels, weights)
+    plain, n = trainer_mod._loss_sum(model, ids, labels, torch.autocast("cpu", enabled=False))
+    assert n == 15 and plain.item() == pytest.approx((ce * (labels[:, 1:] != -100)).sum().item(), rel=1e-6)
+
+
+def test_uniform_loss_weights_train_as_none(tmp_path, monkeypatch):
+    """A batch's loss_weights reach the step: uniform weights give the unweighted run's losses,
+    answer-like weights a different one."""
+
+    def weighted(scale):
+        def build(run, rank=0, world_size=1):
+            tok, source, eval_batches = fake_build_sources(run, rank, world_size)
+
+            class Weighted:
+                def next_batch(self, n):
+                    ids = source.next_batch(n)
+                    w = torch.full(ids.shape, 3.0)
+                    if scale:
+                        w[:, ::4] = 30.0
+                    return {"input_ids": ids, "labels": ids, "loss_weights": w}
+
+                state_dict, load_state_dict = source.state_dict, source.load_state_dict
+
+            return tok, Weighted(), eval_batches
+
+        return build
+
+    trainer_mod.train(tiny_run(tmp_path / "plain", "mag"))
+    monkeypatch.setattr(trainer_mod, "build_sources", weighted(False))
+    trainer_mod.train(tiny_run(tmp_path / "uniform", "mag"))
+    monkeypatch.setattr(trainer_mod, "build_sources", weighted(True))
+    trainer_mod.train(tiny_run(tmp_path / "answers", "mag"))
+    plain, uniform, answers = (_losses(tmp_path / n) for n in ("plain", "uniform", "answers"))
+    assert [r[1] for r in uniform] == pytest.approx([r[1] for r in plain], rel=1e-5)
+    assert [r[1] for r in answers][1:] != pytest.approx([r[1] for r in plain][1:], rel=1e-3)

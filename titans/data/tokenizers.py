@@ -12,6 +12,10 @@ Three kinds:
   stores the path and the file's SHA-256; a different file at that path is refused.
 - ``BPETokenizer``: a byte-level BPE trained on your corpus with ``train_bpe`` (Hugging Face
   ``tokenizers``); the spec holds the whole tokenizer JSON, so it needs no file.
+- ``WordTokenizer(words)``: whole words of a fixed list as single tokens, UTF-8 bytes for
+  everything else; ``"words"`` alone is the NIAH vocabulary (``titans.tasks.niah.niah_words``:
+  the needle keys and values, the noise haystack and the prompt templates), so a needle's key and
+  value are one token each. The spec holds the word list.
 
 ``encode_batch(tokenizer, texts)`` encodes many documents at once with the tokenizer's own batch
 path when it has one (SentencePiece and ``tokenizers`` are much faster that way).
@@ -20,7 +24,9 @@ path when it has one (SentencePiece and ``tokenizers`` are much faster that way)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -33,6 +39,7 @@ __all__ = [
     "ByteTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "WordTokenizer",
     "encode_batch",
     "find_mistral_tokenizer_model",
     "load_tokenizer",
@@ -44,7 +51,7 @@ __all__ = [
 MISTRAL_REQUIREMENT = "mistral-common==1.13.1"
 MISTRAL_MODEL_FILE = "tokenizer.model.v1"
 BPE_EOS_TOKEN = "<|endoftext|>"
-KNOWN = ("bytes", "sentencepiece", "bpe")
+KNOWN = ("bytes", "sentencepiece", "bpe", "words")
 
 
 @runtime_checkable
@@ -80,6 +87,85 @@ class ByteTokenizer:
     def __repr__(self) -> str:
         return "ByteTokenizer()"
 
+
+
+# How text splits into pieces: a word or a number with its leading space, one other character
+# with its leading space, or one whitespace character. Every character is in exactly one piece,
+# so the pieces of a text concatenate back to it.
+_WORD_PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]|\s")
+
+
+class WordTokenizer:
+    """Whole pieces from a fixed list as single tokens; UTF-8 bytes for every other piece.
+
+    Ids 0..255 are bytes, 256 is end-of-document, ``257 + i`` is ``words[i]``. Text splits into
+    pieces (a word or number with its leading space, one other character with its leading space,
+    one whitespace character); a piece in the list is one token, any other piece is its bytes, so
+    ``decode(encode(text)) == text`` for every text. Each entry must be one such piece (like
+    ``" apple"`` or ``"The"``). Meant for tasks whose vocabulary is known: with the NIAH list a
+    needle's key and value are one token each, which is what the memory's one-token-back key
+    (``memory_associative_init``) stores and finds again.
+    """
+
+    name = "words"
+    eos_id = 256
+
+    def __init__(self, words: Sequence[str]):
+        words = list(words)
+        if not words:
+            raise ValueError("WordTokenizer needs at least one word")
+        bad = [w for w in words if not isinstance(w, str) or _WORD_PIECE.fullmatch(w) is None or len(w.encode()) < 2]
+        if bad:
+            raise ValueError(f"word list entries must be single multi-byte pieces like ' apple' or 'The'; got {bad[:5]!r}")
+        self._ids = {w: 257 + i for i, w in enumerate(words)}
+        if len(self._ids) != len(words):
+            raise ValueError("word list has duplicate entries")
+        self.words = words
+        self._pieces = [w.encode("utf-8") for w in words]
+        self.vocab_size = 257 + len(words)
+        blob = json.dumps(words, ensure_ascii=False).encode("utf-8")
+        self._spec = {"name": "words", "words": words, "sha256": hashlib.sha256(blob).hexdigest()}
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        for piece in _WORD_PIECE.findall(text):
+            i = self._ids.get(piece)
+            if i is None:
+                out.extend(piece.encode("utf-8"))
+            else:
+                out.append(i)
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # end-of-document and ids outside the vocabulary are not text; invalid UTF-8 becomes U+FFFD
+        buf = bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                buf.append(i)
+            elif 257 <= i < self.vocab_size:
+                buf += self._pieces[i - 257]
+        return buf.decode("utf-8", errors="replace")
+
+    def to_spec(self) -> dict[str, Any]:
+        return self._spec
+
+    def __repr__(self) -> str:
+        return f"WordTokenizer({len(self.words)} words)"
+
+
+def _load_words(spec: dict[str, Any]) -> WordTokenizer:
+    if "words" not in spec:  # the built-in NIAH vocabulary (needs the wonderwords word lists)
+        from ..tasks.niah import niah_words
+
+        return WordTokenizer(niah_words())
+    words = spec["words"]
+    if not isinstance(words, list):
+        raise ValueError("a 'words' tokenizer spec must hold its word list under 'words'")
+    blob = json.dumps(words, ensure_ascii=False).encode("utf-8")
+    if "sha256" in spec and hashlib.sha256(blob).hexdigest() != spec["sha256"]:
+        raise ValueError("words tokenizer spec is corrupt: its word list does not match the recorded sha256")
+    return WordTokenizer(words)
 
 
 class SentencePieceTokenizer:
@@ -264,8 +350,8 @@ def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 def load_tokenizer(spec: dict[str, Any] | str) -> Tokenizer:
     """Rebuild a tokenizer from ``to_spec()`` output (or a bare name).
 
-    Bare names: ``"bytes"``; ``"sentencepiece"`` (the mistral-common 32K model); a BPE must be
-    trained first (``train_bpe``) and is rebuilt from its spec.
+    Bare names: ``"bytes"``; ``"sentencepiece"`` (the mistral-common 32K model); ``"words"`` (the
+    NIAH word vocabulary); a BPE must be trained first (``train_bpe``) and is rebuilt from its spec.
     """
     if isinstance(spec, str):
         spec = {"name": spec}
@@ -284,6 +370,8 @@ def load_tokenizer(spec: dict[str, Any] | str) -> Tokenizer:
         if "sha256" in spec and hashlib.sha256(text.encode("utf-8")).hexdigest() != spec["sha256"]:
             raise ValueError("BPE spec is corrupt: its tokenizer JSON does not match the recorded sha256")
         return BPETokenizer.from_json(text, spec.get("eos_token", BPE_EOS_TOKEN))
+    if name == "words":
+        return _load_words(spec)
     raise ValueError(f"unknown tokenizer {name!r}; known: {', '.join(repr(k) for k in KNOWN)}")
 
 
@@ -310,16 +398,16 @@ def _load_sentencepiece(spec: dict[str, Any]) -> SentencePieceTokenizer:
 def parse_tokenizer_arg(text: str) -> dict[str, Any]:
     """The command line's ``--tokenizer`` value as a request (the BPE is trained later).
 
-    ``bytes`` -> {"name": "bytes"}; ``sentencepiece`` -> the mistral model;
+    ``bytes`` -> {"name": "bytes"}; ``words`` -> the NIAH word vocabulary; ``sentencepiece`` -> the mistral model;
     ``sentencepiece:PATH`` -> that model; ``bpe:VOCAB`` -> {"name": "bpe", "vocab_size": VOCAB}.
     """
     name, _, arg = text.partition(":")
-    if name == "bytes" and not arg:
-        return {"name": "bytes"}
+    if name in ("bytes", "words") and not arg:
+        return {"name": name}
     if name == "sentencepiece":
         return {"name": "sentencepiece", "path": arg} if arg else {"name": "sentencepiece"}
     if name == "bpe":
         if not arg.isdigit():
             raise ValueError(f"--tokenizer bpe needs a vocabulary size, like bpe:8192 (got {text!r})")
         return {"name": "bpe", "vocab_size": int(arg)}
-    raise ValueError(f"unknown tokenizer {text!r}; use bytes, sentencepiece, sentencepiece:PATH or bpe:VOCAB")
+    raise ValueError(f"unknown tokenizer {text!r}; use bytes, words, sentencepiece, sentencepiece:PATH or bpe:VOCAB")

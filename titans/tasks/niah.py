@@ -18,6 +18,14 @@ is:"``, which ends as the needle does before its value (the pass-key prompt of M
 models are trained on (``dense_niah_ids``: several needles and questions in one training row),
 where RULER's 150-byte instruction would fill much of a 1K-token row.
 
+The ``pair-`` variants (``pair-pk``, ``pair-n``, ``pair-w``: noise / book haystacks, 3-digit
+number / adjective values) are built for the word vocabulary (``niah_words``, the ``words``
+tokenizer), where the key (one noun) and the value are one token each and the key comes right
+before its value: the needle ``"Remember the pair: {key} {value}."``, the question line
+``"Recall the pair:"`` and the answer prefix ``" {key}"``. A memory whose write key is the previous
+token (``memory_associative_init``) stores exactly ``key -> value`` at the needle and reads it
+back at the question: the shape of task on which the tiny models learn to retrieve.
+
 The prompt measures at most ``length`` tokens of the given tokenizer and at least ``length``
 minus about one haystack sentence (the haystack is cut at sentence boundaries; for book text the
 best-fitting of several windows is taken, so usually within a few tokens). A prediction scores 1
@@ -33,15 +41,17 @@ from functools import lru_cache
 import numpy as np
 
 from ..data.packages import PackageUnavailable, find_in_package
-from .text_sources import TokenizedHaystack, _spec_key, continuation_ids, encode_pieces, haystack, prediction_text
+from .text_sources import NOISE_SENTENCES, TokenizedHaystack, _spec_key, continuation_ids, encode_pieces, haystack, prediction_text
 
 __all__ = [
     "NEEDLE",
+    "PAIR_VARIANTS",
     "SHORT_VARIANTS",
     "VARIANTS",
     "NiahSample",
     "continuation_ids",
     "generate_niah",
+    "niah_words",
     "niah_token_ids",
     "random_key",
     "dense_niah_ids",
@@ -61,11 +71,18 @@ VARIANTS = {
     "kv-pk": ("noise", "numbers"),
     "kv-n": ("book", "numbers"),
     "kv-w": ("book", "words"),
+    "pair-pk": ("noise", "numbers"),
+    "pair-n": ("book", "numbers"),
+    "pair-w": ("book", "words"),
 }
 # variants whose prompt is ``context \n question`` (no instruction, no answer prefix)
 SHORT_VARIANTS = ("kv-pk", "kv-n", "kv-w")
+# variants with one-word keys and values, the key right before its value (see the module docstring)
+PAIR_VARIANTS = ("pair-pk", "pair-n", "pair-w")
 
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+PAIR_NEEDLE = "Remember the pair: {key} {value}."
+PAIR_QUESTION = "Recall the pair:"
 
 # RULER's niah template (constants.py: template + answer_prefix), written for several needles.
 _RULER_TEMPLATE = (
@@ -107,6 +124,8 @@ def prompt_parts(variant: str, key: str) -> tuple[str, str, str]:
     if variant not in VARIANTS:
         raise ValueError(f"unknown NIAH variant {variant!r}; known: {sorted(VARIANTS)}")
     type_needle_v = VARIANTS[variant][1]
+    if variant in PAIR_VARIANTS:
+        return "", PAIR_QUESTION, f" {key}"
     if variant in SHORT_VARIANTS:
         single = type_needle_v[:-1]
         return "", f"What is the special magic {single} for {key}?", f" The special magic {single} for {key} is:"
@@ -152,6 +171,38 @@ def _word_lists(cache: str | None = None) -> tuple[list[str], list[str]]:
     return read(adjs), read(nouns)
 
 
+@lru_cache(maxsize=1)
+def _pair_lists() -> tuple[list[str], list[str]]:
+    """(keys, word values) of the pair variants: the one-word lowercase nouns and adjectives."""
+    adjs, nouns = _word_lists()
+    nouns = [w for w in nouns if w.isascii() and w.isalpha() and w.islower()]
+    noun_set = set(nouns)
+    # an adjective that is also a noun could be drawn as a key: values stay apart from keys
+    adjs = [w for w in adjs if w.isascii() and w.isalpha() and w.islower() and w not in noun_set]
+    return nouns, adjs
+
+
+# Words of every prompt template and of the noise haystack, with and without a leading space.
+_TEMPLATE_TEXT = " ".join([
+    NOISE_SENTENCES, PAIR_NEEDLE, PAIR_QUESTION, NEEDLE, _RULER_TEMPLATE, _RULER_ANSWER_PREFIX,
+    "What is the special magic number word for A an",
+])  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def niah_words() -> tuple[str, ...]:
+    """The ``words`` tokenizer's NIAH vocabulary: template and noise words, then ``" " + key`` for
+    every pair-variant key (a noun), ``" " + value`` for every word value (an adjective) and the
+    3-digit numbers ``" 100" .. " 999"``. Deterministic (sorted word lists of ``wonderwords``)."""
+    import re
+
+    template = sorted(set(re.findall(r"[A-Za-z]+", _TEMPLATE_TEXT)))
+    words = [p for w in template for p in (w, " " + w) if len(p) > 1]  # one letter alone is its byte
+    keys, values = _pair_lists()
+    words += [" " + w for w in keys + values] + [f" {n}" for n in range(100, 1000)]
+    return tuple(dict.fromkeys(words))  # a noise word may also be a key: keep its first place
+
+
 def random_key(rng: np.random.Generator) -> str:
     """An adjective-noun pair (uniform over the product of the two lists, as RULER's words)."""
     adjs, nouns = _word_lists()
@@ -188,6 +239,12 @@ class _Builder:
         self.head_ids = np.asarray(tokenizer.encode(self.head) if self.head else [], dtype=np.int64)
 
     def draw(self, rng: np.random.Generator) -> tuple[str, str, str, str, str]:
+        if self.variant in PAIR_VARIANTS:
+            keys, adjs = _pair_lists()
+            key = keys[rng.integers(len(keys))]
+            value = str(int(rng.integers(100, 1000))) if self.type_needle_v == "numbers" else adjs[rng.integers(len(adjs))]
+            _, question, prefix = prompt_parts(self.variant, key)
+            return key, value, PAIR_NEEDLE.format(key=key, value=value), question, prefix
         key = random_key(rng)
         value = _random_value(self.type_needle_v, rng, key)
         needle = NEEDLE.format(type_needle_v=self.type_needle_v, key=key, value=value)

@@ -57,7 +57,9 @@ class NiahTrainSource:
     ``score="all"`` scores every token but the leading ``eos`` padding (language modelling of the
     whole row, answers included) instead of the answers alone: the repeated haystack and the
     question lines, whose key repeats a needle's, teach copying from earlier text long before the
-    answers alone would.
+    answers alone would. ``answer_weight`` (with ``score="all"``) weights the answer tokens that
+    many times the others in the training loss (the batch's ``loss_weights``): at 1 the answers are
+    a few tokens among thousands and the loss hardly sees whether a needle was recalled.
     """
 
     def __init__(
@@ -75,7 +77,13 @@ class NiahTrainSource:
         min_gap: int = 0,
         score: str = "answers",
         ask: str = "any",
+        answer_weight: float = 1.0,
     ):
+        if not (answer_weight >= 1.0 and answer_weight < float("inf")):
+            raise ValueError(f"answer_weight must be a finite number >= 1, got {answer_weight}")
+        if answer_weight != 1.0 and score != "all":
+            raise ValueError("answer_weight needs score='all' (with score='answers' only answers are scored)")
+        self.answer_weight = float(answer_weight)
         if not variants or any(v not in VARIANTS for v in variants):
             raise ValueError(f"variants must be a non-empty subset of {sorted(VARIANTS)}, got {list(variants)}")
         if not 0 <= rank < world_size:
@@ -134,20 +142,26 @@ class NiahTrainSource:
         built = [self._row(np.random.default_rng([self.seed, self.step, r])) for r in rows]
         self.step += 1
         ids = torch.from_numpy(np.stack([b[0] for b in built]))
-        mask = torch.from_numpy(np.stack([b[1] for b in built]))
+        answers = torch.from_numpy(np.stack([b[1] for b in built]))
+        mask = answers
         if self.score == "all":  # everything after the leading eos padding
             mask = (ids != self.tokenizer.eos_id).cumsum(1) > 0
-        return {"input_ids": ids, "labels": torch.where(mask, ids, torch.full_like(ids, -100))}
+        batch = {"input_ids": ids, "labels": torch.where(mask, ids, torch.full_like(ids, -100))}
+        if self.answer_weight != 1.0:
+            batch["loss_weights"] = 1.0 + (self.answer_weight - 1.0) * answers.float()
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "kind": "niah", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
             "variants": list(self.variants), "min_doc_tokens": self.min_doc_tokens, "book": self.book,
             "needles": self.needles, "min_gap": self.min_gap, "score": self.score, "ask": self.ask,
+            "answer_weight": self.answer_weight,
             "tokenizer": self.tokenizer.to_spec(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {"answer_weight": 1.0, **state}  # saved before answers could be weighted
         _check_resume("NiahTrainSource", self.state_dict(), state)
         self.step = int(state["step"])
 

@@ -121,14 +121,31 @@ class _Metrics:
             self.tb.close()
 
 
-def _loss_sum(model, input_ids, labels, autocast) -> tuple[torch.Tensor, int]:
+def _loss_sum(model, input_ids, labels, autocast, weights=None) -> tuple[torch.Tensor, float]:
+    """Summed cross-entropy over the targets and their count; with ``weights`` ([B, T], per
+    label position, like ``labels``) each target counts its weight in both."""
     with autocast:
         logits, _, _ = model(input_ids)
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((targets != -100).sum())
+    targets = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    if weights is None:
+        return F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum"), int((targets != -100).sum())
+    w = weights[:, 1:].reshape(-1).to(flat.dtype) * (targets != -100)
+    ce = F.cross_entropy(flat, targets, ignore_index=-100, reduction="none")
+    return (ce * w).sum(), float(w.sum())
+
+
+def _target_weight(labels, weights) -> float:
+    """What ``_loss_sum`` counts for a micro batch: its targets, or their summed weights."""
+    if weights is None:
+        return int((labels[:, 1:] != -100).sum())
+    return float((weights[:, 1:] * (labels[:, 1:] != -100)).sum())
+
+
+def _loss_weights(batch, device):
+    """A dict batch's optional ``loss_weights`` (NIAH answers weighted above the other tokens)."""
+    w = batch.get("loss_weights") if isinstance(batch, dict) else None
+    return None if w is None else w.to(device)
 
 
 @torch.no_grad()
@@ -261,16 +278,16 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                     reason = "max_minutes"
                     break
                 batch = source.next_batch(rows_global)
-                micro = [as_inputs(b, device) for b in _split_rows(batch, tcfg.micro_batch)]
-                local_targets = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
-                n_global = int(all_reduce_sum(torch.tensor(local_targets, device=device)))
+                micro = [(*as_inputs(b, device), _loss_weights(b, device)) for b in _split_rows(batch, tcfg.micro_batch)]
+                local_targets = sum(_target_weight(labels, w) for _, labels, w in micro)
+                n_global = float(all_reduce_sum(torch.tensor(float(local_targets), device=device, dtype=torch.float64)))
                 if n_global == 0:
                     raise RuntimeError(f"step {step}: the batch has no target tokens (every label is -100)")
                 loss_total = torch.zeros((), device=device)
-                for i, (input_ids, labels) in enumerate(micro):
+                for i, (input_ids, labels, weights) in enumerate(micro):
                     with no_gradient_sync(model, skip=i < len(micro) - 1):
                         try:
-                            loss, _ = _loss_sum(model, input_ids, labels, autocast)
+                            loss, _ = _loss_sum(model, input_ids, labels, autocast, weights)
                         except NonFiniteError as err:
                             raise FloatingPointError(
                                 f"activations became non-finite in the forward pass of step {step + 1} ({err}); "
