@@ -13,7 +13,14 @@ from titans.model import VARIANTS, ModelState, TitansConfig, TitansLM
 from titans.state_io import load_state, save_state, state_num_bytes
 
 
+# MAC with the memory writing the residual stream (mac_memory_input="residual") runs every
+# model-level property test too.
+CASES = (*VARIANTS, "mac-residual")
+
+
 def _cfg(variant, **kw):
+    if variant == "mac-residual":
+        variant, kw = "mac", {"mac_memory_input": "residual", **kw}
     base = dict(variant=variant, vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
                 memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
     base.update(kw)
@@ -29,7 +36,7 @@ def _ids(B=2, T=37, seed=1, vocab=61):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 def test_causal(variant):
     model = _model(variant)
     ids = _ids()
@@ -42,7 +49,7 @@ def test_causal(variant):
             assert torch.equal(logits[:, : t + 1], logits2[:, : t + 1]), f"{variant}: position <= {t} saw the future"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 def test_streaming_equals_parallel(variant):
     """One parallel call == prefill + one token at a time == random multi-token pieces."""
     model = _model(variant)
@@ -80,7 +87,7 @@ def test_streaming_float32(variant):
     assert rel_rms(torch.cat(out, 1), full) < 1e-4
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 def test_state_save_load_continue(variant, tmp_path):
     model = _model(variant)
     ids = _ids(T=30)
@@ -113,7 +120,7 @@ def test_corrupt_state_files_are_refused(tmp_path):
         load_state(tmp_path / "t")
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "transformer"])
+@pytest.mark.parametrize("variant", [v for v in CASES if v != "transformer"])
 def test_state_size_is_constant(variant):
     """O(1) inference memory: the state after 10,000 tokens is as big as after 100."""
     # Segment, window and chunk divide 100, so both positions are at the same phase of each.
@@ -136,7 +143,7 @@ def test_transformer_cache_grows():
     assert state_num_bytes(s2) == 2 * state_num_bytes(s1)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CASES)
 def test_gradients_and_training_steps(variant):
     model = _model(variant, dtype=torch.float32)
     ids = _ids(T=24)
@@ -164,6 +171,7 @@ def test_gradients_and_training_steps(variant):
         (dict(variant="rnn"), "variant must be one of"),
         (dict(memory_heads=5), "memory_heads"),
         (dict(depth=0), "depth"),
+        (dict(mac_memory_input="output"), "mac_memory_input"),
     ],
 )
 def test_bad_configs(kwargs, match):
@@ -284,6 +292,8 @@ def _mac_reference(block, x, state=None):
         piece = u[:, t : t + n]
         h, qconv = block.memory.retrieve(piece, seg_w, qconv)
         y, cache = block.attn(piece, cache, memory_tokens=h)
+        if block.write_norm is not None:  # mac_memory_input="residual": y = norm(x + attention)
+            y = block.write_norm(x[:, t : t + n] + y)
         m, mem = block.memory(y, mem)
         outs.append(block.gate(y, m))
         t, pos = t + n, pos + n
@@ -291,10 +301,12 @@ def _mac_reference(block, x, state=None):
     return x + block.ffn(block.ffn_norm(x)), mem
 
 
-def test_mac_block_matches_segment_by_segment_reference():
+@pytest.mark.parametrize("memory_input", ["attention", "residual"])
+def test_mac_block_matches_segment_by_segment_reference(memory_input):
     """The MAC block's batched projections and output paths give the per-segment composition of
     the layers' public calls: outputs, gradients of every parameter, and a continued state."""
-    model = _model("mac", memory_chunk=3)
+    model = _model("mac", memory_chunk=3, mac_memory_input=memory_input)
+    assert (model.blocks[0].write_norm is None) == (memory_input == "attention")
     block = model.blocks[0]
     x = torch.randn(2, 21, 32, dtype=torch.float64, requires_grad=True)
     y, state = block(x[:, :13])  # ends mid-segment and mid-chunk

@@ -63,6 +63,10 @@ class TitansConfig:
     # into it (no fixed random term to drown one needle's few writes at a small theta)
     memory_zero_init_output: bool = False
     memory_associative_init: bool = False  # M starts storing "what followed each token" (NeuralMemory)
+    # MAC: what the memory writes and the output gate takes as y. "attention": the attention's
+    # output (its sublayer alone); "residual": the residual stream after it, normalised,
+    # norm(x + attention), whose space is the one the next segment's queries are read from.
+    mac_memory_input: str = "attention"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -89,6 +93,8 @@ class TitansConfig:
                 f"memory_theta_init ({self.memory_theta_init}) must lie in (0, memory_max_lr={self.memory_max_lr}) "
                 f"with the sigmoid theta"
             )
+        if self.mac_memory_input not in ("attention", "residual"):
+            raise ValueError(f"mac_memory_input must be 'attention' or 'residual', got {self.mac_memory_input!r}")
         if self.persistent_tokens < 0:
             raise ValueError(f"persistent_tokens must be >= 0, got {self.persistent_tokens}")
 

@@ -28,6 +28,9 @@ class MACBlock(nn.Module):
         self.attn = Attention(cfg.dim, cfg.heads, kind="segment", segment=cfg.segment,
                               persistent_tokens=cfg.persistent_tokens, rope_base=cfg.rope_base)  # fmt: skip
         self.gate = NormalizedGate(cfg.dim)
+        # "residual": y is norm(x + attention), the attention sublayer's result in the residual
+        # stream; the memory then writes in the space its queries read from (norm(x)).
+        self.write_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps) if cfg.mac_memory_input == "residual" else None
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
@@ -54,12 +57,14 @@ class MACBlock(nn.Module):
             sizes.append(min(self.segment - pos % self.segment, T - t))
             t, pos = t + sizes[-1], pos + sizes[-1]
         pos, ys, answers = state.position, [], []
-        spans = zip(sizes, *(z.split(sizes, dim=1) for z in (queries, read_gate, aq, ak, av)))
-        for n, q_s, gate_s, aq_s, ak_s, av_s in spans:
+        spans = zip(sizes, *(z.split(sizes, dim=1) for z in (queries, read_gate, aq, ak, av, x)))
+        for n, q_s, gate_s, aq_s, ak_s, av_s, x_s in spans:
             if pos % self.segment == 0:  # a new segment reads the memory as it is now
                 seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
             h = self.memory._read(q_s, gate_s, seg_w, u.dtype)
             y, cache = self.attn.attend(aq_s, ak_s, av_s, cache, h, prefix)
+            if self.write_norm is not None:
+                y = self.write_norm(x_s + y)
             # The op checks the caller's state on the first segment; later ones carry its own.
             answer, mem = self.memory._memorise_raw(y, mem, check_op=pos == state.position)
             ys.append(y)
