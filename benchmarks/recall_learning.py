@@ -32,13 +32,14 @@ KEY0, VALUE0 = FILLER, FILLER + KEYS
 NEEDLE, QUESTION = FILLER + KEYS + VALUES, FILLER + KEYS + VALUES + 1
 VOCAB = QUESTION + 1
 
-# name -> (variant, associative init); every config shares the memory settings below
+# name -> (variant, associative init, MAC memory input); every config shares the memory settings below
 CONFIGS = {
-    "lmm-assoc": ("lmm", True),
-    "lmm": ("lmm", False),
-    "mag-assoc": ("mag", True),
-    "mac-assoc": ("mac", True),
-    "mac": ("mac", False),
+    "lmm-assoc": ("lmm", True, "attention"),
+    "lmm": ("lmm", False, "attention"),
+    "mag-assoc": ("mag", True, "attention"),
+    "mac-assoc": ("mac", True, "attention"),
+    "mac": ("mac", False, "attention"),
+    "mac-residual-assoc": ("mac", True, "residual"),
 }
 
 
@@ -64,13 +65,13 @@ def recall_rows(rng: np.random.Generator, n: int, length: int, pairs: int) -> tu
 
 
 def model_for(name: str, args) -> TitansLM:
-    variant, associative = CONFIGS[name]
+    variant, associative, mac_input = CONFIGS[name]
     cfg = TitansConfig(
         variant=variant, vocab_size=VOCAB, dim=args.dim, depth=2, heads=4, segment=args.window,
         window=args.window, persistent_tokens=4, memory_chunk=args.chunk,
         memory_theta_activation="sigmoid", memory_max_lr=args.max_lr, memory_theta_init=args.theta_init,
         memory_eta_init=args.eta_init, memory_alpha_init=1e-4, memory_zero_init_output=True,
-        memory_associative_init=associative,
+        memory_associative_init=associative, mac_memory_input=mac_input,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     return TitansLM(cfg)

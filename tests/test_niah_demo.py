@@ -32,3 +32,20 @@ def test_demo_streams_every_length_and_writes_table_and_heatmap(tmp_path):
     assert all(0 <= r["accuracy"] <= 100 and r["tokens_per_s"] > 0 for r in result["rows"])
     assert "titans-mac" in result["table"] and "1K" in result["table"]
     assert (tmp_path / "out" / "niah_heatmap.png").stat().st_size > 1000
+
+
+def test_demo_runs_the_pair_variant_with_the_word_tokenizer(tmp_path):
+    """The one-token-needle variant streams end to end with a word-tokenizer checkpoint."""
+    from titans.data.tokenizers import load_tokenizer
+
+    try:
+        words = load_tokenizer("words")
+    except Exception as err:  # PackageUnavailable: the word lists come from a registry package
+        pytest.skip(f"NIAH word lists unavailable: {err}")
+    cfg = TitansConfig(variant="lmm", vocab_size=words.vocab_size, dim=32, depth=1, heads=2, memory_chunk=4,
+                       memory_associative_init=True)  # fmt: skip
+    save_for_inference(TitansLM(cfg), words, tmp_path / "ck" / "niah-mac", note={"command": "test"})
+    result = niah_demo.run_demo(["titans-mac"], [300], 2, tmp_path / "out", variant="pair-pk", chunk_tokens=128,
+                                progress=False, root=tmp_path / "ck")  # fmt: skip
+    (row,) = result["rows"]
+    assert row["length"] == 300 and 0 <= row["accuracy"] <= 100 and "pair-pk" in result["table"]

@@ -93,7 +93,7 @@ def run_demo(
                 tokens_per_s=tokens / seconds, peak_rss_mb=peak.peak_mb, step=info["step"],
             ))  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    heatmap = plot_niah_heatmap(records, out_dir / "niah_heatmap.png", title="Needle retrieval, streamed (bytes)")
+    heatmap = plot_niah_heatmap(records, out_dir / "niah_heatmap.png", title=f"Needle retrieval ({variant}), streamed")
     columns = ["Model"] + [length_label(n) for n in lengths] + ["tokens/s", "peak MB"]
     body = []
     for name in models:
@@ -118,7 +118,7 @@ def main(args) -> int:
     if args.retrain:
         retrain(models, Path(args.work_dir))
     result = run_demo(models, lengths, args.needles, Path(args.out), chunk_tokens=args.chunk_tokens,
-                      progress=not args.no_progress)  # fmt: skip
+                      variant=getattr(args, "variant", "kv-pk"), progress=not args.no_progress)  # fmt: skip
     print(result["table"])
     print(f"heatmap: {result['heatmap']}")
     sys.stdout.flush()

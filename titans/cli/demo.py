@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--needles", type=int, default=4, help="niah: needles per length, at evenly spaced depths (default 4)")
     p.add_argument("--models", default=None, help="niah: comma-separated subset of titans-mac,swa (default both)")
     p.add_argument("--out", default="demo-out", help="niah: directory for the heatmap and results (default demo-out)")
+    p.add_argument("--variant", default="kv-pk",
+                   help="niah: needle format, a variant of `titans eval niah` (default kv-pk: what the recipes train on)")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="niah: tokens per streaming call (default 4096)")
     p.add_argument("--retrain", action="store_true", help="niah: train the checkpoints again from titans/recipes first")
     p.add_argument("--work-dir", default="runs/demo", help="niah --retrain: training directory (default runs/demo)")
@@ -44,6 +46,10 @@ def run(args) -> int:
         unknown = [m for m in args.models or [] if m not in DEMO_MODELS]
         if unknown:
             raise UserError(f"--models: unknown {unknown}; choose from {sorted(DEMO_MODELS)}")
+        from ..eval.niah import NIAH_VARIANTS
+
+        if args.variant not in NIAH_VARIANTS:
+            raise UserError(f"--variant: unknown {args.variant!r}; choose from {sorted(NIAH_VARIANTS)}")
         return niah_main(args)
     from ..recall_demo import main as demo_main
 

@@ -23,6 +23,7 @@ __all__ = ["NIAH_VARIANTS", "answer_budget", "niah_table", "plot_niah_heatmap", 
 NIAH_VARIANTS = {
     "pk": "S-NIAH-PK", "n": "S-NIAH-N", "w": "S-NIAH-W", "uuid": "S-NIAH-UUID",
     "kv-pk": "KV-NIAH-PK", "kv-n": "KV-NIAH-N", "kv-w": "KV-NIAH-W",
+    "pair-pk": "PAIR-NIAH-PK", "pair-n": "PAIR-NIAH-N", "pair-w": "PAIR-NIAH-W",
 }  # fmt: skip
 
 
