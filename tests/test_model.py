@@ -13,14 +13,17 @@ from titans.model import VARIANTS, ModelState, TitansConfig, TitansLM
 from titans.state_io import load_state, save_state, state_num_bytes
 
 
-# MAC with the memory writing the residual stream (mac_memory_input="residual") runs every
+# MAC with the memory writing the residual stream (mac_memory_input="residual") and MAG with its
+# inner gradients clipped (memory_max_grad_norm, acting on most tokens at this size) run every
 # model-level property test too.
-CASES = (*VARIANTS, "mac-residual")
+CASES = (*VARIANTS, "mac-residual", "mag-clip")
 
 
 def _cfg(variant, **kw):
     if variant == "mac-residual":
         variant, kw = "mac", {"mac_memory_input": "residual", **kw}
+    if variant == "mag-clip":
+        variant, kw = "mag", {"memory_max_grad_norm": 0.05, **kw}
     base = dict(variant=variant, vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
                 memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
     base.update(kw)
@@ -172,6 +175,8 @@ def test_gradients_and_training_steps(variant):
         (dict(memory_heads=5), "memory_heads"),
         (dict(depth=0), "depth"),
         (dict(mac_memory_input="output"), "mac_memory_input"),
+        (dict(memory_max_grad_norm=0.0), "memory_max_grad_norm"),
+        (dict(memory_max_grad_norm=float("nan")), "memory_max_grad_norm"),
     ],
 )
 def test_bad_configs(kwargs, match):
@@ -231,6 +236,20 @@ def test_bounded_memory_learning_rate_reaches_every_memory_layer():
     for block in model.blocks:
         theta, _, _ = block.memory.gates(x)
         assert block.memory.theta_activation == "sigmoid" and float(theta.max().detach()) <= 0.01
+
+
+def test_max_grad_norm_reaches_every_memory_layer_and_acts():
+    """The config's clip is each memory layer's, and at the test size it changes the output (it
+    acts), while a bound above every norm changes nothing."""
+    ids = _ids(T=24)
+    with torch.no_grad():
+        free = _model("mag")(ids)[0]
+        loose = _model("mag", memory_max_grad_norm=1e9)(ids)[0]
+        model = _model("mag-clip")
+        clipped = model(ids)[0]
+    assert all(b.memory.max_grad_norm == 0.05 for b in model.blocks)
+    assert torch.equal(free, loose)
+    assert rel_rms(clipped, free) > 1e-6
 
 
 def test_mac_block_checks_its_input_once():

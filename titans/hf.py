@@ -129,12 +129,26 @@ class _GenerationCache:
 
     is_compileable = False
     is_croppable = False
+    # transformers 5.2x: a cache whose layers are all "linear" (recurrent) gets no count of new
+    # tokens; ours wants it (get_seq_length is exact), so it reports as one attention-like layer
+    is_linear = (False,)
 
     def __init__(self, state: ModelState | None) -> None:
         self.state = state
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return 0 if self.state is None else self.state.position
+
+
+# transformers 5.2x calls the cache ``cache`` (``past_key_values`` is its deprecated alias, still
+# read on outputs); 4.x calls it ``past_key_values``. We take either name and write the current one.
+_CACHE = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def _one_cache(past_key_values, cache):
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the state as past_key_values or as cache, not both")
+    return cache if past_key_values is None else past_key_values
 
 
 def _as_state(past) -> ModelState | None:
@@ -282,9 +296,11 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = True,
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
+        cache: ModelState | None = None,
         **kwargs,
     ):
-        """``input_ids`` ``[B, T]``: the tokens after those ``past_key_values`` (a ``ModelState``)
+        """``input_ids`` ``[B, T]``: the tokens after those ``past_key_values`` (or ``cache``, its
+        name in transformers >= 5.2x: a ``ModelState``)
         has read. ``labels`` ``[B, T]`` are aligned with ``input_ids`` and shifted inside (HF
         convention; -100 is ignored). Returns ``CausalLMOutputWithPast`` whose ``past_key_values``
         is the ``ModelState`` after ``input_ids`` (None when ``use_cache=False``).
@@ -295,6 +311,7 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("input_ids is required")
         _check_attention_mask(attention_mask)
+        past_key_values = _one_cache(past_key_values, cache)
         state = _as_state(past_key_values)
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         return_dict = (
@@ -321,7 +338,7 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
         if not return_dict:
             out = (logits,) + ((past,) if past is not None else ())
             return ((loss,) + out) if loss is not None else out
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE: past})
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -329,10 +346,12 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # our cache is the ModelState our forward returns
 
-    def generate(self, *args, past_key_values=None, **kwargs):
+    def generate(self, *args, past_key_values=None, cache=None, **kwargs):
         """HF ``generate``; ``past_key_values`` may be a ``ModelState`` to continue from (then
         ``input_ids`` is the whole sequence: the tokens the state has read, then new ones). With
-        ``return_dict_in_generate=True``, ``past_key_values`` is the ``ModelState`` at the end."""
+        ``return_dict_in_generate=True``, ``past_key_values`` is the ``ModelState`` at the end.
+        ``cache`` is the same argument under its transformers-5 name."""
+        past_key_values = _one_cache(past_key_values, cache)
         if past_key_values is not None and not isinstance(past_key_values, ModelState):
             raise TypeError(
                 f"past_key_values must be a titans ModelState, got {type(past_key_values).__name__}"
@@ -343,10 +362,10 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
             if past_key_values is not None:
                 raise ValueError("continuing from past_key_values needs use_cache=True")
         else:
-            kwargs["past_key_values"] = _GenerationCache(past_key_values)
+            kwargs[_CACHE] = _GenerationCache(past_key_values)
         out = super().generate(*args, **kwargs)
-        if isinstance(getattr(out, "past_key_values", None), _GenerationCache):
-            out.past_key_values = out.past_key_values.state
+        if isinstance(getattr(out, _CACHE, None), _GenerationCache):
+            setattr(out, _CACHE, getattr(out, _CACHE).state)
         return out
 
     def prepare_inputs_for_generation(
@@ -354,12 +373,14 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: Tensor,
         past_key_values=None,
         attention_mask: Tensor | None = None,
+        cache=None,
         inputs_embeds: Tensor | None = None,
         next_sequence_length: int | None = None,
         use_cache: bool = True,
         **kwargs,
     ) -> dict:
         """Only the tokens the state has not read: the whole prompt first, then one token a step."""
+        past_key_values = _one_cache(past_key_values, cache)
         if inputs_embeds is not None:
             raise NotImplementedError("titans models take input_ids, not inputs_embeds")
         state = _as_state(past_key_values)

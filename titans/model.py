@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
 from .blocks.common import RMSNorm
 from .layers.neural_memory import NeuralMemory
+from .ops.memory.state import check_max_grad_norm
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
 
@@ -63,6 +64,9 @@ class TitansConfig:
     # into it (no fixed random term to drown one needle's few writes at a small theta)
     memory_zero_init_output: bool = False
     memory_associative_init: bool = False  # M starts storing "what followed each token" (NeuralMemory)
+    # Clip each token's inner gradient to this norm (its learning rate scaled down): bounds every
+    # test-time step, which a deep memory whose weights grew needs to stay finite (NeuralMemory)
+    memory_max_grad_norm: float | None = None
     # MAC: what the memory writes and the output gate takes as y. "attention": the attention's
     # output (its sublayer alone); "residual": the residual stream after it, normalised,
     # norm(x + attention), whose space is the one the next segment's queries are read from.
@@ -95,6 +99,7 @@ class TitansConfig:
             )
         if self.mac_memory_input not in ("attention", "residual"):
             raise ValueError(f"mac_memory_input must be 'attention' or 'residual', got {self.mac_memory_input!r}")
+        check_max_grad_norm(self.memory_max_grad_norm, "memory_max_grad_norm")
         if self.persistent_tokens < 0:
             raise ValueError(f"persistent_tokens must be >= 0, got {self.persistent_tokens}")
 
@@ -111,7 +116,7 @@ class TitansConfig:
             conv_kernel=self.memory_conv_kernel, theta_init=self.memory_theta_init,
             theta_activation=self.memory_theta_activation, max_lr=self.memory_max_lr,
             eta_init=self.memory_eta_init, alpha_init=self.memory_alpha_init,
-            associative_init=self.memory_associative_init,
+            associative_init=self.memory_associative_init, max_grad_norm=self.memory_max_grad_norm,
         )  # fmt: skip
 
     def to_dict(self) -> dict:

@@ -25,7 +25,7 @@ from ..errors import NonFiniteError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
-from ..ops.memory.state import compute_dtype
+from ..ops.memory.state import check_max_grad_norm, compute_dtype
 
 __all__ = ["NeuralMemory", "NeuralMemoryState", "RMSNorm"]
 
@@ -228,6 +228,12 @@ class NeuralMemory(nn.Module):
             ``to_qkv`` and ``conv``); see docs/niah_demo.md for why it matters: without it a tiny
             model trained on key-value recall stayed at chance, with it the LMM reached 93% answer
             accuracy after 150 steps (``benchmarks/recall_learning.py``).
+        max_grad_norm: clip each token's inner gradient (all layers, Frobenius norm) to this norm
+            by scaling its learning rate by ``min(1, max_grad_norm / |grad|)`` (None: no clip).
+            Every test-time step is then at most ``theta * max_grad_norm``. Not in the paper:
+            a deep memory's inner loss sharpens as its weights grow, so a theta that is stable at
+            the start can diverge after many writes of one key (docs/niah_demo.md, "Stability").
+            The scale is differentiated like the rest of the rule.
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
     """
@@ -251,6 +257,7 @@ class NeuralMemory(nn.Module):
         eta_init: float = 0.9,
         alpha_init: float = 1e-3,
         associative_init: bool = False,
+        max_grad_norm: float | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -281,6 +288,8 @@ class NeuralMemory(nn.Module):
         self.momentum, self.forgetting = momentum, forgetting
         self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
         self.theta_activation, self.max_lr = theta_activation, max_lr
+        check_max_grad_norm(max_grad_norm)
+        self.max_grad_norm = max_grad_norm
         self.use_compile = compile
         inner = heads * head_dim
 
@@ -408,6 +417,7 @@ class NeuralMemory(nn.Module):
         kwargs = dict(
             q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
+            max_grad_norm=self.max_grad_norm,
         )  # fmt: skip
         if state is None:
             kwargs["weights"] = tuple(self.initial_weights)

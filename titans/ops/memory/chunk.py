@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .mlp import activation as act_fn
-from .mlp import activation_with_grads
+from .mlp import activation_with_grads, clip_scale
 from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate, state_from_flat
 
 __all__ = ["chunk_memory", "chunk_memory_unchecked"]
@@ -121,13 +121,15 @@ def _outer_factors(dz: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return c.unsqueeze(-1) * dz, h
 
 
-def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=False):
+def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_norm=None, keep=False):
     """One chunk of n tokens for N independent memories (differentiable by autograd, too).
 
     q, k, v ``[N, n, D]``; A, B ``[N, n]``; C ``[N, n, n]``; e_end ``[N]``; m ``[N, n]``.
     W0, S0: weights and momentum before the chunk's first token (S0 None without momentum);
     Wg: the weights every token of the chunk takes its gradient at (W0 unless the chunk was
-    entered mid-way by a state). Returns ``(y, W_end, S_end)``, plus, when ``keep``, the
+    entered mid-way by a state). ``max_norm``: clip each token's inner gradient to that norm, by
+    scaling its learning rate, i.e. column i of C and entry i of m (they carry theta_i).
+    Returns ``(y, W_end, S_end)``, plus, when ``keep``, the
     intermediates the backward pass keeps: the factored gradients, the hidden-activation
     gradients, the retrieval pre-activations and, for layers that do not widen, the retrieval's
     ``r W0^T`` and ``r S0^T`` (``[N, n, out]``, small there). The key-side pre-activations and
@@ -142,6 +144,10 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=F
     mT = lambda x: x.transpose(-1, -2)  # noqa: E731
     # Per-token gradients at Wg in factored form: u_i(l) = dz_i(l) h_i(l-1)^T.
     hs, dzs, dhs = _key_side(Wg, k, v, act, residual)
+    if max_norm is not None:
+        scale, _ = clip_scale(dzs, hs, max_norm)
+        C = C * scale.unsqueeze(-2)
+        m = None if m is None else m * scale
     # Retrieval with per-token weights M_t = A_t W0 + B_t S0 - sum_{i<=t} C[t,i] u_i, layer by layer.
     r, zs, proj = q, [], []
     for l in range(L):
@@ -195,10 +201,10 @@ class _ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, A, B, C, e_end, m, *states):
-        L, has_mom, shared, act, residual, compiled = cfg
+        L, has_mom, shared, act, residual, max_norm, compiled = cfg
         W0, S0, Wg = _split_states(states, L, has_mom, shared)
         y, W_end, S_end, (dzs, dhs, zs, proj) = _maybe_compiled(_chunk_forward, compiled)(
-            q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, keep=True
+            q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_norm, keep=True
         )
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, A, B, C, e_end, m, *states, *dzs, *dhs, *zs, *proj)
@@ -207,7 +213,7 @@ class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # double backward raises instead of being silently wrong: use "autograd"
     def backward(ctx, gy, *g_end):
-        L, has_mom, shared, act, residual, compiled = ctx.cfg
+        L, has_mom, shared, act, residual, max_norm, compiled = ctx.cfg
         q, k, v, A, B, C, e_end, m, *rest = ctx.saved_tensors
         n_states = L * (1 + has_mom + (not shared))
         states, rest = rest[:n_states], rest[n_states:]
@@ -216,7 +222,7 @@ class _ChunkFunction(torch.autograd.Function):
         gWe = g_end[:L]
         gSe = g_end[L:] if has_mom else (None,) * L
         return (None,) + _maybe_compiled(_chunk_backward, compiled)(
-            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, dzs, dhs, zs, proj
+            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, max_norm, dzs, dhs, zs, proj
         )
 
 
@@ -254,7 +260,7 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _chunk_backward(
-    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, dzs, dhs, zs, proj
+    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, max_norm, dzs, dhs, zs, proj
 ):
     """Reverse mode of ``_chunk_forward``; names as there, ``g*`` = gradient of the loss.
 
@@ -268,6 +274,11 @@ def _chunk_backward(
     for l in range(L - 1):
         a, d1, d2 = activation_with_grads(act, hs[l] @ mT(Wg[l]), second=True)
         hs.append(a), dk1.append(d1), dk2.append(d2)
+    if max_norm is not None:  # the forward ran on the clipped C, m: so does everything below
+        scale, sq = clip_scale(dzs, hs, max_norm)
+        C_raw, m_raw = C, m
+        C = C * scale.unsqueeze(-2)
+        m = None if m is None else m * scale
     # Query side: r_{l+1} = act(z_l).
     rs, dr1 = [q], []
     for z in zs:
@@ -345,6 +356,13 @@ def _chunk_backward(
             gS0[l].addcmul_(e_end[:, None, None], G)
             _outer_backward(G, dz, h, m, gm, gdz[l], gh[l])
     gC[:, -1, :] += gc
+    if max_norm is not None:  # back through C = C_raw diag(scale), m = m_raw * scale
+        gscale = _rowdot(mT(gC), mT(C_raw))  # (N, n): column sums of gC * C_raw
+        gC.mul_(scale.unsqueeze(-2))
+        if gm is not None:
+            gscale += gm * m_raw
+            gm.mul_(scale)
+        _clip_backward(gscale, scale, sq, max_norm, dzs, hs, gdz, gh)
 
     # Per-token gradients: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), dz_{L-1} = 2 (zk_{L-1} (+k) - v),
     # dz_{l-1} = dh_l * act'(zk_{l-1}) with dh_l = dz_l Wg_l (kept). First back along the dz chain.
@@ -376,6 +394,17 @@ def _chunk_backward(
     return (gq, gk, gv, gA, gB, gC, ge_end, gm) + g_states
 
 
+def _clip_backward(gscale, scale, sq, max_norm, dzs, hs, gdz, gh) -> None:
+    """Accumulate the gradients of ``clip_scale`` into gdz, gh in place. Where a token is clipped,
+    scale = c sq^(-1/2), so d scale / d sq = -scale / (2 sq), and
+    d sq / d dz(l) = 2 |h(l)|^2 dz(l), d sq / d h(l) = 2 |dz(l)|^2 h(l); elsewhere scale is 1."""
+    clipped = sq > max_norm * max_norm
+    gsq = torch.where(clipped, -gscale * scale / sq.clamp_min(max_norm * max_norm), torch.zeros_like(sq))
+    for l, (dz, h) in enumerate(zip(dzs, hs)):  # gsq already carries the 2 of d sq / d(dz, h) over 2
+        gdz[l].addcmul_((gsq * h.square().sum(-1)).unsqueeze(-1), dz)
+        gh[l].addcmul_((gsq * dz.square().sum(-1)).unsqueeze(-1), h)
+
+
 def _outer_backward(G: Tensor, dz: Tensor, h: Tensor, c: Tensor, gc: Tensor, gdz: Tensor, gh: Tensor) -> None:
     """Accumulate the gradients of ``- dz^T diag(c) h`` (an end-state term) given its gradient G
     ``[N, out, in]``: into gc ``[N, n]``, gdz ``[N, n, out]`` and gh ``[N, n, in]``, in place.
@@ -405,6 +434,7 @@ def chunk_memory(
     chunk_size: int = 64,
     activation: str = "silu",
     residual: bool = False,
+    max_grad_norm: float | None = None,
     backward: str = "analytic",
     compile: bool = False,
 ) -> tuple[Tensor, MemoryState]:
@@ -416,10 +446,11 @@ def chunk_memory(
     ``compile``: run each chunk's forward and analytic backward through ``torch.compile``
     (opt-in: faster steps after a one-off compile of tens of seconds on CPU).
     """
-    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation)
+    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm)
     return chunk_memory_unchecked(
         q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, state=state,
-        chunk_size=chunk_size, activation=activation, residual=residual, backward=backward, compile=compile,
+        chunk_size=chunk_size, activation=activation, residual=residual, max_grad_norm=max_grad_norm,
+        backward=backward, compile=compile,
     )  # fmt: skip
 
 
@@ -437,6 +468,7 @@ def chunk_memory_unchecked(
     chunk_size: int = 64,
     activation: str = "silu",
     residual: bool = False,
+    max_grad_norm: float | None = None,
     backward: str = "analytic",
     compile: bool = False,
 ) -> tuple[Tensor, MemoryState]:
@@ -493,12 +525,12 @@ def chunk_memory_unchecked(
             Wg = W
         if use_fn:
             states = W + (S if has_mom else ()) + (() if fresh else Wg)
-            cfg = (L, has_mom, fresh, activation, residual, compile)
+            cfg = (L, has_mom, fresh, activation, residual, max_grad_norm, compile)
             out = _ChunkFunction.apply(cfg, q_c, k_c, v_c, *gates, *states)
             y, W, S = out[0], tuple(out[1 : 1 + L]), (tuple(out[1 + L :]) if has_mom else None)
         else:
             forward = _maybe_compiled(_chunk_forward, compile and not torch.is_grad_enabled())
-            y, W, S = forward(q_c, k_c, v_c, *gates, W, S, Wg, activation, residual)
+            y, W, S = forward(q_c, k_c, v_c, *gates, W, S, Wg, activation, residual, max_grad_norm)
             W, S = tuple(W), (tuple(S) if has_mom else None)
         ys.append(y)
         pos = (pos + n) % chunk_size

@@ -137,3 +137,17 @@ def key_gradients(
         dzs.append(dz)
     dzs.reverse()
     return hs, zs, dzs
+
+
+def clip_scale(dzs: Sequence[Tensor], hs: Sequence[Tensor], max_norm: float) -> tuple[Tensor, Tensor]:
+    """Per-token factor ``min(1, max_norm / |u_t|)`` on the learning rate, where ``u_t`` is the
+    token's whole inner gradient (every layer, Frobenius norm) in the factored form of
+    ``key_gradients``: ``|u_t|^2 = sum_l |dz_t(l)|^2 |h_t(l)|^2`` (an outer product's norm is the
+    product of its factors' norms). Returns ``(scale, sq)``, both ``[N, n]``, sq = ``|u_t|^2``.
+
+    Written so that its derivative is finite everywhere (no square root of 0 on any path)."""
+    sq = sum(dz.square().sum(-1) * h.square().sum(-1) for dz, h in zip(dzs, hs))
+    c2 = max_norm * max_norm
+    scale = torch.where(sq > c2, max_norm * sq.clamp_min(c2).rsqrt(), torch.ones_like(sq))
+    return scale, sq
+

@@ -48,11 +48,14 @@ def naive_memory(
     chunk_size: int = 64,
     activation: str = "silu",
     residual: bool = False,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Token loop. q, k, v ``[B, T, H, D]``; theta, eta, alpha ``[B, T, H]`` (eta / alpha = None:
     no momentum / no forgetting). Start from ``weights`` (M_0, per layer ``[H, out, in]`` or
-    ``[B, H, out, in]``) or continue from ``state``. Returns ``(y [B, T, H, D], final state)``."""
-    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation)
+    ``[B, H, out, in]``) or continue from ``state``. ``max_grad_norm``: scale a token's learning
+    rate by ``min(1, max_grad_norm / |u_t|)``, ``|u_t|`` the norm of its whole gradient (all layers).
+    Returns ``(y [B, T, H, D], final state)``."""
+    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm)
     dtype = q.dtype
     cd = compute_dtype(dtype)
     if state is None:
@@ -73,6 +76,11 @@ def naive_memory(
             Wc = W
         u = grad_fn(tuple(Wc), k[:, t], v[:, t])
         th = theta[:, t, :, None, None]
+        if max_grad_norm is not None:
+            sq = sum(g.square().sum((-1, -2)) for g in u)  # (B, H): |u_t|^2
+            c2 = max_grad_norm**2
+            clip = torch.where(sq > c2, max_grad_norm * sq.clamp_min(c2).rsqrt(), torch.ones_like(sq))
+            th = th * clip[:, :, None, None]
         if eta is not None:
             et = eta[:, t, :, None, None].to(cd)
             S = tuple(et * s - th * g for s, g in zip(S, u))

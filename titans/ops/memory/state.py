@@ -7,6 +7,7 @@ Weights of the memory MLP are stored per batch element and head as ``[B, H, out,
 from __future__ import annotations
 
 import functools
+import math
 
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -148,6 +149,16 @@ def _check_finite(named: dict[str, Tensor]) -> None:
         raise NonFiniteError(f"non-finite values (NaN or inf) in {', '.join(bad)}")
 
 
+def check_max_grad_norm(max_grad_norm, name: str = "max_grad_norm") -> None:
+    """None (no clipping) or a positive finite number."""
+    if max_grad_norm is None:
+        return
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {type(max_grad_norm).__name__}")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"{name} must be a positive finite number or None, got {max_grad_norm}")
+
+
 def check_inputs(
     q: Tensor,
     k: Tensor,
@@ -160,8 +171,10 @@ def check_inputs(
     chunk_size: int,
     activation: str,
     single_token: bool = False,
+    max_grad_norm: float | None = None,
 ) -> None:
     """Raise a ValueError/TypeError that names the bad argument."""
+    check_max_grad_norm(max_grad_norm)
     _check_tensor("q", q, 4, None)
     _check_tensor("k", k, 4, q)
     _check_tensor("v", v, 4, q)

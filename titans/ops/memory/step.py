@@ -10,7 +10,7 @@ from typing import Sequence
 
 from torch import Tensor
 
-from .mlp import key_gradients, mlp_forward
+from .mlp import clip_scale, key_gradients, mlp_forward
 from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, state_from_flat
 
 __all__ = ["step_memory"]
@@ -30,9 +30,12 @@ def step_memory(
     chunk_size: int = 64,
     activation: str = "silu",
     residual: bool = False,
+    max_grad_norm: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """One token: q, k, v ``[B, 1, H, D]``, gates ``[B, 1, H]``. Returns ``(y [B, 1, H, D], state)``."""
-    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True)
+    check_inputs(
+        q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True, max_grad_norm=max_grad_norm
+    )
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     B, _, H, D = q.shape
     N = B * H
@@ -52,6 +55,8 @@ def step_memory(
     Wc = W if state.position == 0 else tuple(flat_w(w) for w in state.chunk_weights)
     hs, _, dzs = key_gradients(Wc, tok(k), tok(v), activation, residual)
     th = gate(theta)
+    if max_grad_norm is not None:
+        th = th * clip_scale(dzs, hs, max_grad_norm)[0].unsqueeze(-1)  # (N, 1) -> (N, 1, 1)
     u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]  # rank-1 gradient per layer
     if eta is not None:
         S_prev = (
