@@ -72,6 +72,7 @@ def model_for(name: str, args) -> TitansLM:
         memory_theta_activation="sigmoid", memory_max_lr=args.max_lr, memory_theta_init=args.theta_init,
         memory_eta_init=args.eta_init, memory_alpha_init=1e-4, memory_zero_init_output=True,
         memory_associative_init=associative, mac_memory_input=mac_input,
+        memory_max_grad_norm=args.max_grad_norm,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     return TitansLM(cfg)
@@ -116,6 +117,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128, help="model width")
     p.add_argument("--chunk", type=int, default=4, help="memory chunk size")
     p.add_argument("--max-lr", type=float, default=0.1, help="memory learning-rate bound (sigmoid theta)")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip each token's inner gradient to this norm (memory_max_grad_norm; default: no clip)")
     p.add_argument("--theta-init", type=float, default=0.03, help="untrained memory learning rate")
     p.add_argument("--eta-init", type=float, default=0.5, help="untrained momentum")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")

@@ -129,6 +129,52 @@ def test_loaded_checkpoint_gives_the_trained_models_outputs(tmp_path):
     assert model.head.weight is model.embed.weight  # tied embeddings survive the round trip
 
 
+def test_init_from_starts_a_fresh_run_at_the_checkpoints_weights(tmp_path, capsys):
+    first = tmp_path / "stage1"
+    trainer_mod.train(tiny_run(first, max_steps=2))
+    trained, _, _ = ckpt.load_pretrained(first)
+    second = tiny_run(tmp_path / "stage2", max_steps=1, lr=1e-12, warmup_steps=0, init_from=str(first))
+    second.model.segment = 8  # a setting that does not change the weights may differ (and is reported)
+    trainer_mod.train(second)
+    assert "model settings changed: segment: 16 -> 8" in capsys.readouterr().out
+    after, _, info = ckpt.load_pretrained(tmp_path / "stage2")
+    assert info["step"] == 1  # a new run: its own step count, optimiser and schedule
+    for (name, a), b in zip(trained.state_dict().items(), after.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), f"{name} did not start from the checkpoint"
+    scratch = tiny_run(tmp_path / "scratch", max_steps=1, lr=1e-12, warmup_steps=0)
+    trainer_mod.train(scratch)
+    fresh, _, _ = ckpt.load_pretrained(tmp_path / "scratch")
+    assert not torch.allclose(fresh.embed.weight, after.embed.weight)
+    # resuming the second stage takes its own checkpoint, not init_from again
+    resumed = tiny_run(tmp_path / "stage2", max_steps=2, lr=1e-12, warmup_steps=0, init_from=str(first))
+    resumed.model.segment = 8
+    trainer_mod.train(resumed, resume="auto")
+
+
+def test_init_from_refuses_other_weights_or_tokenizer(tmp_path, monkeypatch):
+    first = tmp_path / "stage1"
+    trainer_mod.train(tiny_run(first, max_steps=2))
+    wider = tiny_run(tmp_path / "wider", init_from=str(first))
+    wider.model.dim = 64
+    with pytest.raises(ckpt.CheckpointError, match="init_from"):
+        trainer_mod.train(wider)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoints|not found"):
+        trainer_mod.train(tiny_run(tmp_path / "x", init_from=str(tmp_path / "missing")))
+    class OtherTokenizer:  # same size as bytes, another spec
+        vocab_size = 257
+
+        def to_spec(self):
+            return {"name": "other"}
+
+    def other_tokenizer(run, rank=0, world_size=1):
+        _, source, evals = fake_build_sources(run, rank, world_size)
+        return OtherTokenizer(), source, evals
+
+    monkeypatch.setattr(trainer_mod, "build_sources", other_tokenizer)
+    with pytest.raises(ckpt.CheckpointError, match="another tokenizer"):
+        trainer_mod.train(tiny_run(tmp_path / "y", init_from=str(first)))
+
+
 def test_config_errors_name_the_key_and_suggest(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         load_run_config(None, ["--train.lrr=3e-4"])

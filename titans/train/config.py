@@ -24,6 +24,9 @@ class TrainConfig:
     micro_batch: int = 4  # sequences per forward pass on each rank
     max_steps: int = 1000
     max_minutes: float | None = None  # wall-clock budget: stop (with a checkpoint) when spent
+    # a fresh run starts from this checkpoint's (or run directory's latest) model weights, with a
+    # new optimiser, schedule and data stream: the next stage of a curriculum
+    init_from: str | None = None
     lr: float = 4e-4  # paper section 5.1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50

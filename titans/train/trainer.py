@@ -85,6 +85,25 @@ def _check_compatible(saved: dict, run: RunConfig, where: str) -> None:
         raise ckpt.CheckpointError(f"{where} comes from another config:\n  " + "\n  ".join(diffs))
 
 
+def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: bool) -> None:
+    """Load the weights of checkpoint (or run directory) ``path`` into ``model``. The tokenizer
+    must be the same; model settings that do not change the weights (segment, window, chunk,
+    gates' bounds, ...) may differ, and the differences are printed."""
+    state = ckpt.read_checkpoint(path, map_location="cpu")  # a run directory: its latest checkpoint
+    where = state["path"]
+    if state["run"].get("tokenizer") != tokenizer.to_spec():
+        raise ckpt.CheckpointError(
+            f"train.init_from: {where} was trained with another tokenizer "
+            f"({state['run'].get('tokenizer', {}).get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
+        )
+    ckpt.load_model_weights(model, state["model"], f"train.init_from {where}")
+    old, new = state["run"]["config"]["model"], run.to_dict()["model"]
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if verbose:
+        print(f"initialised from {where} (step {state['trainer']['step']})"
+              + (f"; model settings changed: {', '.join(changed)}" if changed else ""), flush=True)  # fmt: skip
+
+
 class _Metrics:
     """metrics.jsonl (and TensorBoard when installed) on the main rank."""
 
@@ -217,7 +236,10 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
         raise ConfigError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
         )
-    model = TitansLM(cfg).to(device)
+    model = TitansLM(cfg)
+    if tcfg.init_from is not None and resume_path is None:
+        _init_from(model, tcfg.init_from, run, tokenizer, world.is_main)
+    model = model.to(device)
     model = parallelize(model, tcfg.parallel if world.distributed else "none", device)
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg)
