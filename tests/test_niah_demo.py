@@ -49,3 +49,42 @@ def test_demo_runs_the_pair_variant_with_the_word_tokenizer(tmp_path):
                                 progress=False, root=tmp_path / "ck")  # fmt: skip
     (row,) = result["rows"]
     assert row["length"] == 300 and 0 <= row["accuracy"] <= 100 and "pair-pk" in result["table"]
+
+
+def test_retrain_runs_curriculum_stages_in_order(tmp_path, monkeypatch):
+    """A recipe with ``train.init_from: recipe:NAME`` trains NAME first and starts from its run."""
+    import titans.train.checkpoint as ckpt_mod
+    import titans.train.trainer as trainer_mod
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "a.yaml").write_text("model:\n  variant: lmm\ntrain:\n  seed: 3\n")
+    (recipes / "b.yaml").write_text("model:\n  variant: lmm\ntrain:\n  seed: 3\n  init_from: recipe:a\n")
+    (recipes / "loop.yaml").write_text("model:\n  variant: lmm\ntrain:\n  init_from: recipe:loop\n")
+    trained, exported = [], []
+
+    def fake_train(run, resume=None):
+        trained.append((run.train.out_dir, run.train.init_from, resume))
+        return {"step": 1, "val_loss": 1.0, "checkpoint": run.train.out_dir}
+
+    monkeypatch.setattr(trainer_mod, "train", fake_train)
+    monkeypatch.setattr(ckpt_mod, "export_for_inference", lambda src, dst, note: exported.append((src, dst, note)))
+    monkeypatch.setitem(niah_demo.DEMO_MODELS, "staged", "b")
+    niah_demo.retrain(["staged"], tmp_path / "work", root=tmp_path / "ck", recipes=recipes)
+    work = tmp_path / "work"
+    assert trained == [(str(work / "a"), None, "auto"), (str(work / "b"), str(work / "a"), "auto")]
+    assert exported[0][1] == tmp_path / "ck" / "b" and exported[0][2]["stages"] == ["a", "b"]
+    monkeypatch.setitem(niah_demo.DEMO_MODELS, "looping", "loop")
+    with pytest.raises(UserError, match="loop"):
+        niah_demo.retrain(["looping"], tmp_path / "work", root=tmp_path / "ck", recipes=recipes)
+
+
+def test_trainer_refuses_a_recipe_stage_name(tmp_path):
+    from titans.config_files import ConfigError
+    from titans.train.config import load_run_config
+    from titans.train.trainer import train
+
+    run = load_run_config(None, [f"train.out_dir={tmp_path}", "train.init_from=recipe:niah-lmm", "data.kind=niah",
+                                 "data.tokenizer=bytes", "model.vocab_size=257"])  # fmt: skip
+    with pytest.raises(ConfigError, match="recipe stage"):
+        train(run)

@@ -36,25 +36,47 @@ def shipped_checkpoint(name: str, root: Path = CHECKPOINTS) -> Path:
     return path
 
 
-def retrain(names: list[str], work_dir: Path, root: Path = CHECKPOINTS, overrides: list[str] = ()) -> None:
+def retrain(
+    names: list[str], work_dir: Path, root: Path = CHECKPOINTS, overrides: list[str] = (), recipes: Path = RECIPES
+) -> None:
     """Train each model from its recipe (resuming an interrupted run in ``work_dir``) and export
-    the result as the shipped checkpoint, recording the command and seed."""
+    the result as the shipped checkpoint, recording the command and seed. A recipe whose
+    ``train.init_from`` is ``recipe:NAME`` is a later curriculum stage: recipe NAME is trained
+    first (into ``work_dir/NAME``, itself possibly a stage of another) and this one starts from it."""
     from .train.checkpoint import export_for_inference
-    from .train.config import load_run_config
-    from .train.trainer import train
 
     for name in names:
-        recipe = RECIPES / f"{DEMO_MODELS[name]}.yaml"
-        out_dir = work_dir / DEMO_MODELS[name]
-        run = load_run_config(str(recipe), [f"train.out_dir={out_dir}", *overrides])
-        print(f"training {name} from {recipe} into {out_dir}")
-        summary = train(run, resume="auto")
+        recipe, run, summary, stages = _train_recipe(DEMO_MODELS[name], work_dir, list(overrides), recipes)
         note = {
             "command": f"titans demo niah --retrain (recipe titans/recipes/{recipe.name})",
-            "overrides": list(overrides), "seed": run.train.seed, "data": run.data.kind,
+            "stages": stages, "overrides": list(overrides), "seed": run.train.seed, "data": run.data.kind,
             "data_options": run.data.options, "steps": summary["step"], "val_loss": summary["val_loss"],
         }  # fmt: skip
         export_for_inference(summary["checkpoint"], root / DEMO_MODELS[name], note=note)
+
+
+def _train_recipe(recipe_name: str, work_dir: Path, overrides: list[str], recipes: Path, seen: tuple = ()):
+    """Train recipe ``recipe_name`` (after the stage its ``init_from: recipe:NAME`` names) into
+    ``work_dir/recipe_name``. Returns ``(recipe path, run, summary, [recipe names in order])``."""
+    from .config_files import load_config_file
+    from .train.config import load_run_config
+    from .train.trainer import train
+
+    if recipe_name in seen:
+        raise UserError(f"recipes {' -> '.join((*seen, recipe_name))} start from each other in a loop")
+    recipe = recipes / f"{recipe_name}.yaml"
+    if not recipe.is_file():
+        raise UserError(f"no recipe {recipe}")
+    out_dir = work_dir / recipe_name
+    extra, stages = [f"train.out_dir={out_dir}"], []
+    parent = (load_config_file(recipe).get("train") or {}).get("init_from")
+    if isinstance(parent, str) and parent.startswith("recipe:"):
+        parent = parent[len("recipe:"):]
+        _, _, _, stages = _train_recipe(parent, work_dir, overrides, recipes, (*seen, recipe_name))
+        extra.append(f"train.init_from={work_dir / parent}")
+    run = load_run_config(str(recipe), [*extra, *overrides])
+    print(f"training {recipe_name} from {recipe} into {out_dir}")
+    return recipe, run, train(run, resume="auto"), [*stages, recipe_name]
 
 
 def run_demo(

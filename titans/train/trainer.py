@@ -89,6 +89,11 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
     """Load the weights of checkpoint (or run directory) ``path`` into ``model``. The tokenizer
     must be the same; model settings that do not change the weights (segment, window, chunk,
     gates' bounds, ...) may differ, and the differences are printed."""
+    if path.startswith("recipe:"):
+        raise ConfigError(
+            f"train.init_from {path!r} names a package recipe stage: `titans demo niah --retrain` trains the "
+            f"stages in order; with `titans train`, give the earlier stage's run directory or checkpoint"
+        )
     state = ckpt.read_checkpoint(path, map_location="cpu")  # a run directory: its latest checkpoint
     where = state["path"]
     if state["run"].get("tokenizer") != tokenizer.to_spec():
