@@ -151,6 +151,20 @@ def test_init_from_starts_a_fresh_run_at_the_checkpoints_weights(tmp_path, capsy
     trainer_mod.train(resumed, resume="auto")
 
 
+def test_stop_at_step_ends_partway_through_the_schedule(tmp_path):
+    """train.stop_at_step: the weights of the first N steps of a longer run, bit for bit."""
+    trainer_mod.train(tiny_run(tmp_path / "full", max_steps=6, checkpoint_every=2))  # keeps steps 4 and 6
+    part = tiny_run(tmp_path / "part", max_steps=6, checkpoint_every=0, stop_at_step=4)
+    summary = trainer_mod.train(part)
+    assert summary["step"] == 4 and summary["stopped"] == "stopped"
+    a, _, _ = ckpt.load_pretrained(ckpt.checkpoint_root(tmp_path / "full") / "step-0000004")
+    b, _, _ = ckpt.load_pretrained(tmp_path / "part")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert trainer_mod.train(part, resume="auto")["step"] == 4  # resuming a finished stage trains nothing
+    with pytest.raises(ConfigError, match="stop_at_step"):
+        tiny_run(tmp_path / "bad", max_steps=6, stop_at_step=7).train.validate()
+
+
 def test_init_from_refuses_other_weights_or_tokenizer(tmp_path, monkeypatch):
     first = tmp_path / "stage1"
     trainer_mod.train(tiny_run(first, max_steps=2))

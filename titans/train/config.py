@@ -24,6 +24,9 @@ class TrainConfig:
     micro_batch: int = 4  # sequences per forward pass on each rank
     max_steps: int = 1000
     max_minutes: float | None = None  # wall-clock budget: stop (with a checkpoint) when spent
+    # end the run at this step (checkpoint written) while the learning-rate schedule stays that of
+    # max_steps: a curriculum stage that hands over partway through its schedule
+    stop_at_step: int | None = None
     # a fresh run starts from this checkpoint's (or run directory's latest) model weights, with a
     # new optimiser, schedule and data stream: the next stage of a curriculum
     init_from: str | None = None
@@ -50,6 +53,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_batches", "eval_rows", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
+            raise ConfigError(f"train.stop_at_step must be in [1, max_steps={self.max_steps}], got {self.stop_at_step}")
         if self.batch_tokens % self.seq_len:
             raise ConfigError(
                 f"train.batch_tokens ({self.batch_tokens}) must be a multiple of train.seq_len ({self.seq_len})"

@@ -42,7 +42,7 @@ __all__ = ["train", "resolve_device"]
 # fields that may differ between a checkpoint and the run that resumes it
 _RESUMABLE_CHANGES = {
     "max_steps", "max_minutes", "eval_every", "eval_batches", "eval_rows", "log_every", "checkpoint_every",
-    "keep_checkpoints", "parallel", "device", "progress", "tensorboard", "out_dir", "micro_batch",
+    "keep_checkpoints", "parallel", "device", "progress", "tensorboard", "out_dir", "micro_batch", "stop_at_step",
 }  # fmt: skip
 
 
@@ -213,6 +213,8 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
     'auto' (latest checkpoint of out_dir if any) or a checkpoint path. ``stop_at_step`` ends the
     run early as an interruption would (checkpoint included); tests use it. Returns a summary."""
     cfg, tcfg = run.model, run.train
+    if stop_at_step is None:
+        stop_at_step = tcfg.stop_at_step
     device = resolve_device(tcfg.device)
     world: World = init_distributed(device)
     if device.type == "cuda" and device.index is None:
