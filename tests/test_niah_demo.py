@@ -12,7 +12,7 @@ from titans.train.checkpoint import save_for_inference
 
 
 def _fake_checkpoints(root):
-    for name, variant in (("niah-mac", "mac"), ("niah-swa", "swa")):
+    for name, variant in ((niah_demo.DEMO_MODELS["titans-lmm"], "lmm"), (niah_demo.DEMO_MODELS["swa"], "swa")):
         cfg = TitansConfig(variant=variant, vocab_size=257, dim=32, depth=1, heads=2, segment=64, window=64,
                            memory_chunk=16)  # fmt: skip
         save_for_inference(TitansLM(cfg), ByteTokenizer(), root / name, note={"command": "test"})
@@ -20,17 +20,17 @@ def _fake_checkpoints(root):
 
 def test_missing_checkpoint_says_how_to_make_it(tmp_path):
     with pytest.raises(UserError, match="titans demo niah --retrain"):
-        niah_demo.shipped_checkpoint("titans-mac", root=tmp_path)
+        niah_demo.shipped_checkpoint("titans-lmm", root=tmp_path)
 
 
 def test_demo_streams_every_length_and_writes_table_and_heatmap(tmp_path):
     _fake_checkpoints(tmp_path / "ck")
-    result = niah_demo.run_demo(["titans-mac", "swa"], [512, 1024], 2, tmp_path / "out", chunk_tokens=256,
-                                progress=False, root=tmp_path / "ck")  # fmt: skip
+    result = niah_demo.run_demo(["titans-lmm", "swa"], [512, 1024], 2, tmp_path / "out", chunk_tokens=256,
+                                variant="kv-pk", progress=False, root=tmp_path / "ck")  # fmt: skip
     assert [(r["model"], r["length"]) for r in result["rows"]] == [
-        ("titans-mac", 512), ("titans-mac", 1024), ("swa", 512), ("swa", 1024)]
+        ("titans-lmm", 512), ("titans-lmm", 1024), ("swa", 512), ("swa", 1024)]
     assert all(0 <= r["accuracy"] <= 100 and r["tokens_per_s"] > 0 for r in result["rows"])
-    assert "titans-mac" in result["table"] and "1K" in result["table"]
+    assert "titans-lmm" in result["table"] and "1K" in result["table"]
     assert (tmp_path / "out" / "niah_heatmap.png").stat().st_size > 1000
 
 
@@ -44,8 +44,8 @@ def test_demo_runs_the_pair_variant_with_the_word_tokenizer(tmp_path):
         pytest.skip(f"NIAH word lists unavailable: {err}")
     cfg = TitansConfig(variant="lmm", vocab_size=words.vocab_size, dim=32, depth=1, heads=2, memory_chunk=4,
                        memory_associative_init=True)  # fmt: skip
-    save_for_inference(TitansLM(cfg), words, tmp_path / "ck" / "niah-mac", note={"command": "test"})
-    result = niah_demo.run_demo(["titans-mac"], [300], 2, tmp_path / "out", variant="pair-pk", chunk_tokens=128,
+    save_for_inference(TitansLM(cfg), words, tmp_path / "ck" / niah_demo.DEMO_MODELS["titans-lmm"], note={"command": "test"})
+    result = niah_demo.run_demo(["titans-lmm"], [300], 2, tmp_path / "out", variant="pair-pk", chunk_tokens=128,
                                 progress=False, root=tmp_path / "ck")  # fmt: skip
     (row,) = result["rows"]
     assert row["length"] == 300 and 0 <= row["accuracy"] <= 100 and "pair-pk" in result["table"]
@@ -88,3 +88,22 @@ def test_trainer_refuses_a_recipe_stage_name(tmp_path):
                                  "data.tokenizer=bytes", "model.vocab_size=257"])  # fmt: skip
     with pytest.raises(ConfigError, match="recipe stage"):
         train(run)
+
+
+def test_shipped_checkpoints_answer_a_short_haystack_needle():
+    """The package's checkpoints load and answer needles in a 1,024-token haystack at 11 depths:
+    the Titans model most of them (the shipped one: all but the needle at depth 0, the very first
+    line, which training rows never start with), the sliding window only the one inside its
+    64-token window."""
+    from titans.eval.niah import run_niah
+    from titans.train.checkpoint import load_pretrained
+
+    scores = {}
+    for name in niah_demo.DEMO_MODELS:
+        model, tokenizer, info = load_pretrained(niah_demo.shipped_checkpoint(name))
+        assert info["step"] > 0, f"{name}: the shipped checkpoint is untrained"
+        result = run_niah(model, tokenizer, [1024], [niah_demo.DEFAULT_VARIANT], samples=11, depths=11, seed=1,
+                          batch_size=11, progress=False, model_name=name)  # fmt: skip
+        scores[name] = {round(r["depth"], 1): r["score"] for r in result.records}
+    assert sum(scores["titans-lmm"].values()) >= 9, scores
+    assert scores["swa"][1.0] == 1.0 and sum(scores["swa"].values()) <= 2, scores

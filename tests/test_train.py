@@ -254,6 +254,13 @@ def test_exported_checkpoint_loads_for_inference_but_cannot_resume(tmp_path):
     model, _, info = ckpt.load_pretrained(out)
     trained, _, _ = ckpt.load_pretrained(tmp_path / "run")
     assert info["step"] == 2 and all(torch.equal(a, b) for a, b in zip(model.parameters(), trained.parameters()))
+    from safetensors.torch import load_file
+
+    stored = load_file(out / "model.safetensors")
+    assert "head.weight" not in stored and "embed.weight" in stored  # the tied head is stored once
+    assert model.head.weight is model.embed.weight
+    ids = torch.randint(0, 64, (1, 20))
+    assert torch.equal(model(ids)[0], trained(ids)[0])
     with pytest.raises(ckpt.CheckpointError, match="optimizer.pt is missing"):
         ckpt.read_checkpoint(out)
 

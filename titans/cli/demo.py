@@ -1,8 +1,9 @@
 """``titans demo``: the README's main job.
 
-``titans demo`` streams key/value pairs through a neural memory layer and recalls them (no
-training needed). ``titans demo niah`` streams needles-in-haystacks from 1K to 64K tokens through
-the shipped tiny Titans and sliding-window checkpoints (``--retrain`` trains them again).
+``titans demo`` (= ``titans demo niah``) streams needles-in-haystacks from 1K to 64K tokens
+through the shipped tiny Titans and sliding-window checkpoints (``--retrain`` trains them again).
+``titans demo recall`` streams key/value pairs through an untrained neural memory layer and
+recalls them (no training needed).
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ def register(sub) -> None:
         "demo", help="memorising at test time: key/value recall, or needles in long haystacks (niah)",
         description=__doc__,
     )  # fmt: skip
-    p.add_argument("which", nargs="?", default="recall", choices=("recall", "niah"),
-                   help="recall: memory layer key/value recall (default); niah: needle-in-a-haystack demonstration")
+    p.add_argument("which", nargs="?", default="niah", choices=("niah", "recall"),
+                   help="niah: needle-in-a-haystack demonstration with the shipped checkpoints (default); "
+                        "recall: memory layer key/value recall")
     p.add_argument("--head-dim", type=int, default=64, help="recall: width of keys and values (default 64)")
     p.add_argument("--lengths", default="1K,4K,16K,64K", help="niah: haystack lengths in tokens (default 1K,4K,16K,64K)")
     p.add_argument("--needles", type=int, default=4, help="niah: needles per length, at evenly spaced depths (default 4)")
-    p.add_argument("--models", default=None, help="niah: comma-separated subset of titans-mac,swa (default both)")
+    p.add_argument("--models", default=None, help="niah: comma-separated subset of titans-lmm,swa (default both)")
     p.add_argument("--out", default="demo-out", help="niah: directory for the heatmap and results (default demo-out)")
-    p.add_argument("--variant", default="kv-pk",
-                   help="niah: needle format, a variant of `titans eval niah` (default kv-pk: what the recipes train on)")
+    p.add_argument("--variant", default="pair-pk",
+                   help="niah: needle format, a variant of `titans eval niah` (default pair-pk: what the shipped "
+                        "checkpoints were trained on)")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="niah: tokens per streaming call (default 4096)")
     p.add_argument("--retrain", action="store_true", help="niah: train the checkpoints again from titans/recipes first")
     p.add_argument("--work-dir", default="runs/demo", help="niah --retrain: training directory (default runs/demo)")

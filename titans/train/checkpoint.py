@@ -157,6 +157,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
     own = model.state_dict()
+    if _tied(model) and "head.weight" not in weights and "embed.weight" in weights:
+        weights = {**weights, "head.weight": weights["embed.weight"]}  # exported without the tied copy
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
@@ -228,11 +230,25 @@ def export_for_inference(src: str | Path, dst: str | Path, note: dict[str, Any] 
     """Copy a checkpoint's weights and run record (no optimiser or trainer state) into ``dst``,
     verified, with a manifest; ``note`` (e.g. the command that produced it) goes into run.json.
     The directory is assembled aside and renamed into place."""
+    from safetensors.torch import load_file, save_file
+
     src = verify_checkpoint(src)
     run = json.loads((src / "run.json").read_text())
     if note:
         run["provenance"] = note
-    return _write_inference_dir(Path(dst), lambda p: shutil.copyfile(src / "model.safetensors", p), run)
+    weights = load_file(src / "model.safetensors")
+    if (
+        run["config"]["model"].get("tie_embeddings", True)
+        and "head.weight" in weights
+        and torch.equal(weights["head.weight"], weights.get("embed.weight", torch.empty(0)))
+    ):
+        del weights["head.weight"]  # the tied output head is the embedding: stored once
+    return _write_inference_dir(Path(dst), lambda p: save_file(weights, p), run)
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    head, embed = getattr(model, "head", None), getattr(model, "embed", None)
+    return head is not None and embed is not None and head.weight is embed.weight
 
 
 def save_for_inference(model, tokenizer, dst: str | Path, note: dict[str, Any] | None = None, step: int = 0) -> Path:
