@@ -65,7 +65,7 @@ def test_retrain_runs_curriculum_stages_in_order(tmp_path, monkeypatch):
 
     def fake_train(run, resume=None):
         trained.append((run.train.out_dir, run.train.init_from, resume))
-        return {"step": 1, "val_loss": 1.0, "checkpoint": run.train.out_dir}
+        return {"step": 1, "val_loss": 1.0, "checkpoint": run.train.out_dir, "stopped": "max_steps"}
 
     monkeypatch.setattr(trainer_mod, "train", fake_train)
     monkeypatch.setattr(ckpt_mod, "export_for_inference", lambda src, dst, note: exported.append((src, dst, note)))

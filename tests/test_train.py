@@ -145,10 +145,19 @@ def test_init_from_starts_a_fresh_run_at_the_checkpoints_weights(tmp_path, capsy
     trainer_mod.train(scratch)
     fresh, _, _ = ckpt.load_pretrained(tmp_path / "scratch")
     assert not torch.allclose(fresh.embed.weight, after.embed.weight)
-    # resuming the second stage takes its own checkpoint, not init_from again
-    resumed = tiny_run(tmp_path / "stage2", max_steps=2, lr=1e-12, warmup_steps=0, init_from=str(first))
+    # resuming the second stage takes its own checkpoint, not init_from (here another run's) again
+    resumed = tiny_run(tmp_path / "stage2", max_steps=2, lr=1e-12, warmup_steps=0, init_from=str(tmp_path / "scratch"))
     resumed.model.segment = 8
-    trainer_mod.train(resumed, resume="auto")
+    assert trainer_mod.train(resumed, resume="auto")["step"] == 2
+    again, _, _ = ckpt.load_pretrained(tmp_path / "stage2")
+    assert torch.allclose(again.embed.weight, after.embed.weight, atol=1e-6)
+    assert not torch.allclose(again.embed.weight, fresh.embed.weight)
+    # an exported checkpoint (weights and run record only, tied head stored once) is a start too
+    exported = ckpt.export_for_inference(first, tmp_path / "exported")
+    from_export = tiny_run(tmp_path / "stage2b", max_steps=1, lr=1e-12, warmup_steps=0, init_from=str(exported))
+    trainer_mod.train(from_export)
+    b2, _, _ = ckpt.load_pretrained(tmp_path / "stage2b")
+    assert torch.allclose(b2.embed.weight, trained.embed.weight, atol=1e-6)
 
 
 def test_stop_at_step_ends_partway_through_the_schedule(tmp_path):
@@ -161,6 +170,9 @@ def test_stop_at_step_ends_partway_through_the_schedule(tmp_path):
     b, _, _ = ckpt.load_pretrained(tmp_path / "part")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert trainer_mod.train(part, resume="auto")["step"] == 4  # resuming a finished stage trains nothing
+    earlier = tiny_run(tmp_path / "part", max_steps=6, checkpoint_every=0, stop_at_step=3)
+    with pytest.raises(ckpt.CheckpointError, match="past stop_at_step 3"):
+        trainer_mod.train(earlier, resume="auto")  # a later checkpoint is not handed over as step 3
     with pytest.raises(ConfigError, match="stop_at_step"):
         tiny_run(tmp_path / "bad", max_steps=6, stop_at_step=7).train.validate()
 

@@ -78,7 +78,11 @@ def _train_recipe(recipe_name: str, work_dir: Path, overrides: list[str], recipe
         extra.append(f"train.init_from={work_dir / parent}")
     run = load_run_config(str(recipe), [*extra, *overrides])
     print(f"training {recipe_name} from {recipe} into {out_dir}")
-    return recipe, run, train(run, resume="auto"), [*stages, recipe_name]
+    summary = train(run, resume="auto")
+    if summary["stopped"] not in ("max_steps", "stopped"):  # e.g. a max_minutes budget ran out
+        raise UserError(f"recipe {recipe_name} ended early ({summary['stopped']} at step {summary['step']}): "
+                        f"run --retrain again to continue it")  # fmt: skip
+    return recipe, run, summary, [*stages, recipe_name]
 
 
 def run_demo(

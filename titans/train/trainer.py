@@ -43,6 +43,7 @@ __all__ = ["train", "resolve_device"]
 _RESUMABLE_CHANGES = {
     "max_steps", "max_minutes", "eval_every", "eval_batches", "eval_rows", "log_every", "checkpoint_every",
     "keep_checkpoints", "parallel", "device", "progress", "tensorboard", "out_dir", "micro_batch", "stop_at_step",
+    "init_from",  # only read by a fresh run
 }  # fmt: skip
 
 
@@ -94,18 +95,22 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
             f"train.init_from {path!r} names a package recipe stage: `titans demo niah --retrain` trains the "
             f"stages in order; with `titans train`, give the earlier stage's run directory or checkpoint"
         )
-    state = ckpt.read_checkpoint(path, map_location="cpu")  # a run directory: its latest checkpoint
-    where = state["path"]
-    if state["run"].get("tokenizer") != tokenizer.to_spec():
+    from safetensors.torch import load_file
+
+    # weights and run record only: a training checkpoint, a run directory (its latest) or an
+    # exported / shipped one (no optimiser state) all qualify
+    where = ckpt.verify_checkpoint(path, required=ckpt.INFERENCE_FILES)
+    saved = json.loads((where / "run.json").read_text())
+    if saved.get("tokenizer") != tokenizer.to_spec():
         raise ckpt.CheckpointError(
             f"train.init_from: {where} was trained with another tokenizer "
-            f"({state['run'].get('tokenizer', {}).get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
+            f"({saved.get('tokenizer', {}).get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
         )
-    ckpt.load_model_weights(model, state["model"], f"train.init_from {where}")
-    old, new = state["run"]["config"]["model"], run.to_dict()["model"]
+    ckpt.load_model_weights(model, load_file(where / "model.safetensors", device="cpu"), f"train.init_from {where}")
+    old, new = saved["config"]["model"], run.to_dict()["model"]
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if verbose:
-        print(f"initialised from {where} (step {state['trainer']['step']})"
+        print(f"initialised from {where} (step {saved.get('step')})"
               + (f"; model settings changed: {', '.join(changed)}" if changed else ""), flush=True)  # fmt: skip
 
 
@@ -262,6 +267,11 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
         _set_rng_state(trainer_state["rng"])
         start_step, tokens_seen = trainer_state["step"], trainer_state["tokens"]
         elapsed_before = trainer_state.get("elapsed", 0.0)
+        if stop_at_step is not None and start_step > stop_at_step:
+            raise ckpt.CheckpointError(
+                f"{state['path']} is at step {start_step}, past stop_at_step {stop_at_step}: resume from the "
+                f"checkpoint of step {stop_at_step} (or earlier), or raise train.stop_at_step"
+            )
 
     # the data position after the last completed step: an interruption mid-step must not skip
     # the batch it had drawn
