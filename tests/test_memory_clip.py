@@ -12,7 +12,13 @@ import random
 
 import pytest
 import torch
-from _helpers import make_inputs, probe_loss, rel_rms, state_tensors
+from _helpers import (
+    check_analytic_backward_equals_autograd,
+    check_chunk_equals_naive,
+    make_inputs,
+    rel_rms,
+    state_tensors,
+)
 
 from titans.ops.memory import chunk_memory, naive_memory, step_memory
 from titans.ops.memory.mlp import clip_scale, key_gradients
@@ -48,17 +54,8 @@ def test_clipped_chunk_equals_naive_float64(depth, chunk_size):
         frac = _clipped_fraction(kw, depth)
         assert 0.05 < frac < 0.95, f"clip acts on {frac:.0%} of tokens: the test would not exercise both sides"
         opts = dict(chunk_size=chunk_size, residual=residual, max_grad_norm=CLIP)
-        y_ref, s_ref = naive_memory(**kw, **opts)
-        y, s = chunk_memory(**kw, **opts)
         what = f"depth={depth} b={chunk_size} mom={momentum} forget={forgetting} res={residual}"
-        _close(y, y_ref, 1e-10, f"output ({what})")
-        for a, b in zip(state_tensors(s), state_tensors(s_ref)):
-            _close(a, b, 1e-10, f"final state ({what})")
-        probe = lambda y_, s_: probe_loss(y_) + sum(probe_loss(t) for t in s_.tensors())  # noqa: E731
-        g_ref = torch.autograd.grad(probe(y_ref, s_ref), leaves)
-        g = torch.autograd.grad(probe(y, s), leaves)
-        for i, (a, b) in enumerate(zip(g, g_ref)):
-            _close(a, b, 1e-9, f"gradient of leaf {i} ({what})")
+        check_chunk_equals_naive(kw, leaves, opts, what)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
@@ -67,18 +64,9 @@ def test_clipped_analytic_backward_equals_autograd(activation, depth):
     """Entered mid-chunk (gradient weights != running weights), gradients of output and state."""
     for momentum, forgetting, residual in FLAGS:
         kw, leaves = make_inputs(T=29, depth=depth, momentum=momentum, forgetting=forgetting, requires_grad=True, seed=depth)
-        weights = kw.pop("weights")
-        head = {k: (v[:, :5] if v is not None else None) for k, v in kw.items()}
-        tail = {k: (v[:, 5:] if v is not None else None) for k, v in kw.items()}
-        grads = []
-        for mode in ("autograd", "analytic"):
-            opts = dict(chunk_size=8, activation=activation, residual=residual, backward=mode, max_grad_norm=CLIP)
-            y1, s = chunk_memory(**head, weights=weights, **opts)
-            y2, s = chunk_memory(**tail, state=s, **opts)
-            loss = probe_loss(torch.cat([y1, y2], 1)) + sum(probe_loss(t) for t in s.tensors())
-            grads.append(torch.autograd.grad(loss, leaves))
-        for i, (a, b) in enumerate(zip(*grads)):
-            _close(b, a, 1e-10, f"grad {i} act={activation} mom={momentum} forget={forgetting} res={residual}")
+        opts = dict(chunk_size=8, activation=activation, residual=residual, max_grad_norm=CLIP)
+        what = f"act={activation} mom={momentum} forget={forgetting} res={residual}"
+        check_analytic_backward_equals_autograd(kw, leaves, opts, what)
 
 
 def test_clipped_streaming_splits_and_steps_equal_one_call():

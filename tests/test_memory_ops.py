@@ -8,7 +8,14 @@ import random
 
 import pytest
 import torch
-from _helpers import make_inputs, probe_loss, rel_rms, state_tensors
+from _helpers import (
+    check_analytic_backward_equals_autograd,
+    check_chunk_equals_naive,
+    make_inputs,
+    probe_loss,
+    rel_rms,
+    state_tensors,
+)
 
 from titans.ops.memory import chunk_memory, naive_memory, step_memory
 
@@ -30,22 +37,10 @@ def test_chunk_equals_naive_float64(depth, chunk_size, T):
             T=T, depth=depth, momentum=momentum, forgetting=forgetting, requires_grad=True,
             seed=depth * 100 + chunk_size + T,
         )  # fmt: skip
-        opts = dict(chunk_size=chunk_size, residual=residual)
-        y_ref, s_ref = naive_memory(**kw, **opts)
-        y, s = chunk_memory(**kw, **opts)
         what = f"depth={depth} b={chunk_size} T={T} mom={momentum} forget={forgetting} res={residual}"
-        assert torch.isfinite(y_ref).all(), f"reference diverged ({what}): inputs too aggressive"
-        _assert_close(y, y_ref, 1e-10, f"output ({what})")
+        s, s_ref = check_chunk_equals_naive(kw, leaves, dict(chunk_size=chunk_size, residual=residual), what)
         assert s.position == s_ref.position == T % chunk_size
         assert (s.momentum is None) == (not momentum)
-        for a, b in zip(state_tensors(s), state_tensors(s_ref)):
-            _assert_close(a, b, 1e-10, f"final state ({what})")
-        # Gradients of the output and of the final state reach every input.
-        probe = lambda y_, s_: probe_loss(y_) + sum(probe_loss(t) for t in s_.weights)  # noqa: E731
-        g_ref = torch.autograd.grad(probe(y_ref, s_ref), leaves)
-        g = torch.autograd.grad(probe(y, s), leaves)
-        for i, (a, b) in enumerate(zip(g, g_ref)):
-            _assert_close(a, b, 1e-9, f"gradient of leaf {i} ({what})")
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
@@ -55,18 +50,9 @@ def test_analytic_backward_equals_autograd(activation, depth):
     entered mid-chunk (gradient weights != running weights) and gradients of the final state."""
     for momentum, forgetting, residual in FLAGS:
         kw, leaves = make_inputs(T=29, depth=depth, momentum=momentum, forgetting=forgetting, requires_grad=True, seed=depth)
-        weights = kw.pop("weights")
-        head = {k: (v[:, :5] if v is not None else None) for k, v in kw.items()}
-        tail = {k: (v[:, 5:] if v is not None else None) for k, v in kw.items()}
-        grads = []
-        for mode in ("autograd", "analytic"):
-            opts = dict(chunk_size=8, activation=activation, residual=residual, backward=mode)
-            y1, s = chunk_memory(**head, weights=weights, **opts)
-            y2, s = chunk_memory(**tail, state=s, **opts)
-            loss = probe_loss(torch.cat([y1, y2], 1)) + sum(probe_loss(t) for t in s.tensors())
-            grads.append(torch.autograd.grad(loss, leaves))
-        for i, (a, b) in enumerate(zip(*grads)):
-            _assert_close(b, a, 1e-10, f"grad {i} act={activation} mom={momentum} forget={forgetting} res={residual}")
+        opts = dict(chunk_size=8, activation=activation, residual=residual)
+        check_analytic_backward_equals_autograd(kw, leaves, opts, f"act={activation} mom={momentum} "
+                                                f"forget={forgetting} res={residual}")  # fmt: skip
 
 
 @pytest.mark.parametrize("depth", [1, 2])
