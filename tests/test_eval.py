@@ -57,9 +57,9 @@ class BigramLM(nn.Module):
             table[a, b] = 10.0
         self.table = nn.Parameter(table, requires_grad=False)
 
-    def forward(self, input_ids, labels=None, state=None):
+    def forward(self, input_ids, labels=None, state=None, logits_to_keep=0):  # TitansLM's signature
         pos = (state.position if state is not None else 0) + input_ids.shape[1]
-        return self.table[input_ids], None, ModelState(layers=[], position=pos)
+        return self.table[input_ids[:, -logits_to_keep:]], None, ModelState(layers=[], position=pos)
 
     def generate(self, input_ids, max_new_tokens, **kwargs):
         from titans.generation import generate

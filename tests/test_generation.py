@@ -38,9 +38,9 @@ def test_decoding_reads_each_token_once():
     calls = []
     orig = model.forward
 
-    def counting(input_ids, labels=None, state=None):
+    def counting(input_ids, labels=None, state=None, logits_to_keep=0):
         calls.append(input_ids.shape[1])
-        return orig(input_ids, labels, state)
+        return orig(input_ids, labels, state, logits_to_keep)
 
     model.forward = counting
     generate(model, torch.zeros(1, 10, dtype=torch.long), 5, temperature=0)

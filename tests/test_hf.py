@@ -44,9 +44,9 @@ def _record_lengths(model):
     """Wrap the inner TitansLM's forward; returns the list of input lengths it sees."""
     lengths, orig = [], model.model.forward
 
-    def recording(input_ids, labels=None, state=None):
+    def recording(input_ids, labels=None, state=None, logits_to_keep=0):
         lengths.append(input_ids.shape[1])
-        return orig(input_ids, labels, state)
+        return orig(input_ids, labels, state, logits_to_keep)
 
     model.model.forward = recording
     return lengths

@@ -196,6 +196,25 @@ def test_bad_inputs():
         model(torch.zeros(1, 0, dtype=torch.long))
 
 
+def test_logits_to_keep():
+    """logits_to_keep=k returns the full forward's last k positions and the same state; it
+    refuses labels (the loss needs every position) and negative counts."""
+    model = _model("mag")
+    ids = _ids(T=21)
+    with torch.no_grad():
+        full, _, s_full = model(ids)
+        after = model(ids[:, :4], state=s_full)[0]
+        for k in (1, 5, 21):
+            part, _, s = model(ids, logits_to_keep=k)
+            assert part.shape == (2, k, 61)
+            assert rel_rms(part, full[:, -k:]) < 1e-12  # a smaller product may round differently
+            assert torch.equal(model(ids[:, :4], state=s)[0], after)  # the same state
+    with pytest.raises(ValueError, match="labels=None"):
+        model(ids, labels=ids, logits_to_keep=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        model(ids, logits_to_keep=-1)
+
+
 def test_presets_and_config_round_trip():
     for name in ("tiny", "170M", "340M", "400M", "760M"):
         cfg = TitansConfig.preset(name)

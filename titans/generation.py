@@ -64,7 +64,7 @@ def generate(
     prompt is then read after what that state has seen)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    logits, _, state = model(input_ids, state=state)
+    logits, _, state = model(input_ids, state=state, logits_to_keep=1)  # prefill: last position only
     out = [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):

@@ -297,6 +297,7 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         cache: ModelState | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ):
         """``input_ids`` ``[B, T]``: the tokens after those ``past_key_values`` (or ``cache``, its
@@ -305,7 +306,8 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
         convention; -100 is ignored). Returns ``CausalLMOutputWithPast`` whose ``past_key_values``
         is the ``ModelState`` after ``input_ids`` (None when ``use_cache=False``).
         ``attention_mask`` may only mark right padding; ``position_ids`` and other HF extras are
-        ignored (positions come from the state)."""
+        ignored (positions come from the state). ``logits_to_keep`` (k > 0: logits of the last k
+        positions only, as ``generate()`` asks for while prefilling) needs ``labels=None``."""
         if inputs_embeds is not None:
             raise NotImplementedError("titans models take input_ids, not inputs_embeds")
         if input_ids is None:
@@ -331,7 +333,11 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
                 / n_items
             )
         else:
-            logits, loss, new_state = self.model(input_ids, labels=labels, state=state)
+            if isinstance(logits_to_keep, Tensor):
+                if logits_to_keep.numel() != 1:
+                    raise NotImplementedError("logits_to_keep as a tensor of positions; pass a count")
+                logits_to_keep = int(logits_to_keep)
+            logits, loss, new_state = self.model(input_ids, labels=labels, state=state, logits_to_keep=logits_to_keep)
         past = new_state if use_cache else None
         if past is not None and isinstance(past_key_values, _GenerationCache):
             past = _GenerationCache(past)  # inside generate()

@@ -200,13 +200,25 @@ class TitansLM(nn.Module):
         return n
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, state: ModelState | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        state: ModelState | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[Tensor, Tensor | None, ModelState]:
         """input_ids ``[B, T]`` -> ``(logits [B, T, vocab], loss or None, state)``.
 
         ``labels`` ``[B, T]``: the loss is the mean next-token cross-entropy of ``logits[:, t]``
         against ``labels[:, t + 1]`` (labels = input_ids for language modelling; -100 is ignored).
+        ``logits_to_keep``: k > 0 computes logits for the last k positions only (``[B, k, vocab]``;
+        the Hugging Face convention, 0 = all). Streaming a long prompt needs only its last
+        position's logits, and the vocabulary projection of every other token is a large share
+        of a small model's reading time (a third for the NIAH demo's LMM).
         """
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep needs labels=None: the loss is over every position's logits")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
@@ -223,6 +235,8 @@ class TitansLM(nn.Module):
         for block, s in zip(self.blocks, layer_states):
             x, s = block(x, s)
             new_states.append(s)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, dim)
         logits = self.head(self.norm(x))
         loss = None
         if labels is not None:

@@ -66,7 +66,7 @@ def answer_batch(
     state = None
     with torch.inference_mode():
         for start in range(0, n_head, chunk_tokens):
-            _, _, state = model(ids[:, start : start + chunk_tokens], state=state)
+            _, _, state = model(ids[:, start : start + chunk_tokens], state=state, logits_to_keep=1)
             if bar is not None:
                 bar.update(ids.shape[0] * chunk_tokens)
         out, _ = model.generate(ids[:, n_head:], budget, temperature=0.0, top_k=1, eos_token_id=eos, state=state)

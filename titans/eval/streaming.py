@@ -5,7 +5,8 @@ returned, gives the outputs of one call; only the state (constant size for every
 Transformer++) and one piece's activations are alive at a time, so memory stays flat however
 long the prompt or document. Pieces hold ``chunk_tokens`` tokens, a multiple of the model's
 memory chunk (and MAC segment) so that every piece but the last ends on a chunk boundary.
-Everything here runs under ``torch.inference_mode()``.
+Everything here runs under ``torch.inference_mode()``. A model is anything with ``TitansLM``'s
+``forward(input_ids, labels=None, state=None, logits_to_keep=0) -> (logits, loss, state)``.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def prefill(model, ids, chunk_tokens: int, state=None) -> tuple[Tensor | None, o
     ids = _as_batch(ids, model_device(model))
     last = None
     for start in range(0, ids.shape[1], chunk_tokens):
-        logits, _, state = model(ids[:, start : start + chunk_tokens], state=state)
+        logits, _, state = model(ids[:, start : start + chunk_tokens], state=state, logits_to_keep=1)
         last = logits[:, -1].float()
     return last, state
 
