@@ -15,6 +15,7 @@ every implementation unless ``--no-tune-allocator``.
     python benchmarks/model_throughput.py
     python benchmarks/model_throughput.py --lengths 1024 4096 --contexts 1000 10000
     python benchmarks/model_throughput.py --lengths 4096 --variants mac --skip-decode
+    python benchmarks/model_throughput.py --lengths 4096 --variants mac --skip-decode --compile
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ DIM, DEPTH, HEADS, SEGMENT, VOCAB = 256, 2, 4, 128, 256
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
 
 
-def _ours(variant: str):
+def _ours(impl: str):
+    """``impl``: a variant name, or ``<variant>+compile`` for its memory run through torch.compile."""
     from titans.model import TitansConfig, TitansLM
 
+    variant, _, compiled = impl.partition("+")
     cfg = TitansConfig(variant=variant, vocab_size=VOCAB, dim=DIM, depth=DEPTH, heads=HEADS,
                        window=SEGMENT, segment=SEGMENT, memory_chunk=64, persistent_tokens=4)  # fmt: skip
-    return TitansLM(cfg)
+    return TitansLM(cfg).set_memory_compile(compiled == "compile")
 
 
 def _peer():
@@ -61,7 +64,9 @@ def train_step_speed(impl: str, T: int, min_seconds: float) -> dict:
         loss.backward()
 
     with peak_tracker() as peak:
-        step()  # warm-up, counted in the peak
+        step()  # warm-up, counted in the peak (with "+compile": compiles forward and backward)
+        if impl.endswith("+compile"):
+            step()  # a possible recompile with dynamic shapes also stays out of the timing
         iters, start = 0, time.perf_counter()
         while True:
             step()
@@ -127,6 +132,8 @@ def main() -> None:
     p.add_argument("--no-tune-allocator", action="store_true")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="our model variants to measure")
     p.add_argument("--skip-decode", action="store_true", help="measure training only (skip the decoding table)")
+    p.add_argument("--compile", action="store_true",
+                   help="also train each memory variant with its memory compiled (rows '<variant>+compile')")
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -153,7 +160,8 @@ def main() -> None:
     head = f"{'model':<20} {'T':>6} | {'tok/s':>8} {'peak MB':>8}"
     print(head + "\n" + "-" * len(head))
     train = {}
-    for impl in list(args.variants) + peer:
+    compiled = [f"{v}+compile" for v in args.variants if v not in ("transformer", "swa")] if args.compile else []
+    for impl in list(args.variants) + compiled + peer:
         for T in args.peer_lengths if impl in peer else args.lengths:
             r = _sub(["--one", tune, "train", impl, str(T), str(args.min_seconds)])
             train[(impl, T)] = r
@@ -184,10 +192,11 @@ def _ratios(args, train: dict) -> None:
         if a and b:
             print(f"mac training tok/s at T={T} / at T={args.lengths[0]}: {b['tokens_per_s'] / a['tokens_per_s']:.2f}")
     for T in args.peer_lengths:
-        mine, theirs = train.get(("mac", T)), train.get(("titans-pytorch-mac", T))
-        if mine and theirs:
-            print(f"mac vs titans-pytorch MAC at T={T}: {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tok/s, "
-                  f"{mine['peak_bytes'] / theirs['peak_bytes']:.2f}x peak memory")  # fmt: skip
+        for impl in ("mac", "mac+compile"):
+            mine, theirs = train.get((impl, T)), train.get(("titans-pytorch-mac", T))
+            if mine and theirs:
+                print(f"{impl} vs titans-pytorch MAC at T={T}: {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tok/s, "
+                      f"{mine['peak_bytes'] / theirs['peak_bytes']:.2f}x peak memory")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to measure")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--no-tune-allocator", action="store_true", help="leave glibc's allocator as it is")
+    p.add_argument("--compile", action="store_true", help="run the memory through torch.compile (warm-up compiles)")
     args = p.parse_args()
     if args.tokens < args.piece or args.piece < 1:
         p.error(f"need --tokens >= --piece >= 1, got {args.tokens} and {args.piece}")
@@ -66,9 +67,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tuned = False if args.no_tune_allocator else tune_cpu_allocator()
     torch.manual_seed(0)
-    model = model_from_recipe(args.recipe)
+    model = model_from_recipe(args.recipe).set_memory_compile(args.compile)
     print(f"{args.recipe.name}: {args.tokens:,} tokens per row in pieces of {args.piece:,}, "
-          f"{args.threads} thread(s), allocator tuned: {tuned}")  # fmt: skip
+          f"{args.threads} thread(s), allocator tuned: {tuned}, memory compiled: {args.compile}")  # fmt: skip
     head = f"{'batch':>5} | {'tok/s':>9} {'seconds':>8} {'peak RSS MB':>12}"
     print(head + "\n" + "-" * len(head))
     for b in args.batch:

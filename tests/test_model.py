@@ -215,6 +215,19 @@ def test_logits_to_keep():
         model(ids, logits_to_keep=-1)
 
 
+def test_set_memory_compile_reaches_every_memory_layer():
+    from titans.layers.neural_memory import NeuralMemory
+
+    for variant in VARIANTS:
+        model = _model(variant, dtype=torch.float32)
+        memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+        assert bool(memories) == (variant not in ("transformer", "swa"))
+        assert model.set_memory_compile() is model
+        assert all(m.use_compile for m in memories)
+        model.set_memory_compile(False)
+        assert not any(m.use_compile for m in memories)
+
+
 def test_presets_and_config_round_trip():
     for name in ("tiny", "170M", "340M", "400M", "760M"):
         cfg = TitansConfig.preset(name)

@@ -246,6 +246,17 @@ class TitansLM(nn.Module):
         pos = (state.position if state is not None else 0) + input_ids.shape[1]
         return logits, loss, ModelState(layers=new_states, position=pos)
 
+    def set_memory_compile(self, enabled: bool = True) -> "TitansLM":
+        """Run every neural memory's chunk computations (forward and analytic backward) through
+        ``torch.compile``, or back in eager mode. A runtime choice, not part of the config: the
+        first calls compile (tens of seconds on CPU, again for a new chunk length or batch), later
+        ones are faster (docs: README "Speed"; ``benchmarks/model_throughput.py --compile``).
+        The attention variants have no memory and are unaffected. Returns the model."""
+        for module in self.modules():
+            if isinstance(module, NeuralMemory):
+                module.use_compile = bool(enabled)
+        return self
+
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs):
         """Prefill in parallel, then decode one token at a time with the state; see
         ``titans.generation.generate`` for the sampling options. Returns ``(ids, state)``."""
