@@ -59,14 +59,14 @@ def drift(model, tok, tokens: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("gaps", "drift"))
-    p.add_argument("checkpoint", help="checkpoint or run directory of an LMM trained with the words tokenizer")
+    p.add_argument("checkpoint", help="checkpoint or run directory of a model trained with the words tokenizer")
     p.add_argument("--tokens", type=int, default=24576, help="drift: tokens of noise haystack to stream")
     args = p.parse_args()
     from titans.train.checkpoint import load_pretrained
 
     model, tok, info = load_pretrained(args.checkpoint)
-    if model.cfg.variant != "lmm":
-        p.error(f"the probe reads LMM memory states; {args.checkpoint} is a {model.cfg.variant}")
+    if args.what == "drift" and model.cfg.variant in ("transformer", "swa"):
+        p.error(f"drift reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
     print(f"{args.checkpoint} (step {info['step']})")
     gaps(model, tok) if args.what == "gaps" else drift(model, tok, args.tokens)
 
