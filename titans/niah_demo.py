@@ -19,9 +19,10 @@ __all__ = ["DEMO_MODELS", "shipped_checkpoint", "retrain", "run_demo"]
 PACKAGE = Path(__file__).parent
 CHECKPOINTS = PACKAGE / "checkpoints"
 RECIPES = PACKAGE / "recipes"
-# demo name -> recipe / checkpoint name. The Titans model is the memory-only LMM: it is the one
-# that learned to retrieve (docs/niah_demo.md; MAC and MAG stayed at chance in every run so far).
-DEMO_MODELS = {"titans-lmm": "niah-pair-lmm-3", "swa": "niah-pair-swa"}
+# demo name -> recipe / checkpoint name. Two Titans that learned to retrieve (docs/niah_demo.md):
+# MAG (sliding-window attention gated with the memory) and the memory-only LMM; MAC has not
+# learned in any run so far. The sliding-window transformer is the baseline.
+DEMO_MODELS = {"titans-mag": "niah-pair-mag-2", "titans-lmm": "niah-pair-lmm-3", "swa": "niah-pair-swa"}
 DEFAULT_VARIANT = "pair-pk"  # what the shipped checkpoints were trained on
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
 
