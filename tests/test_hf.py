@@ -139,6 +139,13 @@ def test_loss_equals_titans_loss(variant):
     with torch.no_grad():
         acc = model(ids, labels=labels, num_items_in_batch=torch.tensor(2 * n)).loss
     assert torch.allclose(acc, ref_loss.detach() / 2)
+    # logits_to_keep (generate()'s prefill) matches the full logits' tail and refuses labels on both paths
+    with torch.no_grad():
+        tail = model(ids, logits_to_keep=torch.tensor(3)).logits
+    assert tail.shape[1] == 3 and torch.allclose(tail, logits[:, -3:].detach())
+    for extra in ({}, {"num_items_in_batch": torch.tensor(n)}):
+        with pytest.raises(ValueError, match="labels=None"):
+            model(ids, labels=labels, logits_to_keep=1, **extra)
 
 
 def test_forward_state_and_tuple_output():

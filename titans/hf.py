@@ -320,8 +320,14 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
             getattr(self.config, "return_dict", True) if return_dict is None else return_dict
         )
 
+        if isinstance(logits_to_keep, Tensor):
+            if logits_to_keep.numel() != 1:
+                raise NotImplementedError("logits_to_keep as a tensor of positions; pass a count")
+            logits_to_keep = int(logits_to_keep)
         n_items = kwargs.get("num_items_in_batch")  # HF Trainer, gradient accumulation
         if labels is not None and n_items is not None:
+            if logits_to_keep:  # as TitansLM refuses it in the other branch
+                raise ValueError("logits_to_keep needs labels=None: the loss is over every position's logits")
             logits, _, new_state = self.model(input_ids, state=state)
             loss = (
                 F.cross_entropy(
@@ -333,10 +339,6 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
                 / n_items
             )
         else:
-            if isinstance(logits_to_keep, Tensor):
-                if logits_to_keep.numel() != 1:
-                    raise NotImplementedError("logits_to_keep as a tensor of positions; pass a count")
-                logits_to_keep = int(logits_to_keep)
             logits, loss, new_state = self.model(input_ids, labels=labels, state=state, logits_to_keep=logits_to_keep)
         past = new_state if use_cache else None
         if past is not None and isinstance(past_key_values, _GenerationCache):
