@@ -16,12 +16,14 @@ from titans.state_io import load_state, save_state, state_num_bytes
 # MAC with the memory writing the residual stream (mac_memory_input="residual") and MAG with its
 # inner gradients clipped (memory_max_grad_norm, acting on most tokens at this size) run every
 # model-level property test too.
-CASES = (*VARIANTS, "mac-residual", "mag-clip")
+CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mag-clip")
 
 
 def _cfg(variant, **kw):
     if variant == "mac-residual":
         variant, kw = "mac", {"mac_memory_input": "residual", **kw}
+    if variant == "mac-gate-attention":
+        variant, kw = "mac", {"mac_memory_input": "residual", "mac_gate_input": "attention", **kw}
     if variant == "mag-clip":
         variant, kw = "mag", {"memory_max_grad_norm": 0.05, **kw}
     base = dict(variant=variant, vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
@@ -175,6 +177,7 @@ def test_gradients_and_training_steps(variant):
         (dict(memory_heads=5), "memory_heads"),
         (dict(depth=0), "depth"),
         (dict(mac_memory_input="output"), "mac_memory_input"),
+        (dict(mac_gate_input="residual"), "mac_gate_input"),
         (dict(memory_max_grad_norm=0.0), "memory_max_grad_norm"),
         (dict(memory_max_grad_norm=float("nan")), "memory_max_grad_norm"),
     ],
@@ -342,22 +345,26 @@ def _mac_reference(block, x, state=None):
             seg_w = mem.memory.weights if mem is not None else block.memory.initial_weights_for(x.shape[0])
         piece = u[:, t : t + n]
         h, qconv = block.memory.retrieve(piece, seg_w, qconv)
-        y, cache = block.attn(piece, cache, memory_tokens=h)
+        a, cache = block.attn(piece, cache, memory_tokens=h)
+        y = a
         if block.write_norm is not None:  # mac_memory_input="residual": y = norm(x + attention)
-            y = block.write_norm(x[:, t : t + n] + y)
+            y = block.write_norm(x[:, t : t + n] + a)
         m, mem = block.memory(y, mem)
-        outs.append(block.gate(y, m))
+        outs.append(block.gate(a if block.gate_takes_attention else y, m))
         t, pos = t + n, pos + n
     x = x + torch.cat(outs, 1)
     return x + block.ffn(block.ffn_norm(x)), mem
 
 
-@pytest.mark.parametrize("memory_input", ["attention", "residual"])
-def test_mac_block_matches_segment_by_segment_reference(memory_input):
+@pytest.mark.parametrize(
+    "memory_input, gate_input", [("attention", "memory_input"), ("residual", "memory_input"), ("residual", "attention")]
+)
+def test_mac_block_matches_segment_by_segment_reference(memory_input, gate_input):
     """The MAC block's batched projections and output paths give the per-segment composition of
     the layers' public calls: outputs, gradients of every parameter, and a continued state."""
-    model = _model("mac", memory_chunk=3, mac_memory_input=memory_input)
+    model = _model("mac", memory_chunk=3, mac_memory_input=memory_input, mac_gate_input=gate_input)
     assert (model.blocks[0].write_norm is None) == (memory_input == "attention")
+    assert model.blocks[0].gate_takes_attention == (gate_input == "attention")
     block = model.blocks[0]
     x = torch.randn(2, 21, 32, dtype=torch.float64, requires_grad=True)
     y, state = block(x[:, :13])  # ends mid-segment and mid-chunk

@@ -71,6 +71,14 @@ class TitansConfig:
     # output (its sublayer alone); "residual": the residual stream after it, normalised,
     # norm(x + attention), whose space is the one the next segment's queries are read from.
     mac_memory_input: str = "attention"
+    # MAC: what the output gate's y side takes. "memory_input": what the memory writes (the
+    # paper's y ⊗ M*(y)); "attention": the attention's own output even when the memory writes the
+    # residual stream. With mac_memory_input="residual", the residual stream at a token is mostly
+    # that token's embedding, so norm(y) ⊙ σ(M*(y)) hands the head the memory's answer multiplied
+    # by a token-specific vector; the attention output is averaged over context, as MAG's
+    # attention branch is. On the needle rows this made the difference between a MAC that never
+    # recalled past its segment and one that does (docs/niah_demo.md).
+    mac_gate_input: str = "memory_input"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -99,6 +107,8 @@ class TitansConfig:
             )
         if self.mac_memory_input not in ("attention", "residual"):
             raise ValueError(f"mac_memory_input must be 'attention' or 'residual', got {self.mac_memory_input!r}")
+        if self.mac_gate_input not in ("memory_input", "attention"):
+            raise ValueError(f"mac_gate_input must be 'memory_input' or 'attention', got {self.mac_gate_input!r}")
         check_max_grad_norm(self.memory_max_grad_norm, "memory_max_grad_norm")
         if self.persistent_tokens < 0:
             raise ValueError(f"persistent_tokens must be >= 0, got {self.persistent_tokens}")

@@ -31,6 +31,8 @@ class MACBlock(nn.Module):
         # "residual": y is norm(x + attention), the attention sublayer's result in the residual
         # stream; the memory then writes in the space its queries read from (norm(x)).
         self.write_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps) if cfg.mac_memory_input == "residual" else None
+        # "attention": the gate's y side is the attention output itself (see TitansConfig)
+        self.gate_takes_attention = cfg.mac_gate_input == "attention"
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
@@ -56,23 +58,24 @@ class MACBlock(nn.Module):
         while t < T:
             sizes.append(min(self.segment - pos % self.segment, T - t))
             t, pos = t + sizes[-1], pos + sizes[-1]
-        pos, ys, answers = state.position, [], []
+        pos, ys, attended, answers = state.position, [], [], []
         spans = zip(sizes, *(z.split(sizes, dim=1) for z in (queries, read_gate, aq, ak, av, x)))
         for n, q_s, gate_s, aq_s, ak_s, av_s, x_s in spans:
             if pos % self.segment == 0:  # a new segment reads the memory as it is now
                 seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
             h = self.memory._read(q_s, gate_s, seg_w, u.dtype)
-            y, cache = self.attn.attend(aq_s, ak_s, av_s, cache, h, prefix)
-            if self.write_norm is not None:
-                y = self.write_norm(x_s + y)
+            a, cache = self.attn.attend(aq_s, ak_s, av_s, cache, h, prefix)
+            y = a if self.write_norm is None else self.write_norm(x_s + a)
             # The op checks the caller's state on the first segment; later ones carry its own.
             answer, mem = self.memory._memorise_raw(y, mem, check_op=pos == state.position)
             ys.append(y)
+            attended.append(a)
             answers.append(answer)
             pos += n
         # The output paths (the memory's gated projection of M*(y), the gate y ⊗ M*(y)) hold no
         # state: once over the whole input, not per segment.
         y = torch.cat(ys, dim=1)
-        x = x + self.gate(y, self.memory._output(torch.cat(answers, dim=1), y))
+        gate_y = torch.cat(attended, dim=1) if self.gate_takes_attention else y
+        x = x + self.gate(gate_y, self.memory._output(torch.cat(answers, dim=1), y))
         x = x + self.ffn(self.ffn_norm(x))
         return x, BlockState(memory=mem, attn=cache, query_conv=qconv, segment_weights=seg_w, position=pos)
