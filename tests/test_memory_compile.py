@@ -49,3 +49,25 @@ def test_model_with_compiled_memory_trains_like_eager():
     assert rel_rms(l1, l0) < 1e-5
     for a, b in zip(g1, g0):
         assert rel_rms(a, b) < 1e-4
+
+def test_compiled_inference_groups_chunks_like_eager(monkeypatch):
+    """Without gradients, the compiled path runs fresh full chunks in groups (one compiled call
+    each): outputs and state equal the eager chunk loop, with a state entering mid-chunk and a
+    tail of chunks too short for a group."""
+    import titans.ops.memory.chunk as chunk_mod
+
+    monkeypatch.setattr(chunk_mod, "_GROUP", 3)  # a small group keeps the compile short
+    groups, length = [], chunk_mod._group_length
+    monkeypatch.setattr(chunk_mod, "_group_length", lambda *a: groups.append(length(*a)) or groups[-1])
+    kw, _ = make_inputs(T=29, D=8, depth=2, dtype=torch.float32, seed=32)
+    head = {k: (v[:, :3] if k in ("q", "k", "v", "theta", "eta", "alpha") else v) for k, v in kw.items()}
+    tail = {k: v[:, 3:] for k, v in kw.items() if k in ("q", "k", "v", "theta", "eta", "alpha")}
+    with torch.no_grad():
+        y0, s0 = chunk_memory(**kw, chunk_size=4)
+        ya, sa = chunk_memory(**head, chunk_size=4, compile=True)
+        yb, sb = chunk_memory(**tail, state=sa, chunk_size=4, compile=True)  # 1 token, 3 + 3 chunks, 1 token
+    assert rel_rms(torch.cat([ya, yb], 1), y0) < 1e-5
+    for a, b in zip(sb.tensors(), s0.tensors()):
+        assert rel_rms(a, b) < 1e-5
+    assert sb.position == s0.position
+    assert groups.count(3) == 2  # both groups ran

@@ -190,6 +190,37 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_no
     return y, W_end, S_end
 
 
+_GROUP = 16  # fresh full chunks per compiled call in compiled inference (see _chunk_group_forward)
+
+
+def _group_length(spans, i: int, chunk_size: int) -> int:
+    """How many spans from i on are full chunks, up to ``_GROUP``, or 1 when fewer than that:
+    a group is compiled for one length only, so shorter runs take the one-chunk path."""
+    run = 0
+    while run < _GROUP and i + run < len(spans) and spans[i + run][0] == chunk_size:
+        run += 1
+    return run if run == _GROUP else 1
+
+
+def _fresh(tensors):
+    return tuple(t.clone() for t in tensors)
+
+
+def _chunk_group_forward(q, k, v, A, B, C, e_end, m, W0, S0, act, residual, max_norm=None):
+    """``_chunk_forward`` over g fresh chunks in a row (inputs with a chunk dim at 1: q
+    ``[N, g, n, D]``, C ``[N, g, n, n]``, ...), each chunk's gradients at its own start weights.
+    Only for compiled inference: traced as one graph, the g chunks cost one call's overhead
+    instead of g; with small chunks and one stream, per-call overhead is most of the time.
+    Returns ``(y [N, g, n, D], W_end, S_end)``."""
+    pick = lambda x, j: None if x is None else x[:, j]  # noqa: E731
+    W, S, ys = W0, S0, []
+    for j in range(q.shape[1]):
+        y, W, S = _chunk_forward(q[:, j], k[:, j], v[:, j], pick(A, j), pick(B, j), C[:, j], pick(e_end, j),
+                                 pick(m, j), W, S, W, act, residual, max_norm)  # fmt: skip
+        ys.append(y)
+    return torch.stack(ys, 1), W, S
+
+
 class _ChunkFunction(torch.autograd.Function):
     """One chunk with a hand-derived backward.
 
@@ -517,12 +548,30 @@ def chunk_memory_unchecked(
         return [None] * len(sizes) if x is None else x.split(sizes, dim=1)
 
     use_fn = backward == "analytic" and torch.is_grad_enabled()
+    grouped = compile and not torch.is_grad_enabled()
     ys, pos = [], state.position
     coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
-    for n, q_c, k_c, v_c, gates in zip(sizes, split(qf), split(kf), split(vf), coefficients):
+    spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients))
+    i = 0
+    while i < len(spans):
+        n, q_c, k_c, v_c, gates = spans[i]
         fresh = pos == 0
         if fresh:
             Wg = W
+        g = _group_length(spans, i, chunk_size) if grouped and fresh else 1
+        if g > 1:  # g fresh full chunks in one compiled call (inference only)
+            group = spans[i : i + g]
+            qkv = [torch.stack(x, 1) for x in zip(*(span[1:4] for span in group))]  # (N, g, n, D)
+            coefs = [None if c[0] is None else torch.stack(c, 1) for c in zip(*(span[4] for span in group))]
+            forward = _maybe_compiled(_chunk_group_forward, True)
+            # Fresh copies: under inference_mode the state a previous call returned and the
+            # weights a first call starts from differ in dispatch keys, which recompiles the graph.
+            W_in, S_in = _fresh(W), (_fresh(S) if has_mom else None)
+            y, W, S = forward(*qkv, *coefs, W_in, S_in, activation, residual, max_grad_norm)
+            ys.extend(y.unbind(1))
+            W, S, Wg = tuple(W), (tuple(S) if has_mom else None), tuple(W)
+            i += g
+            continue
         if use_fn:
             states = W + (S if has_mom else ()) + (() if fresh else Wg)
             cfg = (L, has_mom, fresh, activation, residual, max_grad_norm, compile)
@@ -534,6 +583,7 @@ def chunk_memory_unchecked(
             W, S = tuple(W), (tuple(S) if has_mom else None)
         ys.append(y)
         pos = (pos + n) % chunk_size
+        i += 1
 
     y = torch.cat(ys, dim=1).reshape(B, H, T, D).transpose(1, 2).to(dtype)
 
