@@ -19,10 +19,15 @@ __all__ = ["DEMO_MODELS", "shipped_checkpoint", "retrain", "run_demo"]
 PACKAGE = Path(__file__).parent
 CHECKPOINTS = PACKAGE / "checkpoints"
 RECIPES = PACKAGE / "recipes"
-# demo name -> recipe / checkpoint name. Two Titans that learned to retrieve (docs/niah_demo.md):
-# MAG (sliding-window attention gated with the memory) and the memory-only LMM; MAC has not
-# learned in any run so far. The sliding-window transformer is the baseline.
-DEMO_MODELS = {"titans-mag": "niah-pair-mag-2", "titans-lmm": "niah-pair-lmm-3", "swa": "niah-pair-swa"}
+# demo name -> recipe / checkpoint name. Three Titans that learned to retrieve (docs/niah_demo.md):
+# MAC (segment attention over the memory's answers), MAG (sliding-window attention gated with the
+# memory) and the memory-only LMM. The sliding-window transformer is the baseline.
+DEMO_MODELS = {
+    "titans-mac": "niah-pair-mac-2",
+    "titans-mag": "niah-pair-mag-2",
+    "titans-lmm": "niah-pair-lmm-3",
+    "swa": "niah-pair-swa",
+}
 DEFAULT_VARIANT = "pair-pk"  # what the shipped checkpoints were trained on
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
 

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--head-dim", type=int, default=64, help="recall: width of keys and values (default 64)")
     p.add_argument("--lengths", default="1K,4K,16K,64K", help="niah: haystack lengths in tokens (default 1K,4K,16K,64K)")
     p.add_argument("--needles", type=int, default=4, help="niah: needles per length, at evenly spaced depths (default 4)")
-    p.add_argument("--models", default=None, help="niah: comma-separated subset of titans-mag,titans-lmm,swa (default all)")
+    p.add_argument("--models", default=None, help="niah: comma-separated subset of titans-mac,titans-mag,titans-lmm,swa (default all)")
     p.add_argument("--out", default="demo-out", help="niah: directory for the heatmap and results (default demo-out)")
     p.add_argument("--variant", default="pair-pk",
                    help="niah: needle format, a variant of `titans eval niah` (default pair-pk: what the shipped "
