@@ -548,7 +548,7 @@ def chunk_memory_unchecked(
         return [None] * len(sizes) if x is None else x.split(sizes, dim=1)
 
     use_fn = backward == "analytic" and torch.is_grad_enabled()
-    grouped = compile and not torch.is_grad_enabled()
+    group_forward = _maybe_compiled(_chunk_group_forward, True) if compile and not torch.is_grad_enabled() else None
     ys, pos = [], state.position
     coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
     spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients))
@@ -558,19 +558,18 @@ def chunk_memory_unchecked(
         fresh = pos == 0
         if fresh:
             Wg = W
-        g = _group_length(spans, i, chunk_size) if grouped and fresh else 1
+        g = _group_length(spans, i, chunk_size) if group_forward is not None and fresh else 1
         if g > 1:  # g fresh full chunks in one compiled call (inference only)
             group = spans[i : i + g]
             qkv = [torch.stack(x, 1) for x in zip(*(span[1:4] for span in group))]  # (N, g, n, D)
             coefs = [None if c[0] is None else torch.stack(c, 1) for c in zip(*(span[4] for span in group))]
-            forward = _maybe_compiled(_chunk_group_forward, True)
             # Fresh copies: under inference_mode the state a previous call returned and the
             # weights a first call starts from differ in dispatch keys, which recompiles the graph.
             W_in, S_in = _fresh(W), (_fresh(S) if has_mom else None)
-            y, W, S = forward(*qkv, *coefs, W_in, S_in, activation, residual, max_grad_norm)
+            y, W, S = group_forward(*qkv, *coefs, W_in, S_in, activation, residual, max_grad_norm)
             ys.extend(y.unbind(1))
-            W, S, Wg = tuple(W), (tuple(S) if has_mom else None), tuple(W)
-            i += g
+            W, S = tuple(W), (tuple(S) if has_mom else None)
+            i += g  # whole chunks: pos stays 0, the next span is fresh
             continue
         if use_fn:
             states = W + (S if has_mom else ()) + (() if fresh else Wg)
