@@ -4,11 +4,20 @@ while the noise haystack streams.
 
     python benchmarks/niah_probe.py gaps titans/checkpoints/niah-pair-lmm-3
     python benchmarks/niah_probe.py drift titans/checkpoints/niah-pair-lmm-3 --tokens 24576
+    python benchmarks/niah_probe.py far titans/checkpoints/niah-pair-mac-2 --passages 8,128,512,1024,2730
+    python benchmarks/niah_probe.py keys titans/checkpoints/niah-pair-mac-2
 
 ``gaps``: for each (passages before the needle, passages between needle and question), 8 keys
 with random 3-digit values; a hit is the value as the most likely next token after
 ``"Recall the pair: {key}"``. One passage is the noise haystack's 24-token paragraph.
 ``drift``: the largest per-head Frobenius norm of each block's memory weights every 4,096 tokens.
+``far``: the 8 pairs written after one passage and read back after ``--passages`` passages of
+noise (up to 65K tokens; one stream per key, the state copied at each gap), with the memory's
+largest weight norm per block and the mean test-time learning rate theta and forgetting alpha its
+gates gave the noise since the previous gap.
+``keys``: how alike the memory's write keys are, per block and head: the mean cosine between the
+keys of noise tokens, and between the key written at a needle's value token and the noise keys
+(a write moves the read-out of every key it shares directions with).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 CELLS = [(1, 2), (1, 8), (1, 12), (1, 16), (1, 32), (1, 64), (1, 128), (64, 2), (256, 2)]
 KEYS = ["apple", "river", "castle", "pencil", "garden", "doctor", "window", "engine"]
@@ -56,19 +66,97 @@ def drift(model, tok, tokens: int) -> None:
             print(f"{min(t + 4096, tokens):>6} | " + "  ".join(f"{n:.2f}" for n in norms), flush=True)
 
 
+def far(model, tok, passages: list[int]) -> None:
+    import copy
+
+    from titans.layers.neural_memory import NeuralMemory
+    from titans.tasks.niah import NOISE_SENTENCES
+
+    rng = np.random.default_rng(0)
+    values = [int(rng.integers(100, 1000)) for _ in KEYS]
+    heads = [tok.encode(NOISE_SENTENCES + f"\nRemember the pair: {k} {v}.\n") for k, v in zip(KEYS, values)]
+    questions = [tok.encode(f"\nRecall the pair: {k}") for k in KEYS]
+    if len({len(h) for h in heads}) != 1 or len({len(q) for q in questions}) != 1:
+        raise SystemExit("far needs keys and values of one token each (the words tokenizer)")
+    targets = torch.tensor([tok.encode(f" {v}")[0] for v in values])
+    unit = tok.encode(" " + NOISE_SENTENCES)
+    piece = (4096 // len(unit)) * len(unit)
+    gates = {"theta": [], "alpha": []}
+    hooks = []
+    for m in model.modules():  # the gates' pre-activations, recorded as the noise streams
+        if isinstance(m, NeuralMemory):
+            act = (lambda z, m=m: m.max_lr * torch.sigmoid(z)) if m.theta_activation == "sigmoid" else F.softplus
+            hooks.append(m.to_theta.register_forward_hook(lambda _m, _i, z, act=act: gates["theta"].append(float(act(z).mean()))))
+            if m.to_alpha is not None:
+                hooks.append(m.to_alpha.register_forward_hook(lambda _m, _i, z: gates["alpha"].append(float(torch.sigmoid(z).mean()))))
+    print(f"{'gap':>7} | recalled  mean log p(value) | largest weight norm per block | theta  alpha (noise)")
+    with torch.inference_mode():
+        _, _, state = model(torch.tensor(heads))
+        done = 0
+        for n in passages:
+            gates["theta"].clear(), gates["alpha"].clear()
+            ids = torch.tensor([unit * (n - done)] * len(KEYS))
+            for s in range(0, ids.shape[1], piece):
+                _, _, state = model(ids[:, s : s + piece], state=state, logits_to_keep=1)
+            done = n
+            lp = model(torch.tensor(questions), state=copy.deepcopy(state))[0][:, -1].float().log_softmax(-1)
+            hits = int((lp.argmax(-1) == targets).sum())
+            norms = [max(float(w.norm(dim=(-2, -1)).max()) for w in layer.memory.memory.weights) for layer in state.layers]
+            alpha = f"{np.mean(gates['alpha']):.1e}" if gates["alpha"] else "-"
+            print(f"{n * len(unit):>7} | {hits}/{len(KEYS)}       {float(lp.gather(1, targets[:, None]).mean()):6.2f}           | "
+                  f"{'  '.join(f'{x:5.1f}' for x in norms):<29} | {np.mean(gates['theta']):.4f} {alpha}", flush=True)
+    for h in hooks:
+        h.remove()
+
+
+def keys(model, tok) -> None:
+    from titans.layers.neural_memory import NeuralMemory
+    from titans.tasks.niah import NOISE_SENTENCES
+
+    noise = " ".join([NOISE_SENTENCES] * 8)
+    at = len(tok.encode(noise + "\nRemember the pair: apple"))  # the value token's position
+    ids = tok.encode(noise + "\nRemember the pair: apple 417.\n" + noise)
+    layers = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    written = {id(m): [] for m in layers}  # the key projections of every write, in order
+    hooks = [m.to_qkv.register_forward_hook(lambda m_, i, out, m=m: written[id(m)].append(out[0])) for m in layers]
+    with torch.inference_mode():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    print("block | mean cosine per head: noise key vs noise key | value-token key vs noise keys")
+    for b, m in enumerate(layers):
+        u = torch.cat(written[id(m)])[-len(ids):][None]  # (1, T, 3 * H * D); a MAC writes extra tokens first
+        qkv, _ = m._conv(u, None)  # causal: one pass over the whole row equals the segment-wise passes
+        k = F.normalize(F.silu(qkv[0]).reshape(len(ids), 3, m.heads, m.head_dim)[:, 1], dim=-1)  # (T, H, D)
+        hay = torch.cat([k[: at - 8], k[at + 6 :]])  # noise tokens only (the needle line left out)
+        sample = hay[::7]
+        same = torch.einsum("thd,shd->h", sample, sample) / len(sample) ** 2
+        needle = torch.einsum("hd,thd->h", k[at], hay) / len(hay)
+        print(f"{b + 1:>5} | {' '.join(f'{x:5.2f}' for x in same.tolist())}   | {' '.join(f'{x:5.2f}' for x in needle.tolist())}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("gaps", "drift"))
+    p.add_argument("what", choices=("gaps", "drift", "far", "keys"))
     p.add_argument("checkpoint", help="checkpoint or run directory of a model trained with the words tokenizer")
     p.add_argument("--tokens", type=int, default=24576, help="drift: tokens of noise haystack to stream")
+    p.add_argument("--passages", default="8,128,512,1024,2730",
+                   help="far: passages of noise (24 tokens each) between the pairs and their questions")
     args = p.parse_args()
     from titans.train.checkpoint import load_pretrained
 
     model, tok, info = load_pretrained(args.checkpoint)
-    if args.what == "drift" and model.cfg.variant in ("transformer", "swa"):
+    if args.what in ("drift", "far", "keys") and model.cfg.variant in ("transformer", "swa"):
         p.error(f"drift reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
     print(f"{args.checkpoint} (step {info['step']})")
-    gaps(model, tok) if args.what == "gaps" else drift(model, tok, args.tokens)
+    if args.what == "gaps":
+        gaps(model, tok)
+    elif args.what == "drift":
+        drift(model, tok, args.tokens)
+    elif args.what == "far":
+        far(model, tok, sorted(int(n) for n in args.passages.split(",")))
+    else:
+        keys(model, tok)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from titans import niah_demo
@@ -9,6 +11,7 @@ from titans.data.tokenizers import ByteTokenizer
 from titans.errors import UserError
 from titans.model import TitansConfig, TitansLM
 from titans.train.checkpoint import save_for_inference
+from titans.train.config import load_run_config
 
 
 def _fake_checkpoints(root):
@@ -81,7 +84,6 @@ def test_retrain_runs_curriculum_stages_in_order(tmp_path, monkeypatch):
 
 def test_trainer_refuses_a_recipe_stage_name(tmp_path):
     from titans.config_files import ConfigError
-    from titans.train.config import load_run_config
     from titans.train.trainer import train
 
     run = load_run_config(None, [f"train.out_dir={tmp_path}", "train.init_from=recipe:niah-lmm", "data.kind=niah",
@@ -109,3 +111,10 @@ def test_shipped_checkpoints_answer_a_short_haystack_needle():
     assert sum(scores["titans-mag"].values()) >= 10, scores
     assert sum(scores["titans-lmm"].values()) >= 9, scores
     assert scores["swa"][1.0] == 1.0 and sum(scores["swa"].values()) <= 2, scores
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(niah_demo.__file__).parent / "recipes").glob("*.yaml")))
+def test_every_packaged_recipe_is_a_valid_run_config(recipe):
+    run = load_run_config(str(Path(niah_demo.__file__).parent / "recipes" / recipe))
+    TitansLM(run.model)  # the model section builds
+    assert run.data.kind == "niah" and run.train.seq_len > run.train.detached_prefix >= 0

@@ -343,3 +343,52 @@ def test_uniform_loss_weights_train_as_none(tmp_path, monkeypatch):
     plain, uniform, answers = (_losses(tmp_path / n) for n in ("plain", "uniform", "answers"))
     assert [r[1] for r in uniform] == pytest.approx([r[1] for r in plain], rel=1e-5)
     assert [r[1] for r in answers][1:] != pytest.approx([r[1] for r in plain][1:], rel=1e-3)
+
+
+def test_detached_prefix_scores_the_rest_from_the_state_the_prefix_left():
+    """train.detached_prefix: the loss is the full row's loss on the targets after the prefix
+    (the prefix's memory carried in), and no gradient reaches the prefix's tokens."""
+    from contextlib import nullcontext
+
+    torch.manual_seed(0)
+    cfg = TitansConfig(variant="mac", vocab_size=32, dim=32, depth=1, heads=2, segment=16, window=16,
+                       memory_chunk=8, tie_embeddings=False)  # fmt: skip
+    model = TitansLM(cfg)
+    prefix = 24  # mid-segment and mid-chunk: the state carries a pending segment
+    ids = torch.cat([torch.randint(0, 10, (2, prefix)), torch.randint(10, 20, (2, 40))], dim=1)  # (B, T)
+    loss, n = trainer_mod._loss_sum(model, ids, ids, nullcontext(), None, prefix)
+    logits, _, _ = model(ids)
+    full = torch.nn.functional.cross_entropy(
+        logits[:, prefix:-1].reshape(-1, 32), ids[:, prefix + 1 :].reshape(-1), reduction="sum"
+    )
+    assert n == 2 * (ids.shape[1] - prefix - 1) == trainer_mod._target_weight(ids, None, prefix)
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)
+    alone, _, _ = model(ids[:, prefix:])  # without the prefix's state the loss differs: it was carried
+    assert not torch.allclose(alone[:, :-1], logits[:, prefix:-1], atol=1e-4)
+    loss.backward()
+    grad = model.embed.weight.grad
+    assert grad[:10].abs().max() == 0  # prefix-only tokens: the gradient stops at the prefix
+    assert grad[10:20].abs().sum(-1).min() > 0
+    weights = torch.rand(ids.shape)
+    assert trainer_mod._target_weight(ids, weights, prefix) == pytest.approx(float(weights[:, prefix + 1 :].sum()))
+
+
+def test_detached_prefix_trains_and_is_checked(tmp_path):
+    summary = trainer_mod.train(tiny_run(tmp_path / "p", detached_prefix=16, max_steps=2, checkpoint_every=0))
+    assert math.isfinite(summary["loss"]) and math.isfinite(summary["val_loss"])
+    with pytest.raises(ConfigError, match="detached_prefix must be in"):
+        tiny_run(tmp_path / "q", detached_prefix=31).train.validate()
+
+
+def test_train_only_moves_the_matching_parameters_alone(tmp_path):
+    run = tiny_run(tmp_path / "g", train_only=r"memory\.to_(theta|alpha)\.", max_steps=2, checkpoint_every=0)
+    summary = trainer_mod.train(run)
+    torch.manual_seed(run.train.seed)  # the trainer's initial weights
+    before = TitansLM(run.model).state_dict()
+    after = ckpt.load_pretrained(summary["checkpoint"])[0].state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(".to_theta." in k or ".to_alpha." in k for k in moved), moved
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        trainer_mod.train(tiny_run(tmp_path / "h", train_only="no_such_weight", max_steps=1))
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        tiny_run(tmp_path / "i", train_only="(").train.validate()

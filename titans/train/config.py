@@ -6,6 +6,7 @@ sections or keys are refused with the closest existing name suggested.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -30,6 +31,14 @@ class TrainConfig:
     # a fresh run starts from this checkpoint's (or run directory's latest) model weights, with a
     # new optimiser, schedule and data stream: the next stage of a curriculum
     init_from: str | None = None
+    # the first detached_prefix tokens of every row stream without gradient; only the state they
+    # leave (what the memory wrote) reaches the scored rest of the row: truncated backpropagation,
+    # for rows (needle-to-question gaps) longer than the backward pass can hold
+    detached_prefix: int = 0
+    # train only the parameters whose names match this regular expression (re.search; e.g.
+    # "memory\\.to_(theta|eta|alpha)\\." for the memory's gates), the rest frozen: a curriculum stage
+    # that must not undo what earlier stages learned
+    train_only: str | None = None
     lr: float = 4e-4  # paper section 5.1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -55,6 +64,16 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
             raise ConfigError(f"train.stop_at_step must be in [1, max_steps={self.max_steps}], got {self.stop_at_step}")
+        if not 0 <= self.detached_prefix < self.seq_len - 1:
+            raise ConfigError(
+                f"train.detached_prefix must be in [0, seq_len - 1 = {self.seq_len - 1}) (the scored rest of a "
+                f"row needs at least two tokens), got {self.detached_prefix}"
+            )
+        if self.train_only is not None:
+            try:
+                re.compile(self.train_only)
+            except re.error as err:
+                raise ConfigError(f"train.train_only is not a regular expression ({err}): {self.train_only!r}") from None
         if self.batch_tokens % self.seq_len:
             raise ConfigError(
                 f"train.batch_tokens ({self.batch_tokens}) must be a multiple of train.seq_len ({self.seq_len})"

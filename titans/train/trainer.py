@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import random
+import re
 import signal
 import time
 from contextlib import nullcontext
@@ -150,11 +151,23 @@ class _Metrics:
             self.tb.close()
 
 
-def _loss_sum(model, input_ids, labels, autocast, weights=None) -> tuple[torch.Tensor, float]:
+def _loss_sum(model, input_ids, labels, autocast, weights=None, prefix=0) -> tuple[torch.Tensor, float]:
     """Summed cross-entropy over the targets and their count; with ``weights`` ([B, T], per
-    label position, like ``labels``) each target counts its weight in both."""
+    label position, like ``labels``) each target counts its weight in both.
+
+    ``prefix`` > 0 (``train.detached_prefix``): the first ``prefix`` tokens stream through the
+    model without gradient and only the state they leave (the memory that read them) enters the
+    rest of the row, whose targets alone are scored: backpropagation truncated at ``prefix``, so
+    a row can be far longer than what the backward pass holds."""
+    state = None
+    if prefix:
+        with torch.no_grad(), autocast:
+            _, _, state = model(input_ids[:, :prefix])
+        state = state.detach()
+        input_ids, labels = input_ids[:, prefix:], labels[:, prefix:]
+        weights = None if weights is None else weights[:, prefix:]
     with autocast:
-        logits, _, _ = model(input_ids)
+        logits, _, _ = model(input_ids, state=state)
     targets = labels[:, 1:].reshape(-1)
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     if weights is None:
@@ -164,11 +177,12 @@ def _loss_sum(model, input_ids, labels, autocast, weights=None) -> tuple[torch.T
     return (ce * w).sum(), float(w.sum())
 
 
-def _target_weight(labels, weights) -> float:
+def _target_weight(labels, weights, prefix=0) -> float:
     """What ``_loss_sum`` counts for a micro batch: its targets, or their summed weights."""
+    labels = labels[:, prefix:]
     if weights is None:
         return int((labels[:, 1:] != -100).sum())
-    return float((weights[:, 1:] * (labels[:, 1:] != -100)).sum())
+    return float((weights[:, prefix + 1 :] * (labels[:, 1:] != -100)).sum())
 
 
 def _loss_weights(batch, device):
@@ -178,13 +192,13 @@ def _loss_weights(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, eval_batches, device, autocast) -> float:
+def evaluate(model, eval_batches, device, autocast, prefix: int = 0) -> float:
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
     for batch in eval_batches():
         input_ids, labels = as_inputs(batch, device)
-        loss, n = _loss_sum(model, input_ids, labels, autocast)
+        loss, n = _loss_sum(model, input_ids, labels, autocast, None, prefix)
         total += loss.double()
         count += n
     model.train(was_training)
@@ -211,6 +225,21 @@ class _Interrupt:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
         return False
+
+
+def _freeze_all_but(model: TitansLM, pattern: str, verbose: bool) -> None:
+    """``train.train_only``: parameters whose names do not match ``pattern`` stop taking gradients."""
+    matched = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(re.search(pattern, name) is not None)
+        if p.requires_grad:
+            matched.append((name, p.numel()))
+    if not matched:
+        names = ", ".join(n for n, _ in list(model.named_parameters())[:6])
+        raise ConfigError(f"train.train_only {pattern!r} matches no parameter (names look like: {names}, ...)")
+    if verbose:
+        print(f"training {len(matched)} parameter tensors ({sum(n for _, n in matched):,} values) matching "
+              f"{pattern!r}; the rest frozen")
 
 
 def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = None) -> dict:
@@ -251,6 +280,8 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
     model = TitansLM(cfg)
     if tcfg.init_from is not None and resume_path is None:
         _init_from(model, tcfg.init_from, run, tokenizer, world.is_main)
+    if tcfg.train_only is not None:
+        _freeze_all_but(model, tcfg.train_only, world.is_main)
     model = model.to(device)
     model = parallelize(model, tcfg.parallel if world.distributed else "none", device)
     optimizer = build_optimizer(model, tcfg)
@@ -318,7 +349,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                     break
                 batch = source.next_batch(rows_global)
                 micro = [(*as_inputs(b, device), _loss_weights(b, device)) for b in _split_rows(batch, tcfg.micro_batch)]
-                local_targets = sum(_target_weight(labels, w) for _, labels, w in micro)
+                local_targets = sum(_target_weight(labels, w, tcfg.detached_prefix) for _, labels, w in micro)
                 n_global = float(all_reduce_sum(torch.tensor(float(local_targets), device=device, dtype=torch.float64)))
                 if n_global == 0:
                     raise RuntimeError(f"step {step}: the batch has no target tokens (every label is -100)")
@@ -326,7 +357,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 for i, (input_ids, labels, weights) in enumerate(micro):
                     with no_gradient_sync(model, skip=i < len(micro) - 1):
                         try:
-                            loss, _ = _loss_sum(model, input_ids, labels, autocast, weights)
+                            loss, _ = _loss_sum(model, input_ids, labels, autocast, weights, tcfg.detached_prefix)
                         except NonFiniteError as err:
                             raise FloatingPointError(
                                 f"activations became non-finite in the forward pass of step {step + 1} ({err}); "
@@ -370,7 +401,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 if norm is not None:
                     record["grad_norm"] = norm
                 if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-                    val_loss = evaluate(model, eval_batches, device, autocast)
+                    val_loss = evaluate(model, eval_batches, device, autocast, tcfg.detached_prefix)
                     record["val_loss"] = val_loss
                 if step % tcfg.log_every == 0 or "val_loss" in record:
                     now = time.time()
