@@ -142,13 +142,26 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24576, help="drift: tokens of noise haystack to stream")
     p.add_argument("--passages", default="8,128,512,1024,2730",
                    help="far: passages of noise (24 tokens each) between the pairs and their questions")
+    p.add_argument("--pin-alpha", type=float, default=None,
+                   help="far: fix every memory's forgetting alpha at this value (its gate's weight zeroed) to "
+                        "tell forgetting from overwriting")
     args = p.parse_args()
     from titans.train.checkpoint import load_pretrained
 
     model, tok, info = load_pretrained(args.checkpoint)
     if args.what in ("drift", "far", "keys") and model.cfg.variant in ("transformer", "swa"):
         p.error(f"drift reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
-    print(f"{args.checkpoint} (step {info['step']})")
+    if args.pin_alpha is not None:
+        from titans.layers.neural_memory import NeuralMemory
+
+        if not 0 < args.pin_alpha < 1:
+            p.error("--pin-alpha must lie in (0, 1)")
+        for m in model.modules():
+            if isinstance(m, NeuralMemory) and m.to_alpha is not None:
+                with torch.no_grad():
+                    m.to_alpha.weight.zero_()
+                    m.to_alpha.bias.fill_(float(np.log(args.pin_alpha / (1 - args.pin_alpha))))
+    print(f"{args.checkpoint} (step {info['step']})" + ("" if args.pin_alpha is None else f", alpha pinned at {args.pin_alpha}"))
     if args.what == "gaps":
         gaps(model, tok)
     elif args.what == "drift":
