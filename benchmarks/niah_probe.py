@@ -66,6 +66,23 @@ def drift(model, tok, tokens: int) -> None:
             print(f"{min(t + 4096, tokens):>6} | " + "  ".join(f"{n:.2f}" for n in norms), flush=True)
 
 
+def _fit_error(layer, u, memory_state) -> float:
+    """How well the memory, as it stood before a piece, already answered that piece's writes:
+    mean ||M(k) - v||^2 / ||v||^2 over its tokens and heads (0: nothing left to learn, so the
+    test-time gradient, the paper's surprise, vanishes). ``u``: the write projections
+    ``[B, T, 3 * heads * head_dim]``; ``memory_state``: the layer's state before the piece."""
+    from titans.ops.memory.mlp import mlp_read
+
+    qkv, _ = layer._conv(u, memory_state.conv)
+    k, v = F.silu(qkv).reshape(*u.shape[:2], 3, layer.heads, layer.head_dim).unbind(2)[1:]  # (B, T, H, D)
+    k = F.normalize(k, dim=-1)
+    B, T, H, D = k.shape
+    weights = [w.float().reshape(B * H, *w.shape[2:]) for w in memory_state.memory.weights]
+    read = mlp_read(weights, k.float().transpose(1, 2).reshape(B * H, T, D), layer.activation, layer.residual)
+    v = v.float().transpose(1, 2).reshape(B * H, T, D)
+    return float((((read - v) ** 2).sum(-1) / (v**2).sum(-1).clamp_min(1e-12)).mean())
+
+
 def far(model, tok, passages: list[int]) -> None:
     import copy
 
@@ -89,22 +106,32 @@ def far(model, tok, passages: list[int]) -> None:
             hooks.append(m.to_theta.register_forward_hook(lambda _m, _i, z, act=act: gates["theta"].append(float(act(z).mean()))))
             if m.to_alpha is not None:
                 hooks.append(m.to_alpha.register_forward_hook(lambda _m, _i, z: gates["alpha"].append(float(torch.sigmoid(z).mean()))))
-    print(f"{'gap':>7} | recalled  mean log p(value) | largest weight norm per block | theta  alpha (noise)")
+    layers = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    written = [[] for _ in layers]  # each memory's write projections during the current piece
+    for m, out in zip(layers, written):
+        hooks.append(m.to_qkv.register_forward_hook(lambda _m, _i, u, out=out: out.append(u)))
+    surprise = []
+    print(f"{'gap':>7} | recalled  mean log p(value) | largest weight norm per block | theta  alpha (noise) | fit error")
     with torch.inference_mode():
         _, _, state = model(torch.tensor(heads))
         done = 0
         for n in passages:
-            gates["theta"].clear(), gates["alpha"].clear()
+            gates["theta"].clear(), gates["alpha"].clear(), surprise.clear()
             ids = torch.tensor([unit * (n - done)] * len(KEYS))
             for s in range(0, ids.shape[1], piece):
+                for out in written:
+                    out.clear()
+                before = state
                 _, _, state = model(ids[:, s : s + piece], state=state, logits_to_keep=1)
+                surprise.append(np.mean([_fit_error(m, torch.cat(out, 1), layer.memory) for m, out, layer
+                                         in zip(layers, written, before.layers)]))
             done = n
             lp = model(torch.tensor(questions), state=copy.deepcopy(state))[0][:, -1].float().log_softmax(-1)
             hits = int((lp.argmax(-1) == targets).sum())
             norms = [max(float(w.norm(dim=(-2, -1)).max()) for w in layer.memory.memory.weights) for layer in state.layers]
             alpha = f"{np.mean(gates['alpha']):.1e}" if gates["alpha"] else "-"
             print(f"{n * len(unit):>7} | {hits}/{len(KEYS)}       {float(lp.gather(1, targets[:, None]).mean()):6.2f}           | "
-                  f"{'  '.join(f'{x:5.1f}' for x in norms):<29} | {np.mean(gates['theta']):.4f} {alpha}", flush=True)
+                  f"{'  '.join(f'{x:5.1f}' for x in norms):<29} | {np.mean(gates['theta']):.4f} {alpha}  | {np.mean(surprise):.3f}", flush=True)
     for h in hooks:
         h.remove()
 
