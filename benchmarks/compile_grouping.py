@@ -1,12 +1,15 @@
-"""Streaming with the memory compiled: one compiled call per chunk against groups of chunks.
+"""Streaming with the memory compiled: one compiled call per chunk, groups of chunks, whole MAC segments.
 
 Without gradients, ``chunk_memory(compile=True)`` runs ``_GROUP`` fresh full chunks in one compiled
 call (``_chunk_group_forward``); with small chunks and few rows, a call's fixed overhead is most of
-a chunk's time. This script streams the same prompt eagerly, compiled one chunk per call
-(grouping switched off) and compiled in groups, interleaving the three ``--rounds`` times in one
-process so that the machine's load falls on all of them alike, and prints every round's tokens/s.
+a chunk's time. A MAC model goes further: each whole segment (read, attention, memorise) is one
+compiled graph (``MACBlock._segment_step``). This script streams the same prompt eagerly,
+compiled one chunk per call (grouping switched off), compiled in groups and, for MAC, in whole
+segments, interleaving the paths ``--rounds`` times in one process so that the machine's load
+falls on all of them alike, and prints every round's tokens/s.
 
     python benchmarks/compile_grouping.py --recipe titans/recipes/niah-pair-lmm-3.yaml --batch 1
+    python benchmarks/compile_grouping.py --recipe titans/recipes/niah-pair-mac-2.yaml --batch 1 16
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ def main() -> None:
     p.add_argument("--recipe", type=Path, default=RECIPE, help="recipe whose 'model' section sets the model")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per row per measurement")
     p.add_argument("--piece", type=int, default=4096, help="tokens per model call")
-    p.add_argument("--batch", type=int, default=1, help="rows streamed side by side")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="rows streamed side by side (one table each)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--rounds", type=int, default=3, help="interleaved measurements of each path")
     args = p.parse_args()
-    if args.tokens < args.piece or min(args.piece, args.batch, args.threads, args.rounds) < 1:
+    if args.tokens < args.piece or min(args.piece, *args.batch, args.threads, args.rounds) < 1:
         p.error("need --tokens >= --piece >= 1 and --batch, --threads, --rounds >= 1")
     import torch
 
+    import titans.blocks.mac as mac_mod
     import titans.ops.memory.chunk as chunk_mod
     from titans.utils import tune_cpu_allocator
 
@@ -43,22 +47,33 @@ def main() -> None:
     torch.manual_seed(0)
     eager = model_from_recipe(args.recipe)
     compiled = model_from_recipe(args.recipe).set_memory_compile(True)
-    group = chunk_mod._GROUP
-    paths = {"eager": (eager, group), "compiled, 1 chunk a call": (compiled, 10**9),
-             f"compiled, {group} chunks a call": (compiled, group)}  # fmt: skip
-    for model, g in paths.values():  # warm-up: compiles both compiled paths
+    group, applies = chunk_mod._GROUP, mac_mod.MACBlock._compiled_segment_applies
+    # name -> (model, chunks per compiled call, whole MAC segments compiled)
+    paths = {"eager": (eager, group, False), "compiled, 1 chunk a call": (compiled, 10**9, False),
+             f"compiled, {group} chunks a call": (compiled, group, False)}  # fmt: skip
+    if eager.cfg.variant == "mac":
+        paths["compiled, whole MAC segments"] = (compiled, group, True)
+
+    def use(g: int, segments: bool) -> None:
         chunk_mod._GROUP = g
-        stream(model, args.batch, args.piece, args.piece)
-    results = {name: [] for name in paths}
-    for _ in range(args.rounds):
-        for name, (model, g) in paths.items():
-            chunk_mod._GROUP = g
-            results[name].append(stream(model, args.batch, args.tokens, args.piece)["tokens_per_s"])
-    chunk_mod._GROUP = group
-    print(f"{args.recipe.name}: batch {args.batch}, {args.tokens:,} tokens per row per round, "
-          f"{args.threads} thread(s); tokens/s per round")  # fmt: skip
-    for name, tps in results.items():
-        print(f"{name:>28} | " + "  ".join(f"{x:>8,.0f}" for x in tps))
+        mac_mod.MACBlock._compiled_segment_applies = applies if segments else (lambda *a: False)
+
+    try:
+        for batch in args.batch:
+            for model, g, segments in paths.values():  # warm-up: compiles every compiled path
+                use(g, segments)
+                stream(model, batch, args.piece, args.piece)
+            results = {name: [] for name in paths}
+            for _ in range(args.rounds):
+                for name, (model, g, segments) in paths.items():
+                    use(g, segments)
+                    results[name].append(stream(model, batch, args.tokens, args.piece)["tokens_per_s"])
+            print(f"{args.recipe.name}: batch {batch}, {args.tokens:,} tokens per row per round, "
+                  f"{args.threads} thread(s); tokens/s per round")  # fmt: skip
+            for name, tps in results.items():
+                print(f"{name:>30} | " + "  ".join(f"{x:>8,.0f}" for x in tps))
+    finally:
+        use(group, True)
 
 
 if __name__ == "__main__":

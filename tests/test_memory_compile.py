@@ -71,3 +71,35 @@ def test_compiled_inference_groups_chunks_like_eager(monkeypatch):
         assert rel_rms(a, b) < 1e-5
     assert sb.position == s0.position
     assert groups.count(3) == 2  # both groups ran
+
+
+def test_compiled_mac_segments_stream_like_eager(monkeypatch):
+    """TitansLM.set_memory_compile under inference: MAC's whole segments run as one compiled graph
+    each (MACBlock._segment_step, shared by both blocks); logits and memory state match eager."""
+    import titans.blocks.mac as mac_mod
+    from titans.model import TitansConfig, TitansLM
+
+    calls, compiled_step = [], mac_mod._segment_step_compiled
+    monkeypatch.setattr(mac_mod, "_segment_step_compiled", lambda *a: calls.append(1) or compiled_step(*a))
+
+    torch.manual_seed(0)
+    cfg = TitansConfig(variant="mac", vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
+                       memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
+    model = TitansLM(cfg).eval()
+    ids = torch.randint(0, 61, (2, 45), generator=torch.Generator().manual_seed(1))
+    results = []
+    with torch.inference_mode():
+        for compiled in (False, True):
+            model.set_memory_compile(compiled)
+            out, state, a = [], None, 0
+            for b in (3, 27, 45):
+                logits, _, state = model(ids[:, a:b], state=state)
+                out.append(logits)
+                a = b
+            results.append((torch.cat(out, 1), state))
+    (l0, s0), (l1, s1) = results
+    assert len(calls) == 2 * 3  # blocks x whole segments with a state: [8, 16), [16, 24), [32, 40)
+    assert rel_rms(l1, l0) < 1e-5
+    for a, b in zip(s1.layers, s0.layers):
+        for x, y in zip(a.memory.memory.tensors(), b.memory.memory.tensors()):
+            assert rel_rms(x, y) < 1e-5

@@ -418,3 +418,52 @@ def test_associative_init_survives_the_model_init(variant):
         w, inner = block.memory.to_qkv.weight, 32
         assert torch.equal(w[inner : 2 * inner], w[:inner])
         assert (block.memory.conv.weight[inner : 2 * inner, 0, -2] > 0.9).all()
+
+
+def _stream_mac_in_pieces(model, ids, cuts):
+    out, state, a = [], None, 0
+    for b in cuts:
+        logits, _, state = model(ids[:, a:b], state=state)
+        out.append(logits)
+        a = b
+    return torch.cat(out, 1), state
+
+
+@pytest.mark.parametrize("variant", ["mac", "mac-gate-attention"])
+def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
+    """With the memory's compile switch on, inference runs every whole fresh segment through
+    ``MACBlock._segment_step`` (compiled; here run eagerly, the compiler is tested in
+    test_memory_compile.py): logits and final state equal the eager loop's, for pieces that
+    start and end mid-segment."""
+    import titans.blocks.mac as mac_mod
+    import titans.ops.memory.chunk as chunk_mod
+
+    calls = []
+
+    def eager_step(block, *args):
+        calls.append(args[0].shape)
+        return mac_mod.MACBlock._segment_step(block, *args)
+
+    monkeypatch.setattr(mac_mod, "_segment_step_compiled", eager_step)
+    monkeypatch.setattr(chunk_mod, "_maybe_compiled", lambda fn, compiled: fn)
+    model = _model(variant)
+    ids = _ids(T=61)
+    cuts = [5, 29, 30, 61]  # segment 8: whole segments inside the 2nd and 4th pieces only
+    with torch.no_grad():
+        ref, ref_state = _stream_mac_in_pieces(model, ids, cuts)
+        assert not calls
+        model.set_memory_compile()
+        got, got_state = _stream_mac_in_pieces(model, ids, cuts)
+    # blocks x whole segments from their start with a state: [8, 16), [16, 24), [32, 40), ...
+    assert len(calls) == 2 * 5
+    assert rel_rms(got, ref) < 1e-10
+    for a, b in zip(got_state.layers, ref_state.layers):
+        for x, y in zip(a.memory.memory.tensors(), b.memory.memory.tensors()):
+            assert rel_rms(x, y) < 1e-10
+        assert a.position == b.position and a.attn.position == b.attn.position
+        assert a.attn.k.shape == b.attn.k.shape and rel_rms(a.attn.k, b.attn.k) < 1e-10
+    # training never takes it
+    model.train()
+    calls.clear()
+    model(ids, labels=ids)
+    assert not calls

@@ -205,19 +205,25 @@ class Attention(nn.Module):
         which gives the same outputs; the tests compare them)."""
         B, T = q.shape[:2]
         hk, hv = self._keys(memory_tokens, torch.arange(pos, pos + T, device=q.device))
-        pk, pv = prefix
-        ks, vs = [hk, k], [hv, v]
-        if pk is not None:
-            ks.insert(0, pk.expand(B, -1, -1, -1))
-            vs.insert(0, pv.expand(B, -1, -1, -1))
-        mask = self._segment_mask(T, 0 if pk is None else pk.shape[1], q.device)
-        out = _sdpa(q, torch.cat(ks, 1), torch.cat(vs, 1), mask)
-        y = self.to_out(out.reshape(B, T, self.heads * self.head_dim))
+        mask = self._segment_mask(T, 0 if prefix[0] is None else prefix[0].shape[1], q.device)
+        y = self._segment_block(q, k, v, hk, hv, prefix, mask)
         # the open segment's keys: copies, so that a state kept between calls does not pin a
         # projection of the whole input (MAC passes slices of one)
         keep = (pos + T) % self.segment
         kept = [t[:, T - keep :].clone() for t in (k, v, hk, hv)]
         return y, KVCache(k=kept[0], v=kept[1], position=pos + T, mem_k=kept[2], mem_v=kept[3])
+
+    def _segment_block(self, q, k, v, hk, hv, prefix, mask) -> Tensor:
+        """Attention of a fresh segment's queries over ``[P || h || x]`` (keys hk, k; values hv, v)
+        with ``mask`` (``_segment_mask``), projected out: ``[B, T, dim]``."""
+        B, T = q.shape[:2]
+        pk, pv = prefix
+        ks, vs = [hk, k], [hv, v]
+        if pk is not None:
+            ks.insert(0, pk.expand(B, -1, -1, -1))
+            vs.insert(0, pv.expand(B, -1, -1, -1))
+        out = _sdpa(q, torch.cat(ks, 1), torch.cat(vs, 1), mask)
+        return self.to_out(out.reshape(B, T, self.heads * self.head_dim))
 
     def _segment_mask(self, T: int, n_prefix: int, device) -> Tensor:
         """``[T, n_prefix + 2T]``: every query sees the prefix, and h_i and x_i for i <= j."""

@@ -404,11 +404,13 @@ class NeuralMemory(nn.Module):
         return self._output(y, x), state
 
     def _memorise_raw(
-        self, x: Tensor, state: NeuralMemoryState | None, check_op: bool = True
+        self, x: Tensor, state: NeuralMemoryState | None, check_op: bool = True, compile_group: bool = True
     ) -> tuple[Tensor, NeuralMemoryState]:
         """``_memorise`` before the output path: the memory's answers ``[B, T, heads, head_dim]``
         and the new state. MAC memorises segment by segment and then runs ``_output`` once on the
-        whole block input (the output path needs no memory state)."""
+        whole block input (the output path needs no memory state). ``compile_group=False``: no
+        compiled chunk groups even with the compile switch on (MAC's compiled segment step traces
+        this call into its own graph)."""
         qkv, conv_tail = self._conv(self.to_qkv(x), None if state is None else state.conv)
         qkv = F.silu(qkv)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
@@ -427,7 +429,7 @@ class NeuralMemory(nn.Module):
             y, mem = step_memory(**kwargs)
         else:
             op = chunk_memory if check_op else chunk_memory_unchecked
-            y, mem = op(**kwargs, compile=self.use_compile)
+            y, mem = op(**kwargs, compile=self.use_compile and compile_group)
         return y, NeuralMemoryState(memory=mem, conv=conv_tail)
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
