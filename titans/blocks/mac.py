@@ -65,7 +65,7 @@ class MACBlock(nn.Module):
         for n, q_s, gate_s, aq_s, ak_s, av_s, x_s in spans:
             if pos % self.segment == 0:  # a new segment reads the memory as it is now
                 seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
-            if self._compiled_segment_applies(n, pos, mem, cache):
+            if self._compiled_segment_applies(n, mem):
                 # the whole segment as one compiled graph; it leaves no open segment to cache
                 y, a, answer, mem = _segment_step_compiled(
                     self, q_s, gate_s, aq_s, ak_s, av_s, x_s, torch.arange(pos, pos + n, device=u.device),
@@ -93,20 +93,19 @@ class MACBlock(nn.Module):
         x = x + self.ffn(self.ffn_norm(x))
         return x, BlockState(memory=mem, attn=cache, query_conv=qconv, segment_weights=seg_w, position=pos)
 
-    def _compiled_segment_applies(self, n: int, pos: int, mem, cache) -> bool:
+    def _compiled_segment_applies(self, n: int, mem) -> bool:
         """Whether this span runs as ``_segment_step`` through ``torch.compile``: inference with
-        the memory's compile switch on (``TitansLM.set_memory_compile``), a whole segment from its
-        start, a memory state at a chunk boundary, whole chunks. Anything else (a partial
-        segment, the first segment of a stream, training) takes the eager loop."""
+        the memory's compile switch on (``TitansLM.set_memory_compile``), a whole segment (spans
+        end at segment boundaries, so it starts at one, with no open segment in the cache), made
+        of whole memory chunks (so the memory, too, starts it at a chunk boundary), and a memory
+        state to start from. Anything else (a partial segment, the first segment of a stream,
+        training) takes the eager loop."""
         return (
             self.memory.use_compile
             and not torch.is_grad_enabled()
             and n == self.segment
-            and pos % self.segment == 0
             and self.segment % self.memory.chunk_size == 0
             and mem is not None
-            and mem.memory.position == 0
-            and cache.k.shape[1] == 0
         )
 
     def _segment_step(self, q_s, gate_s, aq_s, ak_s, av_s, x_s, positions, mem, prefix, mask, dtype):
@@ -117,7 +116,7 @@ class MACBlock(nn.Module):
 
         Why: a single stream of 4-token memory chunks is bound by per-operation overhead (a few
         hundred small ops per segment); as one graph, the NIAH demo's MAC streams one row about
-        2x faster than eager (docs: README "Speed")."""
+        1.8x faster than eager (README, "Speed and memory")."""
         h = self.memory._read(q_s, gate_s, mem.memory.weights, dtype)
         hk, hv = self.attn._keys(h, positions)
         a = self.attn._segment_block(aq_s, ak_s, av_s, hk, hv, prefix, mask)
