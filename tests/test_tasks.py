@@ -752,6 +752,33 @@ def test_pair_needles_are_one_token_key_then_value_with_the_word_tokenizer(packa
         assert all(words.decode([v]).strip() for v in values) and len(words.decode(values.tolist()).split()) == 6
 
 
+def test_dense_niah_quiet_prefix_keeps_needles_and_questions_out_of_the_row_start(packages):
+    words = load_tokenizer("words")
+    row_of = lambda seed=0, **kw: dense_niah_ids(  # noqa: E731
+        words, 2048, np.random.default_rng(seed), variant="pair-pk", needles=4, **kw
+    )
+    marks = {words.encode(w)[0] for w in (" Remember", " Recall", "Remember", "Recall")}
+    for ask in ("latest", "any"):
+        for seed in range(3):
+            row, answers = row_of(seed, ask=ask, min_gap=32, quiet_prefix=1500)
+            assert row.shape == (2048,) and answers.sum() == 8
+            assert not set(row[:1500].tolist()) & marks and not answers[:1500].any()  # bare haystack
+            assert words.decode(row[1500:].tolist()).count("Remember the pair") == 4
+    assert np.array_equal(row_of(quiet_prefix=0)[0], row_of()[0])  # 0: the rows as before
+    with pytest.raises(ValueError, match="quiet_prefix 4000 leaves no room"):
+        row_of(quiet_prefix=4000)
+    with pytest.raises(ValueError, match="quiet_prefix must be >= 0"):
+        row_of(quiet_prefix=-1)
+    with pytest.raises(ValueError, match="quiet_prefix needs needles"):
+        NiahTrainSource(words, 2047, seed=0, variants=("pair-pk",), quiet_prefix=100)
+    source = NiahTrainSource(words, 2047, seed=0, variants=("pair-pk",), needles=4, quiet_prefix=1500)
+    assert (source.next_batch(2)["labels"][:, :1500] == -100).all()  # answers only after the prefix
+    old = source.state_dict()
+    del old["quiet_prefix"]  # saved before the option: no quiet prefix, so not this source's rows
+    with pytest.raises(ValueError, match="cannot resume"):
+        source.load_state_dict(old)
+
+
 def test_niah_train_source_weights_answers(packages):
     make = lambda **kw: NiahTrainSource(TOK, 511, seed=0, variants=("pair-pk",), needles=4, score="all", **kw)  # noqa: E731
     plain, weighted = make().next_batch(3), make(answer_weight=10).next_batch(3)

@@ -380,6 +380,7 @@ def dense_niah_ids(
     min_gap: int = 0,
     ask: str = "any",
     book: str = "shakespeare",
+    quiet_prefix: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A training row of exactly ``total`` tokens with several needles, each asked for later:
     ``(ids, answer_mask)``, both [total].
@@ -393,9 +394,16 @@ def dense_niah_ids(
     those of ``generate_niah``'s prompts, so a model trained on these rows answers its prompts;
     one row scores ``needles`` answers instead of one. ``eos`` pads the start when sentence cuts
     leave tokens over.
+
+    ``quiet_prefix``: the row's first that many haystack tokens hold no needle and no question.
+    With ``train.detached_prefix`` at most that long, the row streams a stretch of bare haystack
+    without gradient and its needles are written and asked in the scored rest: the model learns
+    to store and read needles in a memory the haystack has already filled.
     """
     if needles < 1:
         raise ValueError(f"needles must be >= 1, got {needles}")
+    if quiet_prefix < 0:
+        raise ValueError(f"quiet_prefix must be >= 0, got {quiet_prefix}")
     if ask not in ("any", "latest"):
         raise ValueError(f"ask must be 'any' or 'latest', got {ask!r}")
     b = _builder(tokenizer, variant, book)
@@ -410,6 +418,11 @@ def dense_niah_ids(
     every = b.hay.n if b.noise else 1
     slots = np.unique(np.append(np.arange(0, count + 1, every), count))
     offsets = b.hay._pos(start + slots) - b.hay._pos(start)  # haystack tokens before each slot
+    if quiet_prefix:
+        keep = offsets >= quiet_prefix
+        if not keep.any():
+            raise ValueError(f"quiet_prefix {quiet_prefix} leaves no room for needles in a {total}-token row")
+        slots, offsets = slots[keep], offsets[keep]
     # needles in the first half of their window, questions after them by >= min_gap haystack tokens
     events = []
     if ask == "latest":  # needle i and question i take the (2i)-th and (2i+1)-th of sorted slots

@@ -60,6 +60,9 @@ class NiahTrainSource:
     answers alone would. ``answer_weight`` (with ``score="all"``) weights the answer tokens that
     many times the others in the training loss (the batch's ``loss_weights``): at 1 the answers are
     a few tokens among thousands and the loss hardly sees whether a needle was recalled.
+    ``quiet_prefix`` (with ``needles``) keeps a row's first that many haystack tokens free of
+    needles and questions (``dense_niah_ids``): with ``train.detached_prefix`` they stream without
+    gradient, so the scored rest stores and reads its needles in a memory the haystack has filled.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class NiahTrainSource:
         score: str = "answers",
         ask: str = "any",
         answer_weight: float = 1.0,
+        quiet_prefix: int = 0,
     ):
         if not (answer_weight >= 1.0 and answer_weight < float("inf")):
             raise ValueError(f"answer_weight must be a finite number >= 1, got {answer_weight}")
@@ -102,12 +106,16 @@ class NiahTrainSource:
         if ask not in ("any", "latest"):
             raise ValueError(f"ask must be 'any' or 'latest', got {ask!r}")
         self.needles, self.min_gap, self.score, self.ask = needles, int(min_gap), score, ask
+        if quiet_prefix and needles is None:
+            raise ValueError("quiet_prefix needs needles (the dense rows of dense_niah_ids)")
+        self.quiet_prefix = int(quiet_prefix)
         self.step = 0
         for v in self.variants:  # build haystacks now, and fail now if a row cannot hold a prompt
             _builder(tokenizer, v, book)
             shortest = min_doc_tokens or seq_len + 1
             if needles is not None:
-                dense_niah_ids(tokenizer, seq_len + 1, np.random.default_rng(0), variant=v, needles=needles, book=book)
+                dense_niah_ids(tokenizer, seq_len + 1, np.random.default_rng(0), variant=v, needles=needles,
+                               book=book, quiet_prefix=self.quiet_prefix)  # fmt: skip
                 continue
             niah_token_ids(tokenizer, shortest, np.random.default_rng(0), variant=v, depth=0.5, book=book)
 
@@ -117,6 +125,7 @@ class NiahTrainSource:
             return dense_niah_ids(
                 self.tokenizer, total, rng, variant=self.variants[rng.integers(len(self.variants))],
                 needles=self.needles, min_gap=self.min_gap, ask=self.ask, book=self.book,
+                quiet_prefix=self.quiet_prefix,
             )  # fmt: skip
         lengths = [total]
         if self.min_doc_tokens is not None:
@@ -156,12 +165,12 @@ class NiahTrainSource:
             "kind": "niah", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
             "variants": list(self.variants), "min_doc_tokens": self.min_doc_tokens, "book": self.book,
             "needles": self.needles, "min_gap": self.min_gap, "score": self.score, "ask": self.ask,
-            "answer_weight": self.answer_weight,
+            "answer_weight": self.answer_weight, "quiet_prefix": self.quiet_prefix,
             "tokenizer": self.tokenizer.to_spec(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = {"answer_weight": 1.0, **state}  # saved before answers could be weighted
+        state = {"answer_weight": 1.0, "quiet_prefix": 0, **state}  # saved before these options
         _check_resume("NiahTrainSource", self.state_dict(), state)
         self.step = int(state["step"])
 
