@@ -1,25 +1,35 @@
-"""Where a training step's time goes, operator by operator, timed at the dispatcher.
+"""Where a training step's (or a decoded token's) time goes, operator by operator, timed at the
+dispatcher.
 
 ``torch.profiler`` on this project's 2-core VM inflated the large elementwise operations of a MAC
 training step six- to eightfold (a [2, 4096, 256] multiply listed at 6.6 ms that takes 0.9 ms), so
 it pointed at work that costs little. This script times each ATen operator call directly (a
 ``TorchDispatchMode`` around one training step, wall clock per call) and prints the operators
-sorted by total time, with the share of the step each takes and, for the matrix products, the
-GFLOP/s they reach. The sum of the per-call times is printed beside the step's own time.
+sorted by total time, with the share each takes and, for the matrix products, the GFLOP/s they
+reach, beside the rate of one large matmul on the same threads (the machine's practical GEMM peak).
+The model is ``benchmarks/model_throughput.py``'s (dim 256, 2 blocks, 4 heads, segment 128).
+
+``--decode N`` reads ``--tokens`` tokens of context and then times N one-token decoding steps
+instead; ``--by function`` groups the calls by the innermost ``titans`` function that issued them
+(which part of the model spends the calls) instead of by operator.
 
 On CPU the dispatcher runs each operator to completion before returning, so per-call wall time
 is the operator's time. On CUDA kernels are asynchronous, so the mode synchronises around each
 call (the step then runs slower than it would).
 
-    python benchmarks/op_breakdown.py                       # the model_throughput MAC, T=4096
+    python benchmarks/op_breakdown.py                       # MAC training step, B=2, T=4096
     python benchmarks/op_breakdown.py --variant mag --tokens 1024 --threads 2
+    python benchmarks/op_breakdown.py --decode 64 --tokens 1000 --batch 1 --by function
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import time
+
+from model_throughput import VARIANTS, VOCAB, _ours
 
 
 def _matmul_flops(func, args) -> float:
@@ -37,19 +47,43 @@ def _matmul_flops(func, args) -> float:
     return 2.0 * a.numel() * b.shape[-1]
 
 
+def _issuer(frame) -> str:
+    """``file:function`` of the innermost frame inside the titans package, or ``(outside)``."""
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if "/titans/" in path:
+            return f"{path.rsplit('/titans/', 1)[-1]}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "(outside)"
+
+
+def _gemm_rate(device: str, sync) -> float:
+    """GFLOP/s of a 2048 x 2048 float32 matmul: what the matrix products can reach here."""
+    import torch
+
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    a @ b, sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    sync()
+    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", default="mac", help="mac, mag, mal, lmm, transformer, swa (default mac)")
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens per row (default 4096)")
+    ap.add_argument("--variant", default="mac", choices=VARIANTS, help="model variant (default mac)")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per row, or context with --decode (default 4096)")
     ap.add_argument("--batch", type=int, default=2, help="rows (default 2)")
+    ap.add_argument("--decode", type=int, default=0, metavar="N", help="time N one-token decoding steps instead")
+    ap.add_argument("--by", choices=("operator", "function"), default="operator", help="group calls by (default operator)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-op times are cleanest)")
-    ap.add_argument("--top", type=int, default=20, help="operators to list (default 20)")
+    ap.add_argument("--top", type=int, default=20, help="rows to list (default 20)")
     args = ap.parse_args()
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from titans.model import TitansConfig, TitansLM
     from titans.utils import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -57,23 +91,38 @@ def main() -> None:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    # the model_throughput benchmark's size (dim 256, 2 blocks, 4 heads, segment 128, chunk 64)
-    cfg = TitansConfig(variant=args.variant, vocab_size=256, dim=256, depth=2, heads=4, window=128,
-                       segment=128, memory_chunk=64, persistent_tokens=4)  # fmt: skip
-    model = TitansLM(cfg).to(device)
-    ids = torch.randint(0, 256, (args.batch, args.tokens), device=device)
+    model = _ours(args.variant).to(device)
+    ids = torch.randint(0, VOCAB, (args.batch, args.tokens), device=device)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids)[1].backward()
-        sync()
+    if args.decode:
+        model.eval()
+        torch.set_grad_enabled(False)
+        _, _, state = model(ids)
+        token = ids[:, -1:]
 
-    step(), step()  # warm-up: allocator, lazy initialisation
+        def run():
+            nonlocal state, token
+            for _ in range(args.decode):
+                logits, _, state = model(token, state=state)
+                token = logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+
+        what = f"{args.decode} decoded tokens after {args.tokens} of context"
+    else:
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids)[1].backward()
+            sync()
+
+        what = "one training step"
+        run()  # warm-up: allocator, lazy initialisation (decoding warmed up on its context)
     start = time.perf_counter()
-    step()
+    run()
     plain = time.perf_counter() - start
 
-    calls = collections.defaultdict(lambda: [0, 0.0, 0.0])  # name -> [calls, seconds, flops]
+    calls = collections.defaultdict(lambda: [0, 0.0, 0.0])  # key -> [calls, seconds, flops]
+    by_function = args.by == "function"
 
     class Timed(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -81,23 +130,29 @@ def main() -> None:
             t = time.perf_counter()
             out = func(*args, **(kwargs or {}))
             sync()
-            entry = calls[str(func).split(".")[1]]
+            entry = calls[_issuer(sys._getframe(1)) if by_function else str(func).split(".")[1]]
             entry[0] += 1
             entry[1] += time.perf_counter() - t
             entry[2] += _matmul_flops(func, args)
             return out
 
     with Timed():
-        step()
+        run()
     total = sum(e[1] for e in calls.values())
-    print(f"{args.variant}, B={args.batch}, T={args.tokens}, {args.threads} thread(s), {device}: "
-          f"step {plain:.2f} s untimed; operators sum to {total:.2f} s")  # fmt: skip
-    print(f"{'operator':32s} {'calls':>7s} {'ms':>9s} {'share':>6s} {'GFLOP/s':>8s}")
-    for name, (n, sec, flops) in sorted(calls.items(), key=lambda kv: -kv[1][1])[: args.top]:
-        rate = f"{flops / sec / 1e9:8.1f}" if flops else f"{'':8s}"
-        print(f"{name:32s} {n:7d} {sec * 1e3:9.1f} {sec / total:6.1%} {rate}")
-    gemm = sum(e[1] for e in calls.values() if e[2])
-    print(f"matrix products: {gemm / total:.0%} of the operators' time")
+    count = sum(e[0] for e in calls.values())
+    per = f"; {count / args.decode:.0f} calls, {plain / args.decode * 1e3:.2f} ms a token" if args.decode else ""
+    print(f"{args.variant}, {what}, B={args.batch}, {args.threads} thread(s), {device}: {plain:.2f} s "
+          f"untimed; operators sum to {total:.2f} s{per}")  # fmt: skip
+    print(f"a 2048^2 float32 matmul here: {_gemm_rate(device, sync):.1f} GFLOP/s")
+    width = max(len(k) for k in calls) if calls else 8
+    print(f"{args.by:{width}s} {'calls':>7s} {'ms':>9s} {'share':>6s} {'GFLOP/s':>8s}")
+    for key, (n, sec, flops) in sorted(calls.items(), key=lambda kv: -kv[1][1])[: args.top]:
+        # a rate only for an operator: a function's time also holds its other operators
+        rate = f"{flops / sec / 1e9:8.1f}" if flops and not by_function else f"{'':8s}"
+        print(f"{key:{width}s} {n:7d} {sec * 1e3:9.1f} {sec / total:6.1%} {rate}")
+    if not by_function:
+        gemm = sum(e[1] for e in calls.values() if e[2])
+        print(f"matrix products: {gemm / total:.0%} of the operators' time")
 
 
 if __name__ == "__main__":

@@ -418,11 +418,10 @@ def dense_niah_ids(
     every = b.hay.n if b.noise else 1
     slots = np.unique(np.append(np.arange(0, count + 1, every), count))
     offsets = b.hay._pos(start + slots) - b.hay._pos(start)  # haystack tokens before each slot
-    if quiet_prefix:
-        keep = offsets >= quiet_prefix
-        if not keep.any():
-            raise ValueError(f"quiet_prefix {quiet_prefix} leaves no room for needles in a {total}-token row")
-        slots, offsets = slots[keep], offsets[keep]
+    keep = offsets >= quiet_prefix  # every slot when quiet_prefix is 0
+    if not keep.any():
+        raise ValueError(f"quiet_prefix {quiet_prefix} leaves no room for needles in a {total}-token row")
+    slots, offsets = slots[keep], offsets[keep]
     # needles in the first half of their window, questions after them by >= min_gap haystack tokens
     events = []
     if ask == "latest":  # needle i and question i take the (2i)-th and (2i+1)-th of sorted slots
