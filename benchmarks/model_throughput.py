@@ -7,7 +7,8 @@ Prints two tables:
    depth 2, 4 heads, segment/window 128, memory chunk 64), and titans-pytorch's
    ``MemoryAsContextTransformer`` at the matching size (dim 256, depth 2, segment 128);
 2. decoding: after reading 1K, 10K and 100K tokens (prefilled in 4K pieces with the state),
-   one-token decode speed, the recurrent state's size and the process's resident memory.
+   one-token decode speed, the recurrent state's size and the process's resident memory (with
+   ``--compile`` also MAC's compiled one-token step, row ``mac+compile``, compiled before timing).
 
 Every measurement runs in its own subprocess. ``titans.utils.tune_cpu_allocator()`` is applied to
 every implementation unless ``--no-tune-allocator``.
@@ -16,6 +17,7 @@ every implementation unless ``--no-tune-allocator``.
     python benchmarks/model_throughput.py --lengths 1024 4096 --contexts 1000 10000
     python benchmarks/model_throughput.py --lengths 4096 --variants mac --skip-decode
     python benchmarks/model_throughput.py --lengths 4096 --variants mac --skip-decode --compile
+    python benchmarks/model_throughput.py --skip-train --variants mac --compile --contexts 1000 10000
 """
 
 from __future__ import annotations
@@ -84,19 +86,31 @@ def decode_speed(impl: str, contexts: list[int], new_tokens: int) -> list[dict]:
     rows = []
     if impl == "titans-pytorch-mac":
         model = _peer().eval()
+        forward, marks = model.forward, []
+
+        def timed_forward(*a, **kw):  # its sample() prefills in the first call: decoding starts after it
+            out = forward(*a, **kw)
+            marks.append(time.perf_counter())
+            return out
+
+        model.forward = timed_forward
         for n in contexts:
             prompt = torch.randint(0, VOCAB, (1, n))
-            start = time.perf_counter()
+            marks.clear()
             model.sample(prompt, n + new_tokens, use_cache=True, show_progress=False)
-            elapsed = time.perf_counter() - start  # includes its prefill of n tokens
-            rows.append(dict(context=n, tokens_per_s=new_tokens / elapsed, state_bytes=None, rss_bytes=rss_bytes(),
-                             note="incl. prefill"))  # fmt: skip
+            end = time.perf_counter()
+            rows.append(dict(context=n, tokens_per_s=new_tokens / (end - marks[0]), state_bytes=None,
+                             rss_bytes=rss_bytes(), note="after its prefill"))  # fmt: skip
         return rows
     from titans.state_io import state_num_bytes
 
     model = _ours(impl).eval()
     state, seen = None, 0
     with torch.no_grad():
+        if impl.endswith("+compile"):  # compile the prefill's segment graph and the one-token step
+            _, _, warm = model(torch.randint(0, VOCAB, (1, 2 * SEGMENT)))
+            for _ in range(SEGMENT + 2):
+                _, _, warm = model(torch.randint(0, VOCAB, (1, 1)), state=warm)
         for n in contexts:
             while seen < n:  # read up to n tokens in 4K pieces, carrying the state
                 piece = min(4096, n - seen)
@@ -127,13 +141,15 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--peer-lengths", type=int, nargs="+", default=[4096])
     p.add_argument("--contexts", type=int, nargs="+", default=[1000, 10000, 100000])
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--min-seconds", type=float, default=3.0)
     p.add_argument("--no-tune-allocator", action="store_true")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="our model variants to measure")
     p.add_argument("--skip-decode", action="store_true", help="measure training only (skip the decoding table)")
+    p.add_argument("--skip-train", action="store_true", help="measure decoding only (skip the training table)")
     p.add_argument("--compile", action="store_true",
-                   help="also train each memory variant with its memory compiled (rows '<variant>+compile')")
+                   help="also train each memory variant with its memory compiled (rows '<variant>+compile'), "
+                        "and decode with MAC's compiled one-token step (row 'mac+compile')")
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -156,36 +172,40 @@ def main() -> None:
         peer = []
         print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)\n")
 
-    print(f"training: B={B}, dim {DIM}, depth {DEPTH}, {HEADS} heads, segment/window {SEGMENT}; allocator tuned: {tune == '1'}")
-    head = f"{'model':<20} {'T':>6} | {'tok/s':>8} {'peak MB':>8}"
-    print(head + "\n" + "-" * len(head))
     train = {}
-    compiled = [f"{v}+compile" for v in args.variants if v not in ("transformer", "swa")] if args.compile else []
-    for impl in list(args.variants) + compiled + peer:
-        for T in args.peer_lengths if impl in peer else args.lengths:
-            r = _sub(["--one", tune, "train", impl, str(T), str(args.min_seconds)])
-            train[(impl, T)] = r
-            cells = f"{r['tokens_per_s']:>8,.0f} {r['peak_bytes'] / 2**20:>8,.0f}" if r else f"{'failed':>8} {'':>8}"
-            print(f"{impl:<20} {T:>6} | {cells}", flush=True)
+    if not args.skip_train:
+        print(f"training: B={B}, dim {DIM}, depth {DEPTH}, {HEADS} heads, segment/window {SEGMENT}; allocator tuned: {tune == '1'}")
+        head = f"{'model':<20} {'T':>6} | {'tok/s':>8} {'peak MB':>8}"
+        print(head + "\n" + "-" * len(head))
+        compiled = [f"{v}+compile" for v in args.variants if v not in ("transformer", "swa")] if args.compile else []
+        for impl in list(args.variants) + compiled + peer:
+            for T in args.peer_lengths if impl in peer else args.lengths:
+                r = _sub(["--one", tune, "train", impl, str(T), str(args.min_seconds)])
+                train[(impl, T)] = r
+                cells = f"{r['tokens_per_s']:>8,.0f} {r['peak_bytes'] / 2**20:>8,.0f}" if r else f"{'failed':>8} {'':>8}"
+                print(f"{impl:<20} {T:>6} | {cells}", flush=True)
 
-    if not args.skip_decode:
-        _decode_table(args, tune, peer)
-    _ratios(args, train)
+    decode = {} if args.skip_decode else _decode_table(args, tune, peer)
+    _ratios(args, train, decode)
 
 
-def _decode_table(args, tune: str, peer: list[str]) -> None:
+def _decode_table(args, tune: str, peer: list[str]) -> dict:
     print(f"\ndecoding (B=1, {args.new_tokens} tokens after the context)")
     head = f"{'model':<20} {'context':>8} | {'tok/s':>8} {'state MB':>9} {'RSS MB':>8}"
     print(head + "\n" + "-" * len(head))
-    for impl in list(args.variants) + peer:
+    compiled = ["mac+compile"] if args.compile and "mac" in args.variants else []
+    decode = {}
+    for impl in list(args.variants) + compiled + peer:
         rows = _sub(["--one", tune, "decode", impl, str(args.new_tokens), *map(str, args.contexts)])
         for r in rows or []:
+            decode[(impl, r["context"])] = r
             state = f"{r['state_bytes'] / 2**20:>9.2f}" if r["state_bytes"] is not None else f"{'-':>9}"
             print(f"{impl:<20} {r['context']:>8} | {r['tokens_per_s']:>8,.1f} {state} {r['rss_bytes'] / 2**20:>8,.0f} {r['note']}",
                   flush=True)  # fmt: skip
+    return decode
 
 
-def _ratios(args, train: dict) -> None:
+def _ratios(args, train: dict, decode: dict) -> None:
     print()
     for T in args.lengths:
         a, b = train.get(("mac", args.lengths[0])), train.get(("mac", T))
@@ -197,6 +217,12 @@ def _ratios(args, train: dict) -> None:
             if mine and theirs:
                 print(f"{impl} vs titans-pytorch MAC at T={T}: {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tok/s, "
                       f"{mine['peak_bytes'] / theirs['peak_bytes']:.2f}x peak memory")  # fmt: skip
+    for n in args.contexts:
+        for impl in ("mac", "mac+compile"):
+            mine, theirs = decode.get((impl, n)), decode.get(("titans-pytorch-mac", n))
+            if mine and theirs:
+                print(f"{impl} vs titans-pytorch MAC decoding after {n:,} tokens: "
+                      f"{mine['tokens_per_s'] / theirs['tokens_per_s']:.1f}x tok/s")  # fmt: skip
 
 
 if __name__ == "__main__":

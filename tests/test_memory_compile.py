@@ -103,3 +103,34 @@ def test_compiled_mac_segments_stream_like_eager(monkeypatch):
     for a, b in zip(s1.layers, s0.layers):
         for x, y in zip(a.memory.memory.tensors(), b.memory.memory.tensors()):
             assert rel_rms(x, y) < 1e-5
+
+
+def test_compiled_mac_decode_step_matches_eager_without_recompiling():
+    """TitansLM.set_memory_compile: MAC's one-token decode step runs as one compiled graph that
+    serves every token of a stream (across segment and memory-chunk boundaries, from a prefill
+    whose tails are slices) with no recompilation, and gives the eager step's logits and state."""
+    from titans.model import TitansConfig, TitansLM
+
+    torch.manual_seed(0)
+    cfg = TitansConfig(variant="mac", vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
+                       memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
+    model = TitansLM(cfg).eval()
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    results = []
+    with torch.no_grad():
+        for compiled in (False, True):
+            model.set_memory_compile(compiled)
+            state = model(ids[:, :13])[2]
+            out = [model(ids[:, 13:14], state=state)]  # the compiled run compiles here
+            state = out[0][2]
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for t in range(14, 40):
+                    out.append(model(ids[:, t : t + 1], state=state))
+                    state = out[-1][2]
+            results.append((torch.cat([o[0] for o in out], 1), state))
+    (l0, s0), (l1, s1) = results
+    assert rel_rms(l1, l0) < 1e-5
+    for a, b in zip(s1.layers, s0.layers):
+        for x, y in zip(a.memory.memory.tensors(), b.memory.memory.tensors()):
+            assert rel_rms(x, y) < 1e-5

@@ -16,7 +16,7 @@ from titans.state_io import load_state, save_state, state_num_bytes
 # MAC with the memory writing the residual stream (mac_memory_input="residual") and MAG with its
 # inner gradients clipped (memory_max_grad_norm, acting on most tokens at this size) run every
 # model-level property test too.
-CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mag-clip")
+CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mac-input", "mag-clip")
 
 
 def _cfg(variant, **kw):
@@ -24,6 +24,8 @@ def _cfg(variant, **kw):
         variant, kw = "mac", {"mac_memory_input": "residual", **kw}
     if variant == "mac-gate-attention":
         variant, kw = "mac", {"mac_memory_input": "residual", "mac_gate_input": "attention", **kw}
+    if variant == "mac-input":
+        variant, kw = "mac", {"mac_memory_input": "input", "mac_gate_input": "attention", **kw}
     if variant == "mag-clip":
         variant, kw = "mag", {"memory_max_grad_norm": 0.05, **kw}
     base = dict(variant=variant, vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
@@ -349,6 +351,8 @@ def _mac_reference(block, x, state=None):
         y = a
         if block.write_norm is not None:  # mac_memory_input="residual": y = norm(x + attention)
             y = block.write_norm(x[:, t : t + n] + a)
+        if block.memory_input == "input":  # y = norm(x), MAG's write
+            y = piece
         m, mem = block.memory(y, mem)
         outs.append(block.gate(a if block.gate_takes_attention else y, m))
         t, pos = t + n, pos + n
@@ -357,13 +361,14 @@ def _mac_reference(block, x, state=None):
 
 
 @pytest.mark.parametrize(
-    "memory_input, gate_input", [("attention", "memory_input"), ("residual", "memory_input"), ("residual", "attention")]
+    "memory_input, gate_input",
+    [("attention", "memory_input"), ("residual", "memory_input"), ("residual", "attention"), ("input", "attention")],
 )
 def test_mac_block_matches_segment_by_segment_reference(memory_input, gate_input):
     """The MAC block's batched projections and output paths give the per-segment composition of
     the layers' public calls: outputs, gradients of every parameter, and a continued state."""
     model = _model("mac", memory_chunk=3, mac_memory_input=memory_input, mac_gate_input=gate_input)
-    assert (model.blocks[0].write_norm is None) == (memory_input == "attention")
+    assert (model.blocks[0].write_norm is None) == (memory_input != "residual")
     assert model.blocks[0].gate_takes_attention == (gate_input == "attention")
     block = model.blocks[0]
     x = torch.randn(2, 21, 32, dtype=torch.float64, requires_grad=True)
@@ -467,3 +472,57 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
     calls.clear()
     model(ids, labels=ids)
     assert not calls
+
+
+@pytest.mark.parametrize(
+    "variant, kw",
+    [
+        ("mac", {}),
+        ("mac-residual", {}),
+        ("mac-gate-attention", {}),
+        ("mac-input", {}),
+        ("mac", dict(memory_momentum=False, memory_forgetting=False, memory_conv_kernel=0, persistent_tokens=0)),
+        ("mac", dict(memory_depth=1, memory_residual=True, memory_heads=4, memory_activation="gelu")),
+        ("mac", dict(memory_depth=3, memory_max_grad_norm=0.05, memory_chunk=3, segment=5)),
+    ],
+)
+def test_mac_decode_step_matches_the_block_forward(variant, kw, monkeypatch):
+    """MAC's one-token decode step (``TitansLM._decode_step``: fixed-shape caches, no Python
+    branch on the state inside) gives the general block forward's logits and state, token by
+    token across segment and memory-chunk boundaries, for every memory switch; and it is what
+    a decode under no_grad runs."""
+    model = _model(variant, **kw)
+    ids = _ids(T=41)
+    steps, graph = [], TitansLM._decode_graph
+    monkeypatch.setattr(TitansLM, "_decode_graph", lambda *a: steps.append(1) or graph(*a))
+    results = []
+    with torch.no_grad():
+        for fast in (False, True):
+            model.fast_decode = fast
+            state = model(ids[:, :6])[2]
+            out = []
+            for t in range(6, 41):
+                logits, _, state = model(ids[:, t : t + 1], state=state)
+                out.append(logits)
+            results.append((torch.cat(out, 1), state))
+    (l0, s0), (l1, s1) = results
+    assert len(steps) == 35
+    assert rel_rms(l1, l0) < 1e-10
+    assert s1.position == s0.position == 41
+    for a, b in zip(s1.layers, s0.layers):
+        assert a.position == b.position and a.memory.memory.position == b.memory.memory.position
+        pairs = list(zip(a.memory.memory.tensors(), b.memory.memory.tensors()))
+        pairs += list(zip(a.segment_weights, b.segment_weights))
+        pairs += [(getattr(a.attn, f), getattr(b.attn, f)) for f in ("k", "v", "mem_k", "mem_v")]
+        if b.query_conv is not None:
+            pairs += [(a.query_conv, b.query_conv), (a.memory.conv, b.memory.conv)]
+        for x, y in pairs:
+            assert x.shape == y.shape and (x.numel() == 0 or rel_rms(x, y) < 1e-10)
+
+
+def test_mac_decode_step_refuses_a_state_of_another_batch_size():
+    model = _model("mac")
+    with torch.no_grad():
+        state = model(_ids(B=2, T=5))[2]
+        with pytest.raises(ValueError, match="batch size"):
+            model(_ids(B=3, T=1), state=state)

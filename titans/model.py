@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
-from .blocks.common import RMSNorm
+from .blocks.common import RMSNorm, standard_strides
 from .layers.neural_memory import NeuralMemory
 from .ops.memory.state import check_max_grad_norm
 
@@ -69,7 +69,9 @@ class TitansConfig:
     memory_max_grad_norm: float | None = None
     # MAC: what the memory writes and the output gate takes as y. "attention": the attention's
     # output (its sublayer alone); "residual": the residual stream after it, normalised,
-    # norm(x + attention), whose space is the one the next segment's queries are read from.
+    # norm(x + attention), whose space is the one the next segment's queries are read from;
+    # "input": the block's normalised input norm(x), as MAG's memory writes: what the memory
+    # writes then does not depend on what it read (through the attention over h).
     mac_memory_input: str = "attention"
     # MAC: what the output gate's y side takes. "memory_input": what the memory writes (the
     # paper's y ⊗ M*(y)); "attention": the attention's own output even when the memory writes the
@@ -105,8 +107,8 @@ class TitansConfig:
                 f"memory_theta_init ({self.memory_theta_init}) must lie in (0, memory_max_lr={self.memory_max_lr}) "
                 f"with the sigmoid theta"
             )
-        if self.mac_memory_input not in ("attention", "residual"):
-            raise ValueError(f"mac_memory_input must be 'attention' or 'residual', got {self.mac_memory_input!r}")
+        if self.mac_memory_input not in ("attention", "residual", "input"):
+            raise ValueError(f"mac_memory_input must be 'attention', 'residual' or 'input', got {self.mac_memory_input!r}")
         if self.mac_gate_input not in ("memory_input", "attention"):
             raise ValueError(f"mac_gate_input must be 'memory_input' or 'attention', got {self.mac_gate_input!r}")
         check_max_grad_norm(self.memory_max_grad_norm, "memory_max_grad_norm")
@@ -191,6 +193,11 @@ class TitansLM(nn.Module):
         self._init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # Runtime choices, not config: MAC decodes a token after a state through its one-token
+        # step (``_decode_step``; False = the general block forward, the reference the tests
+        # compare it with), compiled with ``set_memory_compile``.
+        self.fast_decode = True
+        self._compile_decode = False
 
     def _init_weights(self) -> None:
         for name, module in self.named_modules():
@@ -239,6 +246,19 @@ class TitansLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size})")
         if state is not None and state.layers and len(state.layers) != len(self.blocks):
             raise ValueError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
+        if (
+            input_ids.shape[1] == 1
+            and labels is None
+            and self.fast_decode
+            and self.cfg.variant == "mac"
+            and state is not None
+            and state.layers
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(input_ids.device.type)
+        ):
+            out = self._decode_step(input_ids, state)
+            if out is not None:
+                return out[0], None, out[1]
         x = self.embed(input_ids)
         layer_states = state.layers if (state is not None and state.layers) else [None] * len(self.blocks)
         new_states = []
@@ -256,6 +276,32 @@ class TitansLM(nn.Module):
         pos = (state.position if state is not None else 0) + input_ids.shape[1]
         return logits, loss, ModelState(layers=new_states, position=pos)
 
+    def _decode_step(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState] | None:
+        """One token ``[B, 1]`` after ``state`` through every block's ``decode_token`` (MAC), or
+        None when the state cannot continue that way (then ``forward`` takes the general path).
+        The general forward costs about a thousand small operations per token (segment
+        bookkeeping, cache concatenations, checks); this runs the same math with fixed shapes, so
+        that it also compiles into one graph for a whole stream (``set_memory_compile``)."""
+        inputs = [block.decode_inputs(s) for block, s in zip(self.blocks, state.layers)]
+        if any(i is None or i[0][0].shape[0] != input_ids.shape[0] for i in inputs):  # the general path explains
+            return None
+        pos = state.layers[0].position
+        position = torch.tensor(pos, device=input_ids.device)
+        slot = torch.tensor(pos % self.cfg.segment, device=input_ids.device)
+        graph = _decode_graph_compiled if self._compile_decode else TitansLM._decode_graph
+        logits, outputs = graph(self, standard_strides(input_ids), position, slot, inputs)
+        layers = [b.decode_state(s, i, o) for b, s, i, o in zip(self.blocks, state.layers, inputs, outputs)]
+        return logits, ModelState(layers=layers, position=state.position + 1)
+
+    def _decode_graph(self, input_ids: Tensor, position: Tensor, slot: Tensor, inputs: list) -> tuple[Tensor, list]:
+        """The tensor math of ``_decode_step``: embedding, each block's ``decode_token``, head."""
+        x = self.embed(input_ids)  # (B, 1, dim)
+        outputs = []
+        for block, args in zip(self.blocks, inputs):
+            x, *out = block.decode_token(x, position, slot, *args)
+            outputs.append(out)
+        return self.head(self.norm(x)), outputs
+
     def set_memory_compile(self, enabled: bool = True) -> "TitansLM":
         """Run every neural memory's chunk computations (forward and analytic backward) through
         ``torch.compile``, or back in eager mode. A runtime choice, not part of the config: the
@@ -265,6 +311,7 @@ class TitansLM(nn.Module):
         for module in self.modules():
             if isinstance(module, NeuralMemory):
                 module.use_compile = bool(enabled)
+        self._compile_decode = bool(enabled)
         return self
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs):
@@ -273,3 +320,18 @@ class TitansLM(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+_COMPILED_DECODE: list = []
+
+
+def _decode_graph_compiled(model: TitansLM, *args):
+    """``TitansLM._decode_graph`` through ``torch.compile``, built on first use and shared by
+    every model (parameters are graph inputs; models of one shape share the graph)."""
+    if not _COMPILED_DECODE:
+        # decompose_mm_pass: a one-row product (every projection of one token) becomes a fused
+        # multiply-and-sum kernel instead of a BLAS call; on CPU that ran the decode step's
+        # matrix-vector products about 3x faster (see ``_decode_step``)
+        options = {"post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_first_dimension_decomposition": 4}}}
+        _COMPILED_DECODE.append(torch.compile(TitansLM._decode_graph, dynamic=False, options=options))
+    return _COMPILED_DECODE[0](model, *args)

@@ -111,6 +111,19 @@ class BlockState:
         return replace(self, **out)
 
 
+def standard_strides(t: Tensor | None) -> Tensor | None:
+    """t with row-major strides (a copy only when it has others). For inputs of a compiled
+    graph, which guards on strides, also of size-1 dims: a slice ``ids[:, -1:]`` or a prefill's
+    convolution tail is contiguous with another batch stride and would cost a recompilation."""
+    if t is None:
+        return None
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= n
+    return t if t.stride() == tuple(reversed(strides)) else t.clone(memory_format=torch.contiguous_format)
+
+
 def memorise_persistent(memory, attn, batch_size: int, dtype: torch.dtype) -> NeuralMemoryState | None:
     """The memory's state after reading the persistent tokens P (MAG and MAL read ``[P || x]``):
     P comes before the first token, once per sequence. None when there are no persistent tokens."""

@@ -7,6 +7,10 @@ token's own weights (never the segment-end weights, which would show a token its
 Segments are a loop; inside one, everything is parallel. The state carries the memory, its
 weights at the segment start, the query convolution tail and the open segment's KV cache, so
 any split of the sequence (one token at a time included) gives one call's outputs.
+
+Decoding one token after a state takes ``decode_token`` instead (``TitansLM._decode_step``): the
+same math with the open segment's keys in fixed-size buffers and no Python branch on the state,
+so that one compiled graph serves every token of a stream.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.attention import Attention
+from ..layers.attention import Attention, KVCache
 from ..layers.neural_memory import NeuralMemory
-from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU
+from ..ops.attention import _sdpa, apply_rotary
+from ..ops.memory import MemoryState
+from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU, standard_strides
 
 
 class MACBlock(nn.Module):
@@ -32,6 +39,8 @@ class MACBlock(nn.Module):
         self.gate = NormalizedGate(cfg.dim)
         # "residual": y is norm(x + attention), the attention sublayer's result in the residual
         # stream; the memory then writes in the space its queries read from (norm(x)).
+        # "input": y is norm(x) itself, what MAG's memory writes (see TitansConfig).
+        self.memory_input = cfg.mac_memory_input
         self.write_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps) if cfg.mac_memory_input == "residual" else None
         # "attention": the gate's y side is the attention output itself (see TitansConfig)
         self.gate_takes_attention = cfg.mac_gate_input == "attention"
@@ -61,14 +70,14 @@ class MACBlock(nn.Module):
             sizes.append(min(self.segment - pos % self.segment, T - t))
             t, pos = t + sizes[-1], pos + sizes[-1]
         pos, ys, attended, answers = state.position, [], [], []
-        spans = zip(sizes, *(z.split(sizes, dim=1) for z in (queries, read_gate, aq, ak, av, x)))
-        for n, q_s, gate_s, aq_s, ak_s, av_s, x_s in spans:
+        spans = zip(sizes, *(z.split(sizes, dim=1) for z in (queries, read_gate, aq, ak, av, x, u)))
+        for n, q_s, gate_s, aq_s, ak_s, av_s, x_s, u_s in spans:
             if pos % self.segment == 0:  # a new segment reads the memory as it is now
                 seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
             if self._compiled_segment_applies(n, mem):
                 # the whole segment as one compiled graph; it leaves no open segment to cache
                 y, a, answer, mem = _segment_step_compiled(
-                    self, q_s, gate_s, aq_s, ak_s, av_s, x_s, torch.arange(pos, pos + n, device=u.device),
+                    self, q_s, gate_s, aq_s, ak_s, av_s, x_s, u_s, torch.arange(pos, pos + n, device=u.device),
                     mem, prefix, self.attn._segment_mask(n, 0 if prefix[0] is None else prefix[0].shape[1], u.device),
                     u.dtype,
                 )  # fmt: skip
@@ -78,7 +87,7 @@ class MACBlock(nn.Module):
                 continue
             h = self.memory._read(q_s, gate_s, seg_w, u.dtype)
             a, cache = self.attn.attend(aq_s, ak_s, av_s, cache, h, prefix)
-            y = a if self.write_norm is None else self.write_norm(x_s + a)
+            y = self._write_input(x_s, u_s, a)
             # The op checks the caller's state on the first segment; later ones carry its own.
             answer, mem = self.memory._memorise_raw(y, mem, check_op=pos == state.position)
             ys.append(y)
@@ -108,7 +117,14 @@ class MACBlock(nn.Module):
             and mem is not None
         )
 
-    def _segment_step(self, q_s, gate_s, aq_s, ak_s, av_s, x_s, positions, mem, prefix, mask, dtype):
+    def _write_input(self, x: Tensor, u: Tensor, a: Tensor) -> Tensor:
+        """y, what the memory writes (``mac_memory_input``): the attention output a, the residual
+        stream after it norm(x + a), or the block's normalised input u = norm(x)."""
+        if self.memory_input == "residual":
+            return self.write_norm(x + a)
+        return u if self.memory_input == "input" else a
+
+    def _segment_step(self, q_s, gate_s, aq_s, ak_s, av_s, x_s, u_s, positions, mem, prefix, mask, dtype):
         """One whole segment from its start, the loop body of ``forward`` for a fresh segment with
         no Python number that changes from segment to segment (positions come as a tensor), so
         that ``torch.compile`` traces it once and replays it for every segment of a stream:
@@ -120,10 +136,98 @@ class MACBlock(nn.Module):
         h = self.memory._read(q_s, gate_s, mem.memory.weights, dtype)
         hk, hv = self.attn._keys(h, positions)
         a = self.attn._segment_block(aq_s, ak_s, av_s, hk, hv, prefix, mask)
-        y = a if self.write_norm is None else self.write_norm(x_s + a)
+        y = self._write_input(x_s, u_s, a)
         # compile_group=False: the chunk loop is traced into this graph, not compiled on its own
         answer, mem = self.memory._memorise_raw(y, mem, check_op=False, compile_group=False)
         return y, a, answer, mem
+
+    # ---- one-token decoding ------------------------------------------------------------------
+
+    def decode_inputs(self, state: BlockState) -> tuple | None:
+        """The tensors ``decode_token`` takes for the next token after ``state``, or None when
+        the state cannot continue by the one-token step (no memory yet: the stream's first call).
+        The Python part of a decode step: which weights the token reads (a new segment reads the
+        memory as it is now) and where its gradient is taken (a new memory chunk takes it at the
+        current weights); the open segment's keys padded to ``segment`` slots, so that every
+        token of a stream has the same shapes."""
+        mem, cache = state.memory, state.attn
+        if mem is None or cache is None or (self.memory.conv_kernel and state.query_conv is None):
+            return None
+        m = mem.memory
+        slot = state.position % self.segment
+        seg_w = m.weights if slot == 0 else state.segment_weights
+        chunk_w = m.weights if m.position == 0 else m.chunk_weights
+        # Distinct tensors: a compiled graph is specialised on which of its inputs are the same
+        # tensor (one graph per pattern). A copy is made once per chunk or segment and then kept
+        # in the state (``decode_state``).
+        chunk_w = _distinct(chunk_w, m.weights)
+        seg_w = _distinct(seg_w, m.weights + chunk_w)
+        kv = (cache.k, cache.v, cache.mem_k, cache.mem_v) if slot else (cache.k[:, :0],) * 4
+        tails = [standard_strides(t) for t in (mem.conv, state.query_conv)]
+        return (m.weights, chunk_w, m.momentum, *tails, seg_w, *(self._padded(t) for t in kv))
+
+    def _padded(self, t: Tensor) -> Tensor:
+        """The open segment's keys or values ``[B, n, H, D]`` in ``segment`` slots: the buffer
+        ``decode_state`` sliced them from when they are such a slice (its later slots hold stale
+        keys, which ``decode_token`` masks), else a zero-padded copy."""
+        base = t._base
+        if (
+            base is not None
+            and base.shape == (t.shape[0], self.segment, *t.shape[2:])
+            and base.data_ptr() == t.data_ptr()
+            and base.is_contiguous()
+            and base.dtype == t.dtype
+        ):
+            return base
+        return F.pad(t, (0, 0, 0, 0, 0, self.segment - t.shape[1]))
+
+    def decode_state(self, state: BlockState, inputs: tuple, outputs: tuple) -> BlockState:
+        """The state after ``decode_token``: its ``outputs`` (all but x) back in BlockState form."""
+        W, S, mem_conv, query_conv, *bufs = outputs
+        m = state.memory.memory
+        pos = state.position + 1
+        mem_pos = (m.position + 1) % self.memory.chunk_size
+        chunk_w = W if mem_pos == 0 else inputs[1]
+        memory = replace(state.memory, memory=MemoryState(W, S, chunk_w, mem_pos), conv=mem_conv)
+        keep = pos % self.segment  # tokens of the open segment after this one (0: it closed)
+        cache = KVCache(*(b[:, :keep] for b in bufs[:2]), position=pos, mem_k=bufs[2][:, :keep], mem_v=bufs[3][:, :keep])
+        return BlockState(memory=memory, attn=cache, query_conv=query_conv, segment_weights=inputs[5], position=pos)
+
+    def decode_token(self, x, position, slot, W, chunk_w, S, mem_conv, query_conv, seg_w, k, v, mem_k, mem_v):
+        """One token x ``[B, 1, dim]`` at absolute ``position`` and ``slot`` = its index in its
+        segment (0-dim integer tensors: no Python number changes from token to token, so one
+        compiled graph serves a whole stream). ``forward`` for T = 1 on the tensors of
+        ``decode_inputs``; the keys of the segment so far sit in slots ``< slot`` of the padded
+        caches ``[B, segment, H, D]``. Returns ``(x, W, S, mem_conv, query_conv, k, v, mem_k,
+        mem_v)``, this token's keys written at ``slot``."""
+        B = x.shape[0]
+        attn, mem = self.attn, self.memory
+        u = self.norm(x)
+        flat_q, read_gate, query_conv = mem._token_read_inputs(u, query_conv)
+        h = mem._read(flat_q, read_gate, seg_w, u.dtype)  # (B, 1, dim): read, no write
+        positions = position.reshape(1)
+        q = apply_rotary(attn._heads(attn.to_q(u)), positions, attn.rope_base)
+        new = (*attn._keys(u, positions), *attn._keys(h, positions))  # k, v, hk, hv: (B, 1, H, D)
+        at = slot.reshape(1)
+        k, v, mem_k, mem_v = (buf.index_copy(1, at, t) for buf, t in zip((k, v, mem_k, mem_v), new))
+        seen = torch.arange(self.segment, device=x.device) <= slot  # the segment so far and itself
+        ks, vs, mask = [mem_k, k], [mem_v, v], [seen, seen]
+        pk, pv = attn._prefix(u.dtype)
+        if pk is not None:
+            ks.insert(0, pk.expand(B, -1, -1, -1)), vs.insert(0, pv.expand(B, -1, -1, -1))
+            mask.insert(0, torch.ones(pk.shape[1], dtype=torch.bool, device=x.device))
+        out = _sdpa(q, torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(mask)[None])  # (B, 1, H, D)
+        a = attn.to_out(out.reshape(B, 1, -1))
+        y = self._write_input(x, u, a)
+        answer, W, S, mem_conv = mem._token_memorise(y, W, chunk_w, S, mem_conv)
+        x = x + self.gate(a if self.gate_takes_attention else y, mem._output(answer, y))
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, W, S, mem_conv, query_conv, k, v, mem_k, mem_v
+
+
+def _distinct(ws: tuple[Tensor, ...], others: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``ws`` with a copy in place of every tensor that is one of ``others``."""
+    return tuple(w.clone() if any(w is o for o in others) else w for w in ws)
 
 
 _COMPILED_STEP: list = []

@@ -25,6 +25,7 @@ from ..errors import NonFiniteError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
+from ..ops.memory.step import step_flat
 from ..ops.memory.state import check_max_grad_norm, compute_dtype
 
 __all__ = ["NeuralMemory", "NeuralMemoryState", "RMSNorm"]
@@ -431,6 +432,58 @@ class NeuralMemory(nn.Module):
             op = chunk_memory if check_op else chunk_memory_unchecked
             y, mem = op(**kwargs, compile=self.use_compile and compile_group)
         return y, NeuralMemoryState(memory=mem, conv=conv_tail)
+
+    # ---- one token, for the decode graph ---------------------------------------------------
+
+    def _token_conv(self, u: Tensor, tail: Tensor, channels: slice) -> tuple[Tensor, Tensor]:
+        """The causal convolution of one token u ``[B, 1, C]`` after ``tail`` ``[B, K-1, C]``
+        (the convolution's ``channels``): ``(out [B, 1, C], next tail)``. ``_conv`` for T = 1
+        without its autograd node, as plain tensor math the decode graph can trace."""
+        full = torch.cat([tail.to(u.dtype), u], dim=1)  # (B, K, C)
+        w = self.conv.weight[channels, 0, :].t().to(u.dtype)  # (K, C)
+        return (full * w).sum(1, keepdim=True), full[:, 1:]
+
+    def _token_memorise(
+        self,
+        x: Tensor,
+        weights: tuple[Tensor, ...],
+        chunk_weights: tuple[Tensor, ...],
+        momentum: tuple[Tensor, ...] | None,
+        conv_tail: Tensor | None,
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor | None]:
+        """``_memorise_raw`` for one token x ``[B, 1, dim]`` on the state's tensors (weights
+        ``[B, H, out, in]``; ``chunk_weights`` the pending chunk's start, ``weights`` itself at a
+        chunk start): unchecked, and with no Python branch on the state, so that ``TitansLM``'s
+        decode step can run it inside one compiled graph. Returns ``(answer [B, 1, H, D],
+        weights, momentum, conv tail)``. Checked against ``_memorise_raw`` by the tests."""
+        B, H, D = x.shape[0], self.heads, self.head_dim
+        u = self.to_qkv(x)
+        if self.conv_kernel:
+            u, conv_tail = self._token_conv(u, conv_tail, slice(None))
+        q, k, v = rearrange(F.silu(u), "b t (three h d) -> three (b h) t d", three=3, h=H)  # (B*H, 1, D)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        cd = compute_dtype(x.dtype)
+        flat = lambda ws: None if ws is None else tuple(w.to(cd).reshape(B * H, *w.shape[2:]) for w in ws)  # noqa: E731
+        gate = lambda g: None if g is None else g.to(cd).reshape(B * H, 1, 1)  # noqa: E731  (B, 1, H) -> (B*H, 1, 1)
+        theta, eta, alpha = self.gates(x)
+        y, W, S = step_flat(
+            flat(weights), flat(chunk_weights), flat(momentum), q.to(cd), k.to(cd), v.to(cd),
+            gate(theta), gate(eta), gate(alpha), self.activation, self.residual, self.max_grad_norm,
+        )  # fmt: skip
+        unflat = lambda ws: None if ws is None else tuple(w.reshape(B, H, *w.shape[1:]) for w in ws)  # noqa: E731
+        answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
+        return answer, unflat(W), unflat(S), conv_tail
+
+    def _token_read_inputs(self, x: Tensor, conv_tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``_read_inputs`` for one token x ``[B, 1, dim]``, as plain tensor math (see
+        ``_token_memorise``)."""
+        inner = self.heads * self.head_dim
+        u = F.linear(x, self.to_qkv.weight[:inner])
+        if self.conv_kernel:
+            u, conv_tail = self._token_conv(u, conv_tail, slice(0, inner))
+        q = F.normalize(F.silu(u).reshape(x.shape[0], self.heads, self.head_dim), dim=-1)  # (B, H, D)
+        flat_q = q.to(compute_dtype(q.dtype)).reshape(-1, 1, self.head_dim)  # (B*H, 1, D)
+        return flat_q, F.silu(self.to_gate(x)), conv_tail
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMSNorm, SiLU output gate from the layer input, projection back to dim."""

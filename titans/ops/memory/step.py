@@ -13,7 +13,41 @@ from torch import Tensor
 from .mlp import clip_scale, key_gradients, mlp_forward
 from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, state_from_flat
 
-__all__ = ["step_memory"]
+__all__ = ["step_memory", "step_flat"]
+
+
+def step_flat(
+    W: Sequence[Tensor],
+    Wc: Sequence[Tensor],
+    S: Sequence[Tensor] | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor | None,
+    alpha: Tensor | None,
+    activation: str,
+    residual: bool,
+    max_grad_norm: float | None,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...] | None]:
+    """The update itself, unchecked, on flat memories: weights ``[N, out, in]`` (N = batch x
+    heads; ``Wc`` the pending chunk's start weights, where the gradient is taken), tokens
+    ``[N, 1, D]``, gates ``[N, 1, 1]``, ``S`` None for a zero momentum (or without momentum, when
+    ``eta`` is None). Returns ``(y [N, 1, D], W, S)``; no Python branch depends on values, so
+    the one-token decode graph of ``TitansLM`` traces it as it is."""
+    hs, _, dzs = key_gradients(Wc, k, v, activation, residual)
+    th = theta
+    if max_grad_norm is not None:
+        th = th * clip_scale(dzs, hs, max_grad_norm)[0].unsqueeze(-1)  # (N, 1) -> (N, 1, 1)
+    u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]  # rank-1 gradient per layer
+    if eta is not None:
+        S = tuple(-th * g for g in u) if S is None else tuple(eta * s - th * g for s, g in zip(S, u))
+        step = S
+    else:
+        S, step = None, tuple(-th * g for g in u)
+    keep = None if alpha is None else 1 - alpha
+    W = tuple((w if keep is None else keep * w) + s for w, s in zip(W, step))
+    return mlp_forward(W, q, activation, residual), W, S
 
 
 @full_precision
@@ -53,26 +87,14 @@ def step_memory(
 
     W = tuple(flat_w(w) for w in state.weights)
     Wc = W if state.position == 0 else tuple(flat_w(w) for w in state.chunk_weights)
-    hs, _, dzs = key_gradients(Wc, tok(k), tok(v), activation, residual)
-    th = gate(theta)
-    if max_grad_norm is not None:
-        th = th * clip_scale(dzs, hs, max_grad_norm)[0].unsqueeze(-1)  # (N, 1) -> (N, 1, 1)
-    u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]  # rank-1 gradient per layer
+    S_prev = None
     if eta is not None:
-        S_prev = (
-            tuple(flat_w(s) for s in state.momentum)
-            if state.momentum is not None
-            else tuple(w.new_zeros(w.shape) for w in W)
-        )
-        et = gate(eta)
-        S = tuple(et * s - th * g for s, g in zip(S_prev, u))
-        step = S
-    else:
-        S, step = None, tuple(-th * g for g in u)
-    keep = None if alpha is None else 1 - gate(alpha)
-    W = tuple((w if keep is None else keep * w) + s for w, s in zip(W, step))
-    y = mlp_forward(W, tok(q), activation, residual)
-
+        S_prev = tuple(flat_w(s) for s in state.momentum) if state.momentum is not None else None
+    y, W, S = step_flat(
+        W, Wc, S_prev, tok(q), tok(k), tok(v), gate(theta),
+        None if eta is None else gate(eta), None if alpha is None else gate(alpha),
+        activation, residual, max_grad_norm,
+    )  # fmt: skip
     pos = (state.position + 1) % chunk_size
 
     final = state_from_flat(B, H, W, S, Wc, pos)
