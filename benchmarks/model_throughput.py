@@ -8,7 +8,8 @@ Prints two tables:
    ``MemoryAsContextTransformer`` at the matching size (dim 256, depth 2, segment 128);
 2. decoding: after reading 1K, 10K and 100K tokens (prefilled in 4K pieces with the state),
    one-token decode speed, the recurrent state's size and the process's resident memory (with
-   ``--compile`` also MAC's compiled one-token step, row ``mac+compile``, compiled before timing).
+   ``--compile`` also the memory variants' compiled one-token step, rows ``<variant>+compile``,
+   compiled before timing).
 
 Every measurement runs in its own subprocess. ``titans.utils.tune_cpu_allocator()`` is applied to
 every implementation unless ``--no-tune-allocator``.
@@ -149,7 +150,7 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true", help="measure decoding only (skip the training table)")
     p.add_argument("--compile", action="store_true",
                    help="also train each memory variant with its memory compiled (rows '<variant>+compile'), "
-                        "and decode with MAC's compiled one-token step (row 'mac+compile')")
+                        "and decode with their compiled one-token step")
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -193,7 +194,7 @@ def _decode_table(args, tune: str, peer: list[str]) -> dict:
     print(f"\ndecoding (B=1, {args.new_tokens} tokens after the context)")
     head = f"{'model':<20} {'context':>8} | {'tok/s':>8} {'state MB':>9} {'RSS MB':>8}"
     print(head + "\n" + "-" * len(head))
-    compiled = ["mac+compile"] if args.compile and "mac" in args.variants else []
+    compiled = [f"{v}+compile" for v in args.variants if v not in ("transformer", "swa")] if args.compile else []
     decode = {}
     for impl in list(args.variants) + compiled + peer:
         rows = _sub(["--one", tune, "decode", impl, str(args.new_tokens), *map(str, args.contexts)])

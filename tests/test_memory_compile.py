@@ -105,14 +105,16 @@ def test_compiled_mac_segments_stream_like_eager(monkeypatch):
             assert rel_rms(x, y) < 1e-5
 
 
-def test_compiled_mac_decode_step_matches_eager_without_recompiling():
-    """TitansLM.set_memory_compile: MAC's one-token decode step runs as one compiled graph that
-    serves every token of a stream (across segment and memory-chunk boundaries, from a prefill
-    whose tails are slices) with no recompilation, and gives the eager step's logits and state."""
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_compiled_decode_step_matches_eager_without_recompiling(variant):
+    """TitansLM.set_memory_compile: the one-token decode step runs as one compiled graph that
+    serves every token of a stream (across segment, window and memory-chunk boundaries, from a
+    prefill whose tails are slices) with no recompilation, and gives the eager step's logits and
+    state."""
     from titans.model import TitansConfig, TitansLM
 
     torch.manual_seed(0)
-    cfg = TitansConfig(variant="mac", vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
+    cfg = TitansConfig(variant=variant, vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
                        memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
     model = TitansLM(cfg).eval()
     ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))

@@ -484,13 +484,17 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
         ("mac", dict(memory_momentum=False, memory_forgetting=False, memory_conv_kernel=0, persistent_tokens=0)),
         ("mac", dict(memory_depth=1, memory_residual=True, memory_heads=4, memory_activation="gelu")),
         ("mac", dict(memory_depth=3, memory_max_grad_norm=0.05, memory_chunk=3, segment=5)),
+        ("mag", {}),
+        ("mag-clip", dict(memory_conv_kernel=0, persistent_tokens=0)),
+        ("mal", dict(memory_momentum=False, window=1)),
+        ("lmm", dict(memory_forgetting=False, memory_depth=1)),
     ],
 )
-def test_mac_decode_step_matches_the_block_forward(variant, kw, monkeypatch):
-    """MAC's one-token decode step (``TitansLM._decode_step``: fixed-shape caches, no Python
-    branch on the state inside) gives the general block forward's logits and state, token by
-    token across segment and memory-chunk boundaries, for every memory switch; and it is what
-    a decode under no_grad runs."""
+def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):
+    """The memory variants' one-token decode step (``TitansLM._decode_step``: fixed-shape caches,
+    no Python branch on the state inside) gives the general block forward's logits and state,
+    token by token across segment, window and memory-chunk boundaries (from a prefill shorter
+    than the window), for every memory switch; and it is what a decode under no_grad runs."""
     model = _model(variant, **kw)
     ids = _ids(T=41)
     steps, graph = [], TitansLM._decode_graph
@@ -512,16 +516,20 @@ def test_mac_decode_step_matches_the_block_forward(variant, kw, monkeypatch):
     for a, b in zip(s1.layers, s0.layers):
         assert a.position == b.position and a.memory.memory.position == b.memory.memory.position
         pairs = list(zip(a.memory.memory.tensors(), b.memory.memory.tensors()))
-        pairs += list(zip(a.segment_weights, b.segment_weights))
-        pairs += [(getattr(a.attn, f), getattr(b.attn, f)) for f in ("k", "v", "mem_k", "mem_v")]
-        if b.query_conv is not None:
-            pairs += [(a.query_conv, b.query_conv), (a.memory.conv, b.memory.conv)]
+        if b.segment_weights is not None:  # MAC
+            pairs += list(zip(a.segment_weights, b.segment_weights))
+            pairs += [(getattr(a.attn, f), getattr(b.attn, f)) for f in ("mem_k", "mem_v")]
+        if b.attn is not None:
+            pairs += [(a.attn.k, b.attn.k), (a.attn.v, b.attn.v)]
+            assert a.attn.position == b.attn.position
+        pairs += [(x, y) for x, y in ((a.query_conv, b.query_conv), (a.memory.conv, b.memory.conv)) if y is not None]
         for x, y in pairs:
             assert x.shape == y.shape and (x.numel() == 0 or rel_rms(x, y) < 1e-10)
 
 
-def test_mac_decode_step_refuses_a_state_of_another_batch_size():
-    model = _model("mac")
+@pytest.mark.parametrize("variant", ["mac", "mag", "lmm"])
+def test_decode_step_refuses_a_state_of_another_batch_size(variant):
+    model = _model(variant)
     with torch.no_grad():
         state = model(_ids(B=2, T=5))[2]
         with pytest.raises(ValueError, match="batch size"):

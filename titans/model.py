@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
-from .blocks.common import RMSNorm, standard_strides
+from .blocks.common import RMSNorm
 from .layers.neural_memory import NeuralMemory
 from .ops.memory.state import check_max_grad_norm
+from .utils import standard_strides
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
 
@@ -193,9 +194,9 @@ class TitansLM(nn.Module):
         self._init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        # Runtime choices, not config: MAC decodes a token after a state through its one-token
-        # step (``_decode_step``; False = the general block forward, the reference the tests
-        # compare it with), compiled with ``set_memory_compile``.
+        # Runtime choices, not config: the memory variants decode a token after a state through
+        # their blocks' one-token step (``_decode_step``; False = the general block forward, the
+        # reference the tests compare it with), compiled with ``set_memory_compile``.
         self.fast_decode = True
         self._compile_decode = False
 
@@ -250,7 +251,7 @@ class TitansLM(nn.Module):
             input_ids.shape[1] == 1
             and labels is None
             and self.fast_decode
-            and self.cfg.variant == "mac"
+            and self.cfg.variant in ("mac", "mag", "mal", "lmm")
             and state is not None
             and state.layers
             and not torch.is_grad_enabled()
@@ -277,8 +278,9 @@ class TitansLM(nn.Module):
         return logits, loss, ModelState(layers=new_states, position=pos)
 
     def _decode_step(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState] | None:
-        """One token ``[B, 1]`` after ``state`` through every block's ``decode_token`` (MAC), or
-        None when the state cannot continue that way (then ``forward`` takes the general path).
+        """One token ``[B, 1]`` after ``state`` through every block's ``decode_token`` (MAC, MAG,
+        MAL, LMM), or None when the state cannot continue that way (then ``forward`` takes the
+        general path, which also explains a bad state).
         The general forward costs about a thousand small operations per token (segment
         bookkeeping, cache concatenations, checks); this runs the same math with fixed shapes, so
         that it also compiles into one graph for a whole stream (``set_memory_compile``)."""

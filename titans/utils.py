@@ -10,6 +10,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 
 
@@ -108,3 +111,26 @@ class PeakResident:
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         else:
             self.peak_mb = max(self.peak_mb, now)
+
+
+# ---- inputs of a compiled graph --------------------------------------------------------------
+# A compiled graph is specialised on the strides of its inputs (size-1 dims included) and on which
+# of them are the same tensor; the one-token decode graphs get inputs in one pattern so that one
+# compilation serves a whole stream.
+
+
+def standard_strides(t: Tensor | None) -> Tensor | None:
+    """t with row-major strides (a copy only when it has others): a slice ``ids[:, -1:]`` or a
+    prefill's convolution tail is contiguous with another batch stride."""
+    if t is None:
+        return None
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= n
+    return t if t.stride() == tuple(reversed(strides)) else t.clone(memory_format=torch.contiguous_format)
+
+
+def distinct(ws: tuple[Tensor, ...], others: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``ws`` with a copy in place of every tensor that is one of ``others``."""
+    return tuple(w.clone() if any(w is o for o in others) else w for w in ws)

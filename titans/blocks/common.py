@@ -111,17 +111,21 @@ class BlockState:
         return replace(self, **out)
 
 
-def standard_strides(t: Tensor | None) -> Tensor | None:
-    """t with row-major strides (a copy only when it has others). For inputs of a compiled
-    graph, which guards on strides, also of size-1 dims: a slice ``ids[:, -1:]`` or a prefill's
-    convolution tail is contiguous with another batch stride and would cost a recompilation."""
-    if t is None:
-        return None
-    strides, step = [], 1
-    for n in reversed(t.shape):
-        strides.append(step)
-        step *= n
-    return t if t.stride() == tuple(reversed(strides)) else t.clone(memory_format=torch.contiguous_format)
+class MemoryWindowDecode:
+    """``decode_inputs`` / ``decode_state`` of a block with a ``memory`` (NeuralMemory) and a
+    sliding-window ``attn`` (MAG, MAL), whose ``decode_token(x, position, slot, W, chunk_w, S,
+    conv, k, v)`` returns ``(x, W, S, conv, k, v)``. See ``MACBlock.decode_inputs``."""
+
+    def decode_inputs(self, state: BlockState) -> tuple | None:
+        if state.memory is None or state.attn is None:
+            return None
+        return (*self.memory._decode_inputs(state.memory), *self.attn._window_buffers(state.attn))
+
+    def decode_state(self, state: BlockState, inputs: tuple, outputs: tuple) -> BlockState:
+        W, S, conv, k, v = outputs
+        pos = state.position + 1
+        memory = self.memory._decode_state(state.memory, inputs[1], W, S, conv)
+        return BlockState(memory=memory, attn=self.attn._window_cache(k, v, pos), position=pos)
 
 
 def memorise_persistent(memory, attn, batch_size: int, dtype: torch.dtype) -> NeuralMemoryState | None:

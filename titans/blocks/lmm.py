@@ -22,3 +22,18 @@ class LMMBlock(nn.Module):
         x = x + m
         x = x + self.ffn(self.ffn_norm(x))
         return x, BlockState(memory=mem, position=state.position + x.shape[1])
+
+    # ---- one-token decoding (see MACBlock.decode_inputs) --------------------------------------
+
+    def decode_inputs(self, state: BlockState) -> tuple | None:
+        return None if state.memory is None else self.memory._decode_inputs(state.memory)
+
+    def decode_token(self, x, position, slot, W, chunk_w, S, conv):
+        """``forward`` for one token x ``[B, 1, dim]`` on the tensors of ``decode_inputs``."""
+        m, W, S, conv = self.memory._token_forward(self.mem_norm(x), W, chunk_w, S, conv)
+        x = x + m
+        return x + self.ffn(self.ffn_norm(x)), W, S, conv
+
+    def decode_state(self, state: BlockState, inputs: tuple, outputs: tuple) -> BlockState:
+        memory = self.memory._decode_state(state.memory, inputs[1], *outputs)
+        return BlockState(memory=memory, position=state.position + 1)

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from ..layers.attention import Attention, KVCache
 from ..layers.neural_memory import NeuralMemory
-from ..ops.attention import _sdpa, apply_rotary
-from ..ops.memory import MemoryState
-from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU, standard_strides
+from ..ops.attention import apply_rotary
+from ..utils import distinct, standard_strides
+from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU
 
 
 class MACBlock(nn.Module):
@@ -153,18 +153,12 @@ class MACBlock(nn.Module):
         mem, cache = state.memory, state.attn
         if mem is None or cache is None or (self.memory.conv_kernel and state.query_conv is None):
             return None
-        m = mem.memory
         slot = state.position % self.segment
-        seg_w = m.weights if slot == 0 else state.segment_weights
-        chunk_w = m.weights if m.position == 0 else m.chunk_weights
-        # Distinct tensors: a compiled graph is specialised on which of its inputs are the same
-        # tensor (one graph per pattern). A copy is made once per chunk or segment and then kept
-        # in the state (``decode_state``).
-        chunk_w = _distinct(chunk_w, m.weights)
-        seg_w = _distinct(seg_w, m.weights + chunk_w)
+        W, chunk_w, S, mem_conv = self.memory._decode_inputs(mem)
+        # a new segment reads the memory as it is now (a copy: see ``distinct``)
+        seg_w = distinct(W if slot == 0 else state.segment_weights, W + chunk_w)
         kv = (cache.k, cache.v, cache.mem_k, cache.mem_v) if slot else (cache.k[:, :0],) * 4
-        tails = [standard_strides(t) for t in (mem.conv, state.query_conv)]
-        return (m.weights, chunk_w, m.momentum, *tails, seg_w, *(self._padded(t) for t in kv))
+        return (W, chunk_w, S, mem_conv, standard_strides(state.query_conv), seg_w, *(self._padded(t) for t in kv))
 
     def _padded(self, t: Tensor) -> Tensor:
         """The open segment's keys or values ``[B, n, H, D]`` in ``segment`` slots: the buffer
@@ -184,13 +178,11 @@ class MACBlock(nn.Module):
     def decode_state(self, state: BlockState, inputs: tuple, outputs: tuple) -> BlockState:
         """The state after ``decode_token``: its ``outputs`` (all but x) back in BlockState form."""
         W, S, mem_conv, query_conv, *bufs = outputs
-        m = state.memory.memory
         pos = state.position + 1
-        mem_pos = (m.position + 1) % self.memory.chunk_size
-        chunk_w = W if mem_pos == 0 else inputs[1]
-        memory = replace(state.memory, memory=MemoryState(W, S, chunk_w, mem_pos), conv=mem_conv)
+        memory = self.memory._decode_state(state.memory, inputs[1], W, S, mem_conv)
         keep = pos % self.segment  # tokens of the open segment after this one (0: it closed)
-        cache = KVCache(*(b[:, :keep] for b in bufs[:2]), position=pos, mem_k=bufs[2][:, :keep], mem_v=bufs[3][:, :keep])
+        k, v, mem_k, mem_v = (b[:, :keep] for b in bufs)
+        cache = KVCache(k, v, position=pos, mem_k=mem_k, mem_v=mem_v)
         return BlockState(memory=memory, attn=cache, query_conv=query_conv, segment_weights=inputs[5], position=pos)
 
     def decode_token(self, x, position, slot, W, chunk_w, S, mem_conv, query_conv, seg_w, k, v, mem_k, mem_v):
@@ -200,7 +192,6 @@ class MACBlock(nn.Module):
         ``decode_inputs``; the keys of the segment so far sit in slots ``< slot`` of the padded
         caches ``[B, segment, H, D]``. Returns ``(x, W, S, mem_conv, query_conv, k, v, mem_k,
         mem_v)``, this token's keys written at ``slot``."""
-        B = x.shape[0]
         attn, mem = self.attn, self.memory
         u = self.norm(x)
         flat_q, read_gate, query_conv = mem._token_read_inputs(u, query_conv)
@@ -211,23 +202,12 @@ class MACBlock(nn.Module):
         at = slot.reshape(1)
         k, v, mem_k, mem_v = (buf.index_copy(1, at, t) for buf, t in zip((k, v, mem_k, mem_v), new))
         seen = torch.arange(self.segment, device=x.device) <= slot  # the segment so far and itself
-        ks, vs, mask = [mem_k, k], [mem_v, v], [seen, seen]
-        pk, pv = attn._prefix(u.dtype)
-        if pk is not None:
-            ks.insert(0, pk.expand(B, -1, -1, -1)), vs.insert(0, pv.expand(B, -1, -1, -1))
-            mask.insert(0, torch.ones(pk.shape[1], dtype=torch.bool, device=x.device))
-        out = _sdpa(q, torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(mask)[None])  # (B, 1, H, D)
-        a = attn.to_out(out.reshape(B, 1, -1))
+        a = attn._attend_one(q, [mem_k, k], [mem_v, v], [seen, seen])
         y = self._write_input(x, u, a)
         answer, W, S, mem_conv = mem._token_memorise(y, W, chunk_w, S, mem_conv)
         x = x + self.gate(a if self.gate_takes_attention else y, mem._output(answer, y))
         x = x + self.ffn(self.ffn_norm(x))
         return x, W, S, mem_conv, query_conv, k, v, mem_k, mem_v
-
-
-def _distinct(ws: tuple[Tensor, ...], others: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """``ws`` with a copy in place of every tensor that is one of ``others``."""
-    return tuple(w.clone() if any(w is o for o in others) else w for w in ws)
 
 
 _COMPILED_STEP: list = []

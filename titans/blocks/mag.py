@@ -7,10 +7,10 @@ from torch import Tensor, nn
 
 from ..layers.attention import Attention
 from ..layers.neural_memory import NeuralMemory
-from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU, memorise_persistent
+from .common import BlockState, MemoryWindowDecode, NormalizedGate, RMSNorm, SwiGLU, memorise_persistent
 
 
-class MAGBlock(nn.Module):
+class MAGBlock(MemoryWindowDecode, nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
@@ -32,3 +32,13 @@ class MAGBlock(nn.Module):
         x = x + self.gate(a, m)
         x = x + self.ffn(self.ffn_norm(x))
         return x, BlockState(memory=mem, attn=cache, position=state.position + x.shape[1])
+
+    # ---- one-token decoding (decode_inputs / decode_state: MemoryWindowDecode) ---------------
+
+    def decode_token(self, x, position, slot, W, chunk_w, S, conv, k, v):
+        """``forward`` for one token x ``[B, 1, dim]`` on the tensors of ``decode_inputs``."""
+        u = self.norm(x)
+        a, k, v = self.attn._token_window(u, position, k, v)
+        m, W, S, conv = self.memory._token_forward(u, W, chunk_w, S, conv)
+        x = x + self.gate(a, m)
+        return x + self.ffn(self.ffn_norm(x)), W, S, conv, k, v

@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import _sdpa, apply_rotary, causal_attention, segment_attention, sliding_window_attention
+from ..utils import standard_strides
 
 __all__ = ["Attention", "KVCache", "PersistentMemory"]
 
@@ -224,6 +226,49 @@ class Attention(nn.Module):
             vs.insert(0, pv.expand(B, -1, -1, -1))
         out = _sdpa(q, torch.cat(ks, 1), torch.cat(vs, 1), mask)
         return self.to_out(out.reshape(B, T, self.heads * self.head_dim))
+
+    # ---- one token, for the decode graphs ---------------------------------------------------
+
+    def _attend_one(self, q: Tensor, keys: list[Tensor], values: list[Tensor], visible: list[Tensor]) -> Tensor:
+        """Attention of one query ``[B, 1, H, D]`` over the persistent prefix and the given keys
+        and values (lists of ``[B, n_i, H, D]``, each with its ``visible`` ``[n_i]`` bool mask),
+        projected out: ``[B, 1, dim]``. Fixed shapes, no Python branch on values."""
+        B = q.shape[0]
+        pk, pv = self._prefix(q.dtype)
+        if pk is not None:
+            keys, values = [pk.expand(B, -1, -1, -1), *keys], [pv.expand(B, -1, -1, -1), *values]
+            visible = [torch.ones(pk.shape[1], dtype=torch.bool, device=q.device), *visible]
+        out = _sdpa(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(visible)[None])  # (B, 1, H, D)
+        return self.to_out(out.reshape(B, 1, -1))
+
+    def _window_buffers(self, cache: KVCache) -> tuple[Tensor, Tensor]:
+        """A sliding window's cached keys and values in ``window - 1`` slots, right-aligned (a
+        stream's first tokens leave zeros in front), as ``_token_window`` takes them."""
+        n = self.window - 1
+        pad = lambda t: standard_strides(t) if t.shape[1] == n else F.pad(t, (0, 0, 0, 0, n - t.shape[1], 0))  # noqa: E731
+        return pad(cache.k), pad(cache.v)
+
+    def _token_window(self, u: Tensor, position: Tensor, k_buf: Tensor, v_buf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Sliding-window attention ('swa') of one token u ``[B, 1, dim]`` at ``position`` (0-dim
+        integer tensor) after ``_window_buffers``: slot i holds the key of token position - n + i
+        (n = window - 1; a real token when that is >= 0). Returns ``(y [B, 1, dim], k_buf,
+        v_buf)``, the buffers moved on by this token."""
+        positions = position.reshape(1)
+        q = apply_rotary(self._heads(self.to_q(u)), positions, self.rope_base)
+        k, v = self._keys(u, positions)
+        n = self.window - 1
+        real = torch.arange(n, device=u.device) >= n - position
+        itself = torch.ones(1, dtype=torch.bool, device=u.device)
+        y = self._attend_one(q, [k_buf, k], [v_buf, v], [real, itself])
+        # contiguous: the next token's inputs keep one stride pattern (window 1: n = 0 slots)
+        return y, torch.cat([k_buf, k], 1)[:, 1:].contiguous(), torch.cat([v_buf, v], 1)[:, 1:].contiguous()
+
+    def _window_cache(self, k_buf: Tensor, v_buf: Tensor, position: int) -> KVCache:
+        """The KVCache after ``_token_window`` at a stream's ``position`` (tokens seen): the real
+        tokens of the buffers, as the general path keeps them."""
+        keep = min(position, self.window - 1)
+        n = k_buf.shape[1]
+        return KVCache(k=k_buf[:, n - keep :], v=v_buf[:, n - keep :], position=position)
 
     def _segment_mask(self, T: int, n_prefix: int, device) -> Tensor:
         """``[T, n_prefix + 2T]``: every query sees the prefix, and h_i and x_i for i <= j."""

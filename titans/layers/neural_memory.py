@@ -25,8 +25,9 @@ from ..errors import NonFiniteError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
-from ..ops.memory.step import step_flat
 from ..ops.memory.state import check_max_grad_norm, compute_dtype
+from ..ops.memory.step import step_flat
+from ..utils import distinct, standard_strides
 
 __all__ = ["NeuralMemory", "NeuralMemoryState", "RMSNorm"]
 
@@ -473,6 +474,26 @@ class NeuralMemory(nn.Module):
         unflat = lambda ws: None if ws is None else tuple(w.reshape(B, H, *w.shape[1:]) for w in ws)  # noqa: E731
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
         return answer, unflat(W), unflat(S), conv_tail
+
+    def _decode_inputs(self, state: NeuralMemoryState) -> tuple:
+        """The state's tensors as ``_token_memorise`` takes them: ``(weights, chunk_weights,
+        momentum, conv tail)``; at a chunk start the chunk's weights are the running weights (as
+        a copy, see ``titans.utils.distinct``)."""
+        m = state.memory
+        chunk_w = distinct(m.weights if m.position == 0 else m.chunk_weights, m.weights)
+        return m.weights, chunk_w, m.momentum, standard_strides(state.conv)
+
+    def _decode_state(self, state: NeuralMemoryState, chunk_weights, weights, momentum, conv) -> NeuralMemoryState:
+        """The state after ``_token_memorise`` continued ``state``, from its outputs and the
+        ``chunk_weights`` it was given."""
+        pos = (state.memory.position + 1) % self.chunk_size
+        return NeuralMemoryState(MemoryState(weights, momentum, weights if pos == 0 else chunk_weights, pos), conv)
+
+    def _token_forward(self, x: Tensor, weights, chunk_weights, momentum, conv_tail) -> tuple:
+        """``forward`` for one token x ``[B, 1, dim]`` on the state's tensors (see
+        ``_token_memorise``): ``(y [B, 1, dim], weights, momentum, conv tail)``."""
+        answer, weights, momentum, conv_tail = self._token_memorise(x, weights, chunk_weights, momentum, conv_tail)
+        return self._output(answer, x), weights, momentum, conv_tail
 
     def _token_read_inputs(self, x: Tensor, conv_tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """``_read_inputs`` for one token x ``[B, 1, dim]``, as plain tensor math (see
