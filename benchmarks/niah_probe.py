@@ -172,6 +172,9 @@ def main() -> None:
     p.add_argument("--pin-alpha", type=float, default=None,
                    help="far: fix every memory's forgetting alpha at this value (its gate's weight zeroed) to "
                         "tell forgetting from overwriting")
+    p.add_argument("--scale-theta", type=float, default=None,
+                   help="far: multiply every memory's test-time learning rate by this factor (its bound max_lr, "
+                        "for the sigmoid theta): does writing everything more weakly keep a needle longer?")
     args = p.parse_args()
     from titans.train.checkpoint import load_pretrained
 
@@ -188,7 +191,19 @@ def main() -> None:
                 with torch.no_grad():
                     m.to_alpha.weight.zero_()
                     m.to_alpha.bias.fill_(float(np.log(args.pin_alpha / (1 - args.pin_alpha))))
-    print(f"{args.checkpoint} (step {info['step']})" + ("" if args.pin_alpha is None else f", alpha pinned at {args.pin_alpha}"))
+    if args.scale_theta is not None:
+        from titans.layers.neural_memory import NeuralMemory
+
+        if args.scale_theta <= 0:
+            p.error("--scale-theta must be > 0")
+        for m in model.modules():
+            if isinstance(m, NeuralMemory):
+                if m.theta_activation != "sigmoid":
+                    p.error("--scale-theta needs the sigmoid theta (memory_theta_activation: sigmoid)")
+                m.max_lr *= args.scale_theta
+    note = "" if args.pin_alpha is None else f", alpha pinned at {args.pin_alpha}"
+    note += "" if args.scale_theta is None else f", theta scaled by {args.scale_theta}"
+    print(f"{args.checkpoint} (step {info['step']}){note}")
     if args.what == "gaps":
         gaps(model, tok)
     elif args.what == "drift":

@@ -4,6 +4,7 @@ state save/load, O(1) state, gradients, training steps, bad configs."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -534,3 +535,33 @@ def test_decode_step_refuses_a_state_of_another_batch_size(variant):
         state = model(_ids(B=2, T=5))[2]
         with pytest.raises(ValueError, match="batch size"):
             model(_ids(B=3, T=1), state=state)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "lmm"])
+def test_decode_step_leaves_states_that_do_not_fit_to_the_general_path(variant):
+    """A state the one-token step cannot take (another memory chunk size or convolution
+    setting, non-finite memory weights) gets the general path's error, and a MAC cache in
+    another dtype (a prefill under autocast) gets the general path's result."""
+    from titans.errors import NonFiniteError
+
+    model = _model(variant)
+    ids = _ids(T=9)
+    with torch.no_grad():
+        other_chunk = _model(variant, memory_chunk=8)(ids[:, :5])[2]  # memory position 5 (MAG: 7) of 8
+        no_conv = _model(variant, memory_conv_kernel=0)(ids[:, :6])[2]
+        state = model(ids[:, :6])[2]
+        for bad, err, match in ((other_chunk, ValueError, "chunk_size"), (no_conv, ValueError, "conv")):
+            with pytest.raises(err, match=match):
+                model(ids[:, 6:7], state=bad)
+        poisoned = model(ids[:, :6])[2]
+        poisoned.layers[0].memory.memory.weights[0].fill_(float("nan"))
+        with pytest.raises(NonFiniteError):
+            model(ids[:, 6:7], state=poisoned)
+        if variant == "mac":
+            f32 = lambda c: replace(c, **{f: getattr(c, f).float() for f in ("k", "v", "mem_k", "mem_v")})  # noqa: E731
+            half = ModelState([replace(s, attn=f32(s.attn)) for s in state.layers], state.position)
+            results = []
+            for fast in (False, True):
+                model.fast_decode = fast
+                results.append(model(ids[:, 6:7], state=half)[0])
+            assert torch.equal(results[0], results[1])

@@ -284,14 +284,17 @@ class TitansLM(nn.Module):
         The general forward costs about a thousand small operations per token (segment
         bookkeeping, cache concatenations, checks); this runs the same math with fixed shapes, so
         that it also compiles into one graph for a whole stream (``set_memory_compile``)."""
-        inputs = [block.decode_inputs(s) for block, s in zip(self.blocks, state.layers)]
-        if any(i is None or i[0][0].shape[0] != input_ids.shape[0] for i in inputs):  # the general path explains
+        B, dtype = input_ids.shape[0], self.embed.weight.dtype
+        inputs = [block.decode_inputs(s, B, dtype) for block, s in zip(self.blocks, state.layers)]
+        if any(i is None for i in inputs):  # a state that does not fit: the general path explains
             return None
         pos = state.layers[0].position
         position = torch.tensor(pos, device=input_ids.device)
         slot = torch.tensor(pos % self.cfg.segment, device=input_ids.device)
         graph = _decode_graph_compiled if self._compile_decode else TitansLM._decode_graph
         logits, outputs = graph(self, standard_strides(input_ids), position, slot, inputs)
+        if not bool(torch.isfinite(logits).all()):
+            return None  # the general path checks every block's input and names what is not finite
         layers = [b.decode_state(s, i, o) for b, s, i, o in zip(self.blocks, state.layers, inputs, outputs)]
         return logits, ModelState(layers=layers, position=state.position + 1)
 

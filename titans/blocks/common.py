@@ -116,10 +116,15 @@ class MemoryWindowDecode:
     sliding-window ``attn`` (MAG, MAL), whose ``decode_token(x, position, slot, W, chunk_w, S,
     conv, k, v)`` returns ``(x, W, S, conv, k, v)``. See ``MACBlock.decode_inputs``."""
 
-    def decode_inputs(self, state: BlockState) -> tuple | None:
-        if state.memory is None or state.attn is None:
-            return None
-        return (*self.memory._decode_inputs(state.memory), *self.attn._window_buffers(state.attn))
+    def decode_inputs(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> tuple | None:
+        memory_inputs = self.memory._decode_inputs(state.memory, batch_size)
+        cache, n = state.attn, min(state.position, self.attn.window - 1)
+        shape = (batch_size, n, self.attn.heads, self.attn.head_dim)
+        if memory_inputs is None or not isinstance(cache, KVCache) or any(
+            t.shape != shape or t.dtype != dtype for t in (cache.k, cache.v)
+        ):
+            return None  # the general path explains
+        return (*memory_inputs, *self.attn._window_buffers(cache))
 
     def decode_state(self, state: BlockState, inputs: tuple, outputs: tuple) -> BlockState:
         W, S, conv, k, v = outputs

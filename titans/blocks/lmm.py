@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..layers.neural_memory import NeuralMemory
@@ -25,8 +26,8 @@ class LMMBlock(nn.Module):
 
     # ---- one-token decoding (see MACBlock.decode_inputs) --------------------------------------
 
-    def decode_inputs(self, state: BlockState) -> tuple | None:
-        return None if state.memory is None else self.memory._decode_inputs(state.memory)
+    def decode_inputs(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> tuple | None:
+        return self.memory._decode_inputs(state.memory, batch_size)
 
     def decode_token(self, x, position, slot, W, chunk_w, S, conv):
         """``forward`` for one token x ``[B, 1, dim]`` on the tensors of ``decode_inputs``."""

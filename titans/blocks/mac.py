@@ -143,18 +143,31 @@ class MACBlock(nn.Module):
 
     # ---- one-token decoding ------------------------------------------------------------------
 
-    def decode_inputs(self, state: BlockState) -> tuple | None:
+    def decode_inputs(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> tuple | None:
         """The tensors ``decode_token`` takes for the next token after ``state``, or None when
-        the state cannot continue by the one-token step (no memory yet: the stream's first call).
+        the state cannot continue by the one-token step (no memory yet: the stream's first call;
+        or a state that does not fit this block, which the general path then explains).
         The Python part of a decode step: which weights the token reads (a new segment reads the
         memory as it is now) and where its gradient is taken (a new memory chunk takes it at the
         current weights); the open segment's keys padded to ``segment`` slots, so that every
         token of a stream has the same shapes."""
         mem, cache = state.memory, state.attn
-        if mem is None or cache is None or (self.memory.conv_kernel and state.query_conv is None):
-            return None
         slot = state.position % self.segment
-        W, chunk_w, S, mem_conv = self.memory._decode_inputs(mem)
+        memory_inputs = self.memory._decode_inputs(mem, batch_size)
+        inner = self.memory.heads * self.memory.head_dim
+        qtail = None if not self.memory.conv_kernel else (batch_size, self.memory.conv_kernel - 1, inner)
+        if (
+            memory_inputs is None
+            or not isinstance(cache, KVCache)
+            or (None if state.query_conv is None else tuple(state.query_conv.shape)) != qtail
+            or (slot and state.segment_weights is None)
+            or any(
+                t is None or t.shape != (batch_size, slot, self.attn.heads, self.attn.head_dim) or t.dtype != dtype
+                for t in (cache.k, cache.v, cache.mem_k, cache.mem_v)
+            )
+        ):
+            return None
+        W, chunk_w, S, mem_conv = memory_inputs
         # a new segment reads the memory as it is now (a copy: see ``distinct``)
         seg_w = distinct(W if slot == 0 else state.segment_weights, W + chunk_w)
         kv = (cache.k, cache.v, cache.mem_k, cache.mem_v) if slot else (cache.k[:, :0],) * 4

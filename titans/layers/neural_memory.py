@@ -475,11 +475,25 @@ class NeuralMemory(nn.Module):
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
         return answer, unflat(W), unflat(S), conv_tail
 
-    def _decode_inputs(self, state: NeuralMemoryState) -> tuple:
+    def _decode_inputs(self, state: NeuralMemoryState | None, batch_size: int) -> tuple | None:
         """The state's tensors as ``_token_memorise`` takes them: ``(weights, chunk_weights,
         momentum, conv tail)``; at a chunk start the chunk's weights are the running weights (as
-        a copy, see ``titans.utils.distinct``)."""
+        a copy, see ``titans.utils.distinct``). None when the state does not fit this layer (none
+        yet, another batch size, chunk size, head layout or convolution setting): the caller then
+        takes the general path, whose checks name the problem."""
+        if not isinstance(state, NeuralMemoryState) or not isinstance(state.memory, MemoryState):
+            return None
         m = state.memory
+        shapes = [(batch_size, *w.shape) for w in self.initial_weights]
+        groups = [m.weights, m.chunk_weights] + ([] if m.momentum is None else [m.momentum])
+        tail = None if not self.conv_kernel else (batch_size, self.conv_kernel - 1, self.to_qkv.out_features)
+        if not (
+            0 <= m.position < self.chunk_size
+            and all(len(g) == len(shapes) and all(w.shape == s for w, s in zip(g, shapes)) for g in groups)
+            and (None if state.conv is None else tuple(state.conv.shape)) == tail
+            and m.weights[0].device == self.initial_weights[0].device
+        ):
+            return None
         chunk_w = distinct(m.weights if m.position == 0 else m.chunk_weights, m.weights)
         return m.weights, chunk_w, m.momentum, standard_strides(state.conv)
 
