@@ -178,8 +178,7 @@ def main() -> None:
         print(f"training: B={B}, dim {DIM}, depth {DEPTH}, {HEADS} heads, segment/window {SEGMENT}; allocator tuned: {tune == '1'}")
         head = f"{'model':<20} {'T':>6} | {'tok/s':>8} {'peak MB':>8}"
         print(head + "\n" + "-" * len(head))
-        compiled = [f"{v}+compile" for v in args.variants if v not in ("transformer", "swa")] if args.compile else []
-        for impl in list(args.variants) + compiled + peer:
+        for impl in list(args.variants) + _compiled(args) + peer:
             for T in args.peer_lengths if impl in peer else args.lengths:
                 r = _sub(["--one", tune, "train", impl, str(T), str(args.min_seconds)])
                 train[(impl, T)] = r
@@ -190,13 +189,17 @@ def main() -> None:
     _ratios(args, train, decode)
 
 
+def _compiled(args) -> list[str]:
+    """With --compile: the memory variants again, their memory (and decode step) compiled."""
+    return [f"{v}+compile" for v in args.variants if v not in ("transformer", "swa")] if args.compile else []
+
+
 def _decode_table(args, tune: str, peer: list[str]) -> dict:
     print(f"\ndecoding (B=1, {args.new_tokens} tokens after the context)")
     head = f"{'model':<20} {'context':>8} | {'tok/s':>8} {'state MB':>9} {'RSS MB':>8}"
     print(head + "\n" + "-" * len(head))
-    compiled = [f"{v}+compile" for v in args.variants if v not in ("transformer", "swa")] if args.compile else []
     decode = {}
-    for impl in list(args.variants) + compiled + peer:
+    for impl in list(args.variants) + _compiled(args) + peer:
         rows = _sub(["--one", tune, "decode", impl, str(args.new_tokens), *map(str, args.contexts)])
         for r in rows or []:
             decode[(impl, r["context"])] = r

@@ -442,7 +442,8 @@ class NeuralMemory(nn.Module):
         without its autograd node, as plain tensor math the decode graph can trace."""
         full = torch.cat([tail.to(u.dtype), u], dim=1)  # (B, K, C)
         w = self.conv.weight[channels, 0, :].t().to(u.dtype)  # (K, C)
-        return (full * w).sum(1, keepdim=True), full[:, 1:]
+        # contiguous: the next token's tail then keeps one stride pattern (no copy per token)
+        return (full * w).sum(1, keepdim=True), full[:, 1:].contiguous()
 
     def _token_memorise(
         self,
