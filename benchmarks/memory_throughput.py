@@ -9,7 +9,10 @@ peak memory of the forward+backward step, for
 - the naive token loop at a small T (it keeps every token's weights for backward);
 - ``titans-pytorch``'s ``NeuralMemory`` at the matching configuration, when installed, with its
   default setting (all gradients at the initial weights of the call) and with ``batch_size=64``
-  (gradients at the chunk-start weights, as ours).
+  (gradients at the chunk-start weights, as ours);
+- with ``--bf16``, each implementation again under ``torch.autocast(bfloat16)`` (rows ``*-bf16``),
+  ours with ``product_dtype="bfloat16"`` as well (its chunk products in bf16, its state float32;
+  autocast alone leaves our memory in float32).
 
 Each configuration runs in its own subprocess so that peak memory is measured in isolation: on CPU
 it is the rise of the resident set's high-water mark (VmHWM, reset before the step) over the
@@ -18,6 +21,7 @@ resident size after setup; on CUDA, ``torch.cuda.max_memory_allocated``.
     python benchmarks/memory_throughput.py                 # full table (several minutes)
     python benchmarks/memory_throughput.py --lengths 1024 4096 --skip-naive
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch titans-pytorch-b64
+    python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch --bf16
 """
 
 from __future__ import annotations
@@ -38,12 +42,14 @@ B, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION, CHUNK = 4, 256, 4, 64, 2, 4.0, 64
 
 
 def _build(impl: str, device):
-
+    bf16 = impl.endswith("-bf16")
+    impl = impl.removesuffix("-bf16")
     if impl in ("titans", "titans-compile", "titans-naive"):
         from titans.layers import NeuralMemory
 
         layer = NeuralMemory(DIM, heads=HEADS, head_dim=HEAD_DIM, depth=DEPTH, expansion=EXPANSION,
-                             chunk_size=CHUNK, compile=impl == "titans-compile")  # fmt: skip
+                             chunk_size=CHUNK, compile=impl == "titans-compile",
+                             product_dtype="bfloat16" if bf16 else None)  # fmt: skip
         if impl == "titans-naive":
             from titans.ops.memory import naive_memory
             import titans.layers.neural_memory as nm
@@ -81,14 +87,17 @@ def measure(impl: str, T: int, mode: str, min_seconds: float, tune: bool) -> dic
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run, layer = _build(impl, device)
     x = torch.randn(B, T, DIM, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=impl.endswith("-bf16"))
 
     def step():
         if mode == "fwd":
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 run(x)
         else:
             layer.zero_grad(set_to_none=True)
-            run(x).square().mean().backward()
+            with autocast:
+                loss = run(x).float().square().mean()
+            loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -126,6 +135,9 @@ def main() -> None:
     p.add_argument("--impls", nargs="+", choices=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
                    default=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
                    help="rows to measure (the naive row is controlled by --skip-naive)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also measure each chosen implementation under bf16 autocast (rows *-bf16; ours with "
+                        "product_dtype='bfloat16')")
     p.add_argument("--min-seconds", type=float, default=5.0, help="time each measurement at least this long")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="do not apply titans.utils.tune_cpu_allocator() (applied to every implementation by default)")
@@ -143,18 +155,20 @@ def main() -> None:
         have_peer = True
     except ImportError:
         have_peer = False
-    plan = [(impl, T) for impl in ("titans", "titans-compile") if impl in args.impls for T in args.lengths]
+    variants = ("", "-bf16") if args.bf16 else ("",)
+    ours_impls = [i + v for i in ("titans", "titans-compile") if i in args.impls for v in variants]
+    peer_impls = [i + v for i in ("titans-pytorch", "titans-pytorch-b64") if i in args.impls for v in variants]
+    plan = [(impl, T) for impl in ours_impls for T in args.lengths]
     if not args.skip_naive:
         plan.append(("titans-naive", args.naive_length))
     if have_peer:
-        plan += [(impl, T) for impl in ("titans-pytorch", "titans-pytorch-b64") if impl in args.impls
-                 for T in args.peer_lengths]
+        plan += [(impl, T) for impl in peer_impls for T in args.peer_lengths]
     else:
         print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)\n")
 
     print(f"B={B}, dim={DIM}, heads={HEADS}x{HEAD_DIM}, memory depth {DEPTH}, expansion {EXPANSION:g}, "
           f"chunk {CHUNK}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; allocator tuned: {tune}")  # fmt: skip
-    header = f"{'implementation':<20} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} | {'fwd tok/s':>10}"
+    header = f"{'implementation':<25} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} | {'fwd tok/s':>10}"
     print(header)
     print("-" * len(header))
     rows = {}
@@ -164,17 +178,17 @@ def main() -> None:
         rows[(impl, T)] = (train, infer)
         tr = f"{train['tokens_per_s']:>13,.0f} {train['peak_bytes'] / 2**20:>8,.0f}" if train else f"{'failed':>13} {'':>8}"
         fw = f"{infer['tokens_per_s']:>10,.0f}" if infer else f"{'failed':>10}"
-        print(f"{impl:<20} {T:>6} | {tr} | {fw}", flush=True)
+        print(f"{impl:<25} {T:>6} | {tr} | {fw}", flush=True)
 
     # Ratios measured in this run.
     print()
-    for ours_impl in ("titans", "titans-compile"):
+    for ours_impl in ours_impls:
         ours = {T: rows.get((ours_impl, T)) for T in args.lengths}
         if ours.get(1024) and ours.get(16384) and ours[1024][0] and ours[16384][0]:
             r = ours[16384][0]["tokens_per_s"] / ours[1024][0]["tokens_per_s"]
             print(f"{ours_impl} linear cost: fwd+bwd tok/s at 16K / at 1K = {r:.2f}")
-    for ours_impl in ("titans", "titans-compile"):
-        for peer in ("titans-pytorch", "titans-pytorch-b64"):
+    for ours_impl in ours_impls:
+        for peer in peer_impls:
             for T in args.peer_lengths:
                 theirs, mine = rows.get((peer, T)), rows.get((ours_impl, T))
                 if theirs and mine and theirs[0] and mine[0]:

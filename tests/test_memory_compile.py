@@ -11,21 +11,27 @@ from titans.ops.memory import chunk_memory
 pytestmark = pytest.mark.slow
 
 
-def test_compiled_chunk_path_matches_eager():
+@pytest.mark.parametrize("product_dtype", [None, torch.bfloat16])
+def test_compiled_chunk_path_matches_eager(product_dtype):
+    """float32 products to float32 rounding; bf16 products (the compiled graph fuses and orders its
+    roundings differently) to bf16's."""
     kw, leaves = make_inputs(T=40, D=8, depth=2, dtype=torch.float32, requires_grad=True, seed=31)
+    tol_y, tol_g = (1e-5, 1e-4) if product_dtype is None else (2e-2, 3e-2)
+    opts = dict(chunk_size=16, product_dtype=product_dtype)  # 16 + 16 + a partial 8
     results = []
     for compiled in (False, True):
-        y, s = chunk_memory(**kw, chunk_size=16, compile=compiled)  # 16 + 16 + a partial 8
+        y, s = chunk_memory(**kw, **opts, compile=compiled)
         loss = probe_loss(y) + sum(probe_loss(t) for t in s.tensors())
         results.append((y, s, torch.autograd.grad(loss, leaves)))
     (y0, s0, g0), (y1, s1, g1) = results
-    assert rel_rms(y1, y0) < 1e-5
+    assert rel_rms(y1, y0) < tol_y
     for a, b in zip(s1.tensors(), s0.tensors()):
-        assert rel_rms(a, b) < 1e-5
+        assert a.dtype == b.dtype == torch.float32
+        assert rel_rms(a, b) < tol_y
     for a, b in zip(g1, g0):
-        assert rel_rms(a, b) < 1e-4
+        assert rel_rms(a, b) < tol_g
     with torch.no_grad():
-        assert rel_rms(chunk_memory(**kw, chunk_size=16, compile=True)[0], y0) < 1e-5
+        assert rel_rms(chunk_memory(**kw, **opts, compile=True)[0], y0) < tol_y
 
 
 

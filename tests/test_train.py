@@ -119,6 +119,26 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
     assert "train.lr" in str(err.value)
 
 
+def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(tmp_path):
+    """A config key the checkpoint lacks (a setting added to the package later) is its default."""
+    run = tiny_run(tmp_path, max_steps=2)
+    trainer_mod.train(run)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    meta_path = latest / "run.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["model"]["memory_product_dtype"]
+    meta_path.write_text(json.dumps(meta))
+    manifest = json.loads((latest / "MANIFEST.json").read_text())
+    manifest["run.json"] = {"bytes": meta_path.stat().st_size, "sha256": ckpt.sha256_file(meta_path)}
+    (latest / "MANIFEST.json").write_text(json.dumps(manifest))
+    trainer_mod.train(tiny_run(tmp_path, max_steps=3), resume="auto")
+    assert ckpt.latest_checkpoint(tmp_path).name.endswith("3")
+    changed = tiny_run(tmp_path, max_steps=4)
+    changed.model.memory_product_dtype = "bfloat16"
+    with pytest.raises(ckpt.CheckpointError, match="memory_product_dtype: checkpoint 'float32'"):
+        trainer_mod.train(changed, resume="auto")
+
+
 def test_loaded_checkpoint_gives_the_trained_models_outputs(tmp_path):
     run = tiny_run(tmp_path, max_steps=2)
     trainer_mod.train(run)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
 from .blocks.common import RMSNorm
-from .layers.neural_memory import NeuralMemory
+from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.state import check_max_grad_norm
 from .utils import standard_strides
 
@@ -68,6 +68,9 @@ class TitansConfig:
     # Clip each token's inner gradient to this norm (its learning rate scaled down): bounds every
     # test-time step, which a deep memory whose weights grew needs to stay finite (NeuralMemory)
     memory_max_grad_norm: float | None = None
+    # "bfloat16" / "float16": the memory's chunk products run in that dtype, its state in float32
+    # (NeuralMemory's product_dtype: about twice the speed where bf16 is native); "float32": none
+    memory_product_dtype: str = "float32"
     # MAC: what the memory writes and the output gate takes as y. "attention": the attention's
     # output (its sublayer alone); "residual": the residual stream after it, normalised,
     # norm(x + attention), whose space is the one the next segment's queries are read from;
@@ -113,6 +116,12 @@ class TitansConfig:
         if self.mac_gate_input not in ("memory_input", "attention"):
             raise ValueError(f"mac_gate_input must be 'memory_input' or 'attention', got {self.mac_gate_input!r}")
         check_max_grad_norm(self.memory_max_grad_norm, "memory_max_grad_norm")
+        if not isinstance(self.memory_product_dtype, str):
+            raise ValueError(f"memory_product_dtype must be a dtype name, got {self.memory_product_dtype!r}")
+        try:
+            parse_product_dtype(self.memory_product_dtype)
+        except ValueError as e:
+            raise ValueError(f"memory_{e}") from None
         if self.persistent_tokens < 0:
             raise ValueError(f"persistent_tokens must be >= 0, got {self.persistent_tokens}")
 
@@ -130,6 +139,7 @@ class TitansConfig:
             theta_activation=self.memory_theta_activation, max_lr=self.memory_max_lr,
             eta_init=self.memory_eta_init, alpha_init=self.memory_alpha_init,
             associative_init=self.memory_associative_init, max_grad_norm=self.memory_max_grad_norm,
+            product_dtype=self.memory_product_dtype,
         )  # fmt: skip
 
     def to_dict(self) -> dict:

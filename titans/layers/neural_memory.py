@@ -196,6 +196,23 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+_PRODUCT_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_product_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """None, a 16-bit float dtype, or its name (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``;
+    ``"float32"`` means None) -> the ``product_dtype`` of ``chunk_memory``."""
+    if value is None or value == "float32" or value == torch.float32:
+        return None
+    if isinstance(value, str):
+        if value not in _PRODUCT_DTYPES:
+            raise ValueError(f"product_dtype must be one of float32, {', '.join(_PRODUCT_DTYPES)}, got {value!r}")
+        return _PRODUCT_DTYPES[value]
+    if value not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"product_dtype must be None, torch.bfloat16 or torch.float16, got {value!r}")
+    return value
+
+
 class NeuralMemory(nn.Module):
     """The neural long-term memory layer (paper section 3, section 4.4).
 
@@ -238,6 +255,10 @@ class NeuralMemory(nn.Module):
             The scale is differentiated like the rest of the rule.
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
+        product_dtype: ``"bfloat16"`` / ``"float16"`` (or the torch dtype): the matrix products
+            inside each chunk run in that dtype while the memory's state stays float32
+            (``chunk_memory``'s ``product_dtype``); None (default): float32 throughout. One-token
+            steps always run in float32 (they are matrix-vector products).
     """
 
     def __init__(
@@ -261,6 +282,7 @@ class NeuralMemory(nn.Module):
         associative_init: bool = False,
         max_grad_norm: float | None = None,
         compile: bool = False,
+        product_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         if dim < 1 or heads < 1:
@@ -293,6 +315,7 @@ class NeuralMemory(nn.Module):
         check_max_grad_norm(max_grad_norm)
         self.max_grad_norm = max_grad_norm
         self.use_compile = compile
+        self.product_dtype = parse_product_dtype(product_dtype)
         inner = heads * head_dim
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -431,7 +454,7 @@ class NeuralMemory(nn.Module):
             y, mem = step_memory(**kwargs)
         else:
             op = chunk_memory if check_op else chunk_memory_unchecked
-            y, mem = op(**kwargs, compile=self.use_compile and compile_group)
+            y, mem = op(**kwargs, compile=self.use_compile and compile_group, product_dtype=self.product_dtype)
         return y, NeuralMemoryState(memory=mem, conv=conv_tail)
 
     # ---- one token, for the decode graph ---------------------------------------------------

@@ -73,11 +73,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _check_compatible(saved: dict, run: RunConfig, where: str) -> None:
-    """Refuse to resume a checkpoint whose model, data or optimisation differ from this run."""
-    current = run.to_dict()
+    """Refuse to resume a checkpoint whose model, data or optimisation differ from this run.
+    A setting the checkpoint's config lacks (added to the package after it was written) counts as
+    its default, which is what the checkpoint ran with."""
+    current, defaults = run.to_dict(), RunConfig().to_dict()
     diffs = []
     for section in ("model", "data", "train"):
-        old, new = saved.get(section, {}), current[section]
+        old = {**defaults[section], **saved.get(section, {})}
+        new = current[section]
         for key in sorted(set(old) | set(new)):
             if section == "train" and key in _RESUMABLE_CHANGES:
                 continue
