@@ -55,7 +55,7 @@ def _build(impl: str, device):
             import titans.layers.neural_memory as nm
 
             def naive_as_chunk(**kw):
-                kw.pop("compile", None)
+                kw.pop("compile", None), kw.pop("product_dtype", None)
                 return naive_memory(**kw)
 
             nm.chunk_memory = naive_as_chunk  # route the layer through the token loop

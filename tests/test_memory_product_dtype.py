@@ -1,8 +1,9 @@
-"""Low-precision chunk products (``chunk_memory(product_dtype=torch.bfloat16)``): every matrix
-product inside a chunk runs in bf16 / fp16 while the recurrent state, its gradients and the gates'
-decays stay float32. Checked against the float64 token loop (outputs, final state, every
-gradient) at the tolerance the 16-bit format allows, and against the properties that must not
-degrade with it: decays kept in full precision, no drift over a long stream, the layer and the
+"""Low-precision chunk products (``chunk_memory(product_dtype=torch.bfloat16)``): the matrix
+products inside a chunk run in bf16 while the recurrent state, its gradients, the gates' decays
+and the key side's error ``M(k) - v`` stay float32. Checked against the float64 token loop
+(outputs, final state, every gradient) at the tolerance bf16 allows, and against the properties
+that must not degrade with it: decays and momentum carried in full precision, a well-fitted
+memory's small updates, the error over a long stream (forward and backward), the layer and the
 model switch."""
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from titans.layers import NeuralMemory
 from titans.model import TitansConfig, TitansLM
 from titans.ops.memory import chunk_memory, naive_memory
 
-# Relative-RMS bounds against the float64 reference: bf16 keeps 8 mantissa bits, fp16 11.
-TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# Relative-RMS bound against the float64 reference: bf16 keeps 8 mantissa bits (2^-9 = 2e-3 per
+# rounding; outputs and gradients pass through a few dozen roundings).
+TOL = 3e-2
 
 
 def _to32(kw: dict) -> dict:
@@ -27,17 +29,28 @@ def _all_probe(y, state) -> torch.Tensor:
     return probe_loss(y) + sum(probe_loss(t) for t in state.tensors())
 
 
-@pytest.mark.parametrize("product_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("depth", [1, 2])
-@pytest.mark.parametrize("momentum,forgetting,residual,clip", [
-    (True, True, False, None), (True, True, True, 1.0), (False, True, False, None), (True, False, True, None),
-    (False, False, False, 1.0),
+@pytest.mark.parametrize("momentum,forgetting,residual,clip,slow_momentum", [
+    (True, True, False, None, False), (True, True, True, 1.0, False), (False, True, False, None, False),
+    (True, False, True, None, False), (False, False, False, 1.0, False), (True, True, False, None, True),
 ])  # fmt: skip
-def test_low_precision_products_match_the_float64_loop(product_dtype, depth, momentum, forgetting, residual, clip):
+def test_low_precision_products_match_the_float64_loop(depth, momentum, forgetting, residual, clip, slow_momentum):
     """Outputs, final state and the gradients of both (q, k, v, every gate, the initial weights),
-    with the state entered mid-chunk by a first call (gradient weights != running weights)."""
+    with the state entered mid-chunk by a first call (gradient weights != running weights, and a
+    momentum carried in). ``slow_momentum``: eta in [0.95, 1), so that the momentum (S_end =
+    e_n S0 - ..., e_n ~ 0.6 over 16 tokens) carries across chunks instead of vanishing."""
     kw64, leaves64 = make_inputs(B=2, T=70, H=2, D=16, depth=depth, momentum=momentum, forgetting=forgetting,
-                                 requires_grad=True, seed=depth)  # fmt: skip
+                                 requires_grad=False, seed=depth)  # fmt: skip
+    if slow_momentum:
+        kw64["eta"] = 0.95 + 0.05 * torch.rand(kw64["eta"].shape, generator=torch.Generator().manual_seed(9),
+                                               dtype=torch.float64)  # fmt: skip
+        kw64["theta"] = kw64["theta"] * 0.1
+        leaves64 = [kw64[n] for n in ("q", "k", "v", "theta", "eta", "alpha")] + kw64["weights"]
+    for t in leaves64:
+        if t is not None:
+            t.requires_grad_(True)
+    leaves64 = [t for t in leaves64 if t is not None]
+    product_dtype = torch.bfloat16
     opts = dict(chunk_size=16, residual=residual, max_grad_norm=clip)
     y_ref, s_ref = naive_memory(**kw64, **opts)
     g_ref = torch.autograd.grad(_all_probe(y_ref, s_ref), leaves64)
@@ -56,7 +69,7 @@ def test_low_precision_products_match_the_float64_loop(product_dtype, depth, mom
     assert y.dtype == torch.float32 and all(t.dtype == torch.float32 for t in state_tensors(s))
     g = torch.autograd.grad(_all_probe(y, s), leaves)
 
-    tol = TOL[product_dtype]
+    tol = TOL
     errors = [rel_rms(y, y_ref)] + [rel_rms(a, b) for a, b in zip(state_tensors(s), state_tensors(s_ref))]
     errors += [rel_rms(a, b) for a, b in zip(g, g_ref)]
     assert max(errors) < tol, f"errors {['%.1e' % e for e in errors]} (bound {tol:.0e})"
@@ -93,10 +106,43 @@ def test_low_precision_stream_does_not_drift():
     assert errs[1] < 2e-2 and errs[1] < 4 * errs[0] + 1e-3, f"state error at 256 / 2048 tokens: {errs}"
 
 
+def test_low_precision_products_keep_a_well_fitted_memorys_small_updates():
+    """A memory that already maps k to v up to 1e-3: its update is the small error's. Computed from
+    bf16-rounded weights that error would be bf16's rounding of M(k) (~2^-9 |v|), and the update
+    70% wrong; the key side runs in float32, so it is as accurate as any bf16 product."""
+    g = torch.Generator().manual_seed(4)
+    B, T, H, D = 1, 64, 2, 16
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    W = torch.randn(H, D, D, generator=g)
+    v = torch.einsum("hij,bthj->bthi", W, k) + 1e-3 * torch.randn(B, T, H, D, generator=g)
+    kw = dict(q=k, k=k, v=v, theta=torch.full((B, T, H), 0.05), weights=[W])
+    _, s32 = chunk_memory(**kw, chunk_size=64)
+    _, s16 = chunk_memory(**kw, chunk_size=64, product_dtype=torch.bfloat16)
+    assert rel_rms(s16.weights[0] - W, s32.weights[0] - W) < 1e-2
+
+
+def test_low_precision_gradients_over_a_long_stream():
+    """The gradient of the initial weights through 2,048 tokens (128 chunks, slow forgetting, so
+    every chunk's gradient of the state reaches the start): accumulated in float32, its error
+    against float32 products stays at bf16's level (it was 2.6e-2 with the state's gradient summed
+    in bf16)."""
+    kw, _ = make_inputs(B=1, T=2048, H=2, D=16, depth=2, dtype=torch.float32, seed=5)
+    kw["theta"] = kw["theta"] * 0.2
+    kw["alpha"] = kw["alpha"] * 0.01
+    grads = []
+    for product_dtype in (None, torch.bfloat16):
+        weights = [w.clone().requires_grad_(True) for w in kw["weights"]]
+        y, s = chunk_memory(**{**kw, "weights": weights}, chunk_size=16, product_dtype=product_dtype)
+        grads.append(torch.autograd.grad(probe_loss(y[:, -64:]) + sum(probe_loss(w) for w in s.weights), weights))
+    errors = [rel_rms(a, b) for a, b in zip(grads[1], grads[0])]
+    assert max(errors) < 1e-2, errors
+
+
 def test_product_dtype_errors_name_the_problem():
     kw, _ = make_inputs(T=8, dtype=torch.float32)
-    with pytest.raises(ValueError, match="product_dtype"):
-        chunk_memory(**kw, product_dtype=torch.int8)
+    for bad in (torch.int8, torch.float16):
+        with pytest.raises(ValueError, match="product_dtype"):
+            chunk_memory(**kw, product_dtype=bad)
     kw64, _ = make_inputs(T=8)
     with pytest.raises(ValueError, match="float64"):
         chunk_memory(**kw64, product_dtype=torch.bfloat16)
@@ -122,8 +168,11 @@ def test_layer_and_model_switch():
     missing = [n for n, p in low.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no finite gradient for {missing}"
 
-    cfg = TitansConfig.preset("tiny", variant="mag", memory_product_dtype="bfloat16")
+    cfg = TitansConfig.preset("tiny", variant="mag", memory_product_dtype="bf16")
+    assert cfg.memory_product_dtype == "bfloat16"  # one spelling, so runs resume each other
     model = TitansLM(cfg)
+    layers = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    assert layers and all(m.product_dtype == torch.bfloat16 for m in layers)
     ids = torch.randint(0, cfg.vocab_size, (2, 96))
     for autocast in (False, True):
         model.zero_grad()

@@ -196,20 +196,20 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-_PRODUCT_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_PRODUCT_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def parse_product_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """None, a 16-bit float dtype, or its name (``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``;
-    ``"float32"`` means None) -> the ``product_dtype`` of ``chunk_memory``."""
-    if value is None or value == "float32" or value == torch.float32:
+    """None, ``torch.bfloat16`` or a name (``"bfloat16"``/``"bf16"``; ``"float32"``/``"fp32"``
+    mean None) -> the ``product_dtype`` of ``chunk_memory``."""
+    if value is None or value == torch.float32:
         return None
     if isinstance(value, str):
         if value not in _PRODUCT_DTYPES:
-            raise ValueError(f"product_dtype must be one of float32, {', '.join(_PRODUCT_DTYPES)}, got {value!r}")
+            raise ValueError(f"product_dtype must be one of {', '.join(_PRODUCT_DTYPES)}, got {value!r}")
         return _PRODUCT_DTYPES[value]
-    if value not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"product_dtype must be None, torch.bfloat16 or torch.float16, got {value!r}")
+    if value != torch.bfloat16:
+        raise ValueError(f"product_dtype must be None or torch.bfloat16, got {value!r}")
     return value
 
 
@@ -255,10 +255,10 @@ class NeuralMemory(nn.Module):
             The scale is differentiated like the rest of the rule.
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
-        product_dtype: ``"bfloat16"`` / ``"float16"`` (or the torch dtype): the matrix products
-            inside each chunk run in that dtype while the memory's state stays float32
-            (``chunk_memory``'s ``product_dtype``); None (default): float32 throughout. One-token
-            steps always run in float32 (they are matrix-vector products).
+        product_dtype: ``"bfloat16"`` (or ``torch.bfloat16``): the matrix products inside each
+            chunk run in bf16 while the memory's state stays float32 (``chunk_memory``'s
+            ``product_dtype``); None (default): float32 throughout. One-token steps always run
+            in float32 (they are matrix-vector products).
     """
 
     def __init__(

@@ -111,7 +111,8 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
             f"({saved.get('tokenizer', {}).get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
         )
     ckpt.load_model_weights(model, load_file(where / "model.safetensors", device="cpu"), f"train.init_from {where}")
-    old, new = saved["config"]["model"], run.to_dict()["model"]
+    old = {**RunConfig().to_dict()["model"], **saved["config"]["model"]}  # keys it lacks: their defaults
+    new = run.to_dict()["model"]
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if verbose:
         print(f"initialised from {where} (step {saved.get('step')})"
