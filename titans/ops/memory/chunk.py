@@ -543,9 +543,10 @@ def chunk_memory(
     ``product_dtype``: ``torch.bfloat16`` runs the chunk's matrix products in bf16 (each product's
     inputs and output rounded to bf16) while the recurrent state (weights, momentum, their
     gradients and the gates' decays), the key side's forward and its error ``M(k) - v`` stay
-    float32: 1.2-1.4x the layer's training speed on this CPU (more where bf16 products are
-    native and elementwise work is cheap), outputs and per-chunk updates within ~1e-2 of the
-    float64 loop (tests/test_memory_product_dtype.py). None (default): float32 throughout.
+    float32: 1.1-1.3x the layer's training speed on a 2-core CPU with native bf16 products (its
+    bf16 elementwise work is slower than float32's; a GPU gains more), outputs and per-chunk
+    updates within ~1e-2 of the float64 loop (tests/test_memory_product_dtype.py). None
+    (default): float32 throughout.
     """
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm)
     return chunk_memory_unchecked(
