@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,12 +72,15 @@ def test_retrain_runs_curriculum_stages_in_order(tmp_path, monkeypatch):
         return {"step": 1, "val_loss": 1.0, "checkpoint": run.train.out_dir, "stopped": "max_steps"}
 
     monkeypatch.setattr(trainer_mod, "train", fake_train)
-    monkeypatch.setattr(ckpt_mod, "export_for_inference", lambda src, dst, note: exported.append((src, dst, note)))
+    monkeypatch.setattr(ckpt_mod, "export_for_inference",
+                        lambda src, dst, note, model_settings: exported.append((src, dst, note, model_settings)))
     monkeypatch.setitem(niah_demo.DEMO_MODELS, "staged", "b")
+    monkeypatch.setitem(niah_demo.INFERENCE_SETTINGS, "staged", {"memory_max_grad_norm": 3.0})
     niah_demo.retrain(["staged"], tmp_path / "work", root=tmp_path / "ck", recipes=recipes)
     work = tmp_path / "work"
     assert trained == [(str(work / "a"), None, "auto"), (str(work / "b"), str(work / "a"), "auto")]
     assert exported[0][1] == tmp_path / "ck" / "b" and exported[0][2]["stages"] == ["a", "b"]
+    assert exported[0][3] == {"memory_max_grad_norm": 3.0}  # the shipped test-time settings
     monkeypatch.setitem(niah_demo.DEMO_MODELS, "looping", "loop")
     with pytest.raises(UserError, match="loop"):
         niah_demo.retrain(["looping"], tmp_path / "work", root=tmp_path / "ck", recipes=recipes)
@@ -111,6 +115,19 @@ def test_shipped_checkpoints_answer_a_short_haystack_needle():
     assert sum(scores["titans-mag"].values()) >= 10, scores
     assert sum(scores["titans-lmm"].values()) >= 9, scores
     assert scores["swa"][1.0] == 1.0 and sum(scores["swa"].values()) <= 2, scores
+
+
+def test_shipped_checkpoints_carry_their_test_time_settings():
+    """What INFERENCE_SETTINGS says a shipped checkpoint runs with is what it loads with, and its
+    provenance records the trained value beside it (so --retrain and the shipped files agree)."""
+    from titans.train.checkpoint import load_pretrained
+
+    for name, settings in niah_demo.INFERENCE_SETTINGS.items():
+        path = niah_demo.shipped_checkpoint(name)
+        model, _, _ = load_pretrained(path)
+        record = json.loads((path / "run.json").read_text())["provenance"]["inference_settings"]
+        for key, value in settings.items():
+            assert getattr(model.cfg, key) == value and record[key]["inference"] == value
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(niah_demo.__file__).parent / "recipes").glob("*.yaml")))

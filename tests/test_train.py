@@ -279,6 +279,23 @@ def test_non_finite_gradient_stops_before_the_weights_are_touched(tmp_path, monk
     assert torch.equal(seen["model"].norm.weight, seen["before"])  # no step was taken
 
 
+def test_export_applies_and_records_test_time_model_settings(tmp_path):
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    trained_clip = json.loads((ckpt.latest_checkpoint(tmp_path / "run") / "run.json").read_text())["config"]["model"][
+        "memory_max_grad_norm"]  # fmt: skip
+    out = ckpt.export_for_inference(tmp_path / "run", tmp_path / "export", model_settings={"memory_max_grad_norm": 7.0})
+    model, _, _ = ckpt.load_pretrained(out)
+    assert model.cfg.memory_max_grad_norm == 7.0
+    assert all(m.memory.max_grad_norm == 7.0 for m in model.blocks if hasattr(m, "memory"))
+    record = json.loads((out / "run.json").read_text())["provenance"]["inference_settings"]
+    assert record == {"memory_max_grad_norm": {"trained": trained_clip, "inference": 7.0}}
+    with pytest.raises(ckpt.CheckpointError, match="unknown model settings"):
+        ckpt.export_for_inference(tmp_path / "run", tmp_path / "bad", model_settings={"memory_clip": 7.0})
+    with pytest.raises(ckpt.CheckpointError, match="memory_max_grad_norm"):
+        ckpt.export_for_inference(tmp_path / "run", tmp_path / "bad", model_settings={"memory_max_grad_norm": -1.0})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_exported_checkpoint_loads_for_inference_but_cannot_resume(tmp_path):
     trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
     out = ckpt.export_for_inference(tmp_path / "run", tmp_path / "export", note={"command": "test"})

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -226,16 +227,23 @@ def _write_inference_dir(dst: Path, write_weights, run: dict[str, Any]) -> Path:
     return _assemble(dst, write, INFERENCE_FILES, run.get("step"))
 
 
-def export_for_inference(src: str | Path, dst: str | Path, note: dict[str, Any] | None = None) -> Path:
+def export_for_inference(
+    src: str | Path, dst: str | Path, note: dict[str, Any] | None = None, model_settings: dict[str, Any] | None = None
+) -> Path:
     """Copy a checkpoint's weights and run record (no optimiser or trainer state) into ``dst``,
     verified, with a manifest; ``note`` (e.g. the command that produced it) goes into run.json.
+    ``model_settings``: model config fields the exported checkpoint runs with instead of the
+    trained ones (test-time settings that keep every weight's shape, e.g. the memory's
+    ``memory_max_grad_norm``); both values are recorded in ``provenance.inference_settings``.
     The directory is assembled aside and renamed into place."""
     from safetensors.torch import load_file, save_file
 
     src = verify_checkpoint(src)
     run = json.loads((src / "run.json").read_text())
-    if note:
-        run["provenance"] = note
+    if note or model_settings:
+        run["provenance"] = dict(note or {})
+    if model_settings:
+        run["provenance"]["inference_settings"] = apply_model_settings(run["config"], model_settings)
     weights = load_file(src / "model.safetensors")
     if (
         run["config"]["model"].get("tie_embeddings", True)
@@ -244,6 +252,25 @@ def export_for_inference(src: str | Path, dst: str | Path, note: dict[str, Any] 
     ):
         del weights["head.weight"]  # the tied output head is the embedding: stored once
     return _write_inference_dir(Path(dst), lambda p: save_file(weights, p), run)
+
+
+def apply_model_settings(config: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Set ``settings`` in a run record's model config (in place), validated as a ``TitansConfig``;
+    returns ``{field: {"trained": old, "inference": new}}``. A setting that would change a weight's
+    shape fails when the weights are loaded, so only test-time settings make sense here."""
+    from ..model import TitansConfig
+
+    known = {f.name for f in fields(TitansConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise CheckpointError(f"unknown model settings {unknown}")
+    record = {k: {"trained": config["model"].get(k), "inference": v} for k, v in settings.items()}
+    config["model"].update(settings)
+    try:
+        TitansConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"model settings {settings}: {err}") from err
+    return record
 
 
 def _tied(model: torch.nn.Module) -> bool:
