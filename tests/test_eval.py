@@ -491,6 +491,18 @@ def test_cli_niah_end_to_end_from_a_checkpoint(tmp_path, capsys):
     (model,) = json.loads((tmp_path / "niah" / "results.json").read_text())["meta"]["models"]
     assert model["step"] == 7 and model["config"]["variant"] == "mal"
 
+    # test-time settings for a checkpoint: applied, recorded; shape-changing or unknown ones refused
+    common = ("--lengths", "512", "--variants", "pk", "--samples", "1", "--depths", "1", "--chunk-tokens", "64",
+              "--no-progress", "--out", str(tmp_path / "niah2"))  # fmt: skip
+    assert cli("niah", "--checkpoint", str(tmp_path / "run"), "--model.memory_max_grad_norm=3", *common) == 0
+    (model,) = json.loads((tmp_path / "niah2" / "results.json").read_text())["meta"]["models"]
+    assert model["model_settings"] == {"memory_max_grad_norm": {"trained": None, "inference": 3.0}}
+    capsys.readouterr()
+    assert cli("niah", "--checkpoint", str(tmp_path / "run"), "--model.dim=64", *common) == 2
+    assert "do not fit the checkpoint's weights" in capsys.readouterr().err
+    assert cli("niah", "--checkpoint", str(tmp_path / "run"), "--model.memory_clip=3", *common) == 2
+    assert "did you mean" in capsys.readouterr().err
+
 
 def test_cli_babilong_zeroshot_and_ppl_on_shards(tmp_path, capsys, monkeypatch):
     from titans.data.text import prepare

@@ -137,7 +137,9 @@ def register(sub) -> None:
 
     for name, parser in tasks.choices.items():
         _common(parser, name)
-        parser.epilog = "With --config, model fields can be overridden as --model.KEY=VALUE (e.g. --model.dim=64)."
+        parser.epilog = ("With --config, model fields can be overridden as --model.KEY=VALUE (e.g. --model.dim=64); "
+                         "with --checkpoint, the settings that keep every weight's shape (test-time settings, "
+                         "e.g. --model.memory_max_grad_norm=10), recorded in results.json.")
         # the dispatcher hands unparsed --section.key=value arguments over as args.overrides
         parser.set_defaults(func=run, accepts_overrides=True)
     p.set_defaults(func=run, accepts_overrides=True)
@@ -182,13 +184,26 @@ def _untrained_config(args, variant: str, vocab_size: int):
         raise ConfigError(f"model config ({args.config}): {err}") from err
 
 
+def _test_time_settings(args) -> dict | None:
+    """``--model.KEY=VALUE`` with a checkpoint: model settings to run it with instead of its own
+    (those that keep every weight's shape: the memory's clip, chunk size, learning-rate cap, ...)."""
+    from ..config_files import apply_overrides, check_keys, coerce_fields
+    from ..model import TitansConfig
+
+    overrides = getattr(args, "overrides", None) or []
+    if not overrides:
+        return None
+    given = apply_overrides({}, overrides)
+    check_keys(given, ["model"], "overrides with a checkpoint (use --model.KEY=VALUE)")
+    check_keys(given["model"], list(TitansConfig.__dataclass_fields__), "--model")
+    return coerce_fields(TitansConfig, given["model"], "model")
+
+
 def model_sources(args) -> list[tuple[str, str]]:
     """What to evaluate, one entry per table row: ("checkpoint", path) or ("untrained", variant)."""
     if args.checkpoint:
-        if args.tokenizer or args.variant or getattr(args, "overrides", None):
-            raise ConfigError(
-                "--variant, --tokenizer and --model.KEY=VALUE apply to --config only; a checkpoint has its own"
-            )
+        if args.tokenizer or args.variant:
+            raise ConfigError("--variant and --tokenizer apply to --config only; a checkpoint has its own")
         return [("checkpoint", path) for path in args.checkpoint]
     return [("untrained", variant) for variant in (args.variant or ["mac"])]
 
@@ -208,10 +223,11 @@ def _load_model(args, source: tuple[str, str]):
         from ..train.checkpoint import CheckpointError, load_pretrained
 
         try:
-            model, tokenizer, info = load_pretrained(what, map_location=device)
+            model, tokenizer, info = load_pretrained(what, map_location=device, model_settings=_test_time_settings(args))
         except CheckpointError as err:
             raise ConfigError(str(err)) from err
-        return model, tokenizer, {"checkpoint": info["path"], "step": info.get("step")}
+        out = {"checkpoint": info["path"], "step": info.get("step")}
+        return model, tokenizer, {**out, **({"model_settings": info["model_settings"]} if "model_settings" in info else {})}
     from ..data.tokenizers import load_tokenizer
     from ..model import TitansLM
 

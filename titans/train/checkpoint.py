@@ -174,11 +174,16 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     model.load_state_dict(weights)
 
 
-def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
+def load_pretrained(
+    path: str | Path, map_location: str | torch.device = "cpu", model_settings: dict[str, Any] | None = None
+):
     """A trained model for inference: ``(model in eval mode, tokenizer, info)``.
 
     ``path`` is a checkpoint directory or a run directory (its latest checkpoint). ``info`` holds
-    the run config, the step and the checkpoint path.
+    the run config, the step and the checkpoint path. ``model_settings``: model config fields to
+    run with instead of the checkpoint's (test-time settings such as ``memory_max_grad_norm`` or
+    ``memory_chunk``; one that changes a weight's shape is refused when the weights load), recorded
+    in ``info["model_settings"]`` as ``{field: {"trained": old, "inference": new}}``.
     """
     from safetensors.torch import load_file
 
@@ -187,12 +192,20 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu"):
 
     path = verify_checkpoint(path, required=INFERENCE_FILES)
     run = json.loads((path / "run.json").read_text())
+    changed = apply_model_settings(run["config"], model_settings) if model_settings else None
     cfg = TitansConfig.from_dict(run["config"]["model"])
     model = TitansLM(cfg)
-    load_model_weights(model, load_file(path / "model.safetensors", device="cpu"), str(path))
+    try:
+        load_model_weights(model, load_file(path / "model.safetensors", device="cpu"), str(path))
+    except CheckpointError as err:
+        if not changed:
+            raise
+        raise CheckpointError(f"model settings {model_settings} do not fit the checkpoint's weights: {err}") from err
     model.to(map_location).eval()
     tokenizer = load_tokenizer(run["tokenizer"])
     info = {"path": str(path), "step": run.get("step"), "config": run["config"]}
+    if changed:
+        info["model_settings"] = changed
     return model, tokenizer, info
 
 
