@@ -175,10 +175,19 @@ def main() -> None:
     p.add_argument("--scale-theta", type=float, default=None,
                    help="far: multiply every memory's test-time learning rate by this factor (its bound max_lr, "
                         "for the sigmoid theta): does writing everything more weakly keep a needle longer?")
+    p.add_argument("--model-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="run the checkpoint with a test-time model setting changed (repeatable), e.g. "
+                        "memory_max_grad_norm=10, as titans eval's --model.KEY=VALUE")
     args = p.parse_args()
-    from titans.train.checkpoint import load_pretrained
+    from titans.config_files import apply_overrides, coerce_fields
+    from titans.model import TitansConfig
+    from titans.train.checkpoint import CheckpointError, load_pretrained
 
-    model, tok, info = load_pretrained(args.checkpoint)
+    settings = coerce_fields(TitansConfig, apply_overrides({}, args.model_setting), "model") or None
+    try:
+        model, tok, info = load_pretrained(args.checkpoint, model_settings=settings)
+    except CheckpointError as err:
+        p.error(str(err))
     if args.what in ("drift", "far", "keys") and model.cfg.variant in ("transformer", "swa"):
         p.error(f"drift reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
     if args.pin_alpha is not None:
@@ -203,6 +212,7 @@ def main() -> None:
                 m.max_lr *= args.scale_theta
     note = "" if args.pin_alpha is None else f", alpha pinned at {args.pin_alpha}"
     note += "" if args.scale_theta is None else f", theta scaled by {args.scale_theta}"
+    note += "".join(f", {k}={v}" for k, v in (settings or {}).items())
     print(f"{args.checkpoint} (step {info['step']}){note}")
     if args.what == "gaps":
         gaps(model, tok)
