@@ -179,14 +179,14 @@ def main() -> None:
                    help="run the checkpoint with a test-time model setting changed (repeatable), e.g. "
                         "memory_max_grad_norm=10, as titans eval's --model.KEY=VALUE")
     args = p.parse_args()
-    from titans.config_files import apply_overrides, coerce_fields
-    from titans.model import TitansConfig
+    from titans.config_files import ConfigError
+    from titans.eval.cli import checkpoint_settings
     from titans.train.checkpoint import CheckpointError, load_pretrained
 
-    settings = coerce_fields(TitansConfig, apply_overrides({}, args.model_setting), "model") or None
     try:
+        settings = checkpoint_settings([f"model.{item}" for item in args.model_setting])
         model, tok, info = load_pretrained(args.checkpoint, model_settings=settings)
-    except CheckpointError as err:
+    except (ConfigError, CheckpointError) as err:
         p.error(str(err))
     if args.what in ("drift", "far", "keys") and model.cfg.variant in ("transformer", "swa"):
         p.error(f"drift reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")

@@ -117,7 +117,7 @@ def test_shipped_checkpoints_answer_a_short_haystack_needle():
     assert scores["swa"][1.0] == 1.0 and sum(scores["swa"].values()) <= 2, scores
 
 
-def test_shipped_checkpoints_carry_their_test_time_settings():
+def test_shipped_checkpoints_carry_their_checkpoint_settings():
     """What INFERENCE_SETTINGS says a shipped checkpoint runs with is what it loads with, and its
     provenance records the trained value beside it (so --retrain and the shipped files agree)."""
     from titans.train.checkpoint import load_pretrained

@@ -184,13 +184,13 @@ def _untrained_config(args, variant: str, vocab_size: int):
         raise ConfigError(f"model config ({args.config}): {err}") from err
 
 
-def _test_time_settings(args) -> dict | None:
-    """``--model.KEY=VALUE`` with a checkpoint: model settings to run it with instead of its own
-    (those that keep every weight's shape: the memory's clip, chunk size, learning-rate cap, ...)."""
+def checkpoint_settings(overrides: list[str]) -> dict | None:
+    """``--model.KEY=VALUE`` items with a checkpoint: model settings to run it with instead of its
+    own (those that keep every weight's shape: the memory's clip, chunk size, learning-rate cap,
+    ...), checked against ``TitansConfig`` (unknown keys get the closest name) and typed."""
     from ..config_files import apply_overrides, check_keys, coerce_fields
     from ..model import TitansConfig
 
-    overrides = getattr(args, "overrides", None) or []
     if not overrides:
         return None
     given = apply_overrides({}, overrides)
@@ -223,11 +223,14 @@ def _load_model(args, source: tuple[str, str]):
         from ..train.checkpoint import CheckpointError, load_pretrained
 
         try:
-            model, tokenizer, info = load_pretrained(what, map_location=device, model_settings=_test_time_settings(args))
+            settings = checkpoint_settings(getattr(args, "overrides", None))
+            model, tokenizer, info = load_pretrained(what, map_location=device, model_settings=settings)
         except CheckpointError as err:
             raise ConfigError(str(err)) from err
         out = {"checkpoint": info["path"], "step": info.get("step")}
-        return model, tokenizer, {**out, **({"model_settings": info["model_settings"]} if "model_settings" in info else {})}
+        if "model_settings" in info:
+            out["model_settings"] = info["model_settings"]
+        return model, tokenizer, out
     from ..data.tokenizers import load_tokenizer
     from ..model import TitansLM
 

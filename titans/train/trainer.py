@@ -72,15 +72,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _with_defaults(saved: dict, section: str) -> dict:
+    """A checkpoint's config section with the settings it lacks (added to the package after it
+    was written) at their defaults, which is what the checkpoint ran with."""
+    return {**RunConfig().to_dict()[section], **saved.get(section, {})}
+
+
 def _check_compatible(saved: dict, run: RunConfig, where: str) -> None:
     """Refuse to resume a checkpoint whose model, data or optimisation differ from this run.
-    A setting the checkpoint's config lacks (added to the package after it was written) counts as
-    its default, which is what the checkpoint ran with."""
-    current, defaults = run.to_dict(), RunConfig().to_dict()
+    A setting the checkpoint's config lacks counts as its default (``_with_defaults``)."""
+    current = run.to_dict()
     diffs = []
     for section in ("model", "data", "train"):
-        old = {**defaults[section], **saved.get(section, {})}
-        new = current[section]
+        old, new = _with_defaults(saved, section), current[section]
         for key in sorted(set(old) | set(new)):
             if section == "train" and key in _RESUMABLE_CHANGES:
                 continue
@@ -111,8 +115,7 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
             f"({saved.get('tokenizer', {}).get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
         )
     ckpt.load_model_weights(model, load_file(where / "model.safetensors", device="cpu"), f"train.init_from {where}")
-    old = {**RunConfig().to_dict()["model"], **saved["config"]["model"]}  # keys it lacks: their defaults
-    new = run.to_dict()["model"]
+    old, new = _with_defaults(saved["config"], "model"), run.to_dict()["model"]
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if verbose:
         print(f"initialised from {where} (step {saved.get('step')})"
