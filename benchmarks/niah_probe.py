@@ -5,6 +5,7 @@ while the noise haystack streams.
     python benchmarks/niah_probe.py gaps titans/checkpoints/niah-pair-lmm-3
     python benchmarks/niah_probe.py drift titans/checkpoints/niah-pair-lmm-3 --tokens 24576
     python benchmarks/niah_probe.py far titans/checkpoints/niah-pair-mac-2 --passages 8,128,512,1024,2730
+    python benchmarks/niah_probe.py late titans/checkpoints/niah-pair-mac-2 --passages 1,512,1024,2048,2730
     python benchmarks/niah_probe.py keys titans/checkpoints/niah-pair-mac-2
 
 ``gaps``: for each (passages before the needle, passages between needle and question), 8 keys
@@ -15,6 +16,9 @@ with random 3-digit values; a hit is the value as the most likely next token aft
 noise (up to 65K tokens; one stream per key, the state copied at each gap), with the memory's
 largest weight norm per block and the mean test-time learning rate theta and forgetting alpha its
 gates gave the noise since the previous gap.
+``late``: the 8 pairs written after ``--passages`` passages of noise and read back 192 tokens
+later: can a memory that has streamed that much haystack still store a needle? Also prints how far
+the needle's line moved each block's weights, relative to their norm.
 ``keys``: how alike the memory's write keys are, per block and head: the mean cosine between the
 keys of noise tokens, and between the key written at a needle's value token and the noise keys
 (a write moves the read-out of every key it shares directions with).
@@ -83,21 +87,29 @@ def _fit_error(layer, u, memory_state) -> float:
     return float((((read - v) ** 2).sum(-1) / (v**2).sum(-1).clamp_min(1e-12)).mean())
 
 
+def _pairs(tok, before: str, what: str):
+    """The 8 pairs' lines (``before`` + the needle line), their questions and value tokens, the
+    noise paragraph's tokens and a streaming piece of whole paragraphs (~4K tokens)."""
+    from titans.tasks.niah import NOISE_SENTENCES
+
+    rng = np.random.default_rng(0)
+    values = [int(rng.integers(100, 1000)) for _ in KEYS]
+    lines = [tok.encode(before + f"\nRemember the pair: {k} {v}.\n") for k, v in zip(KEYS, values)]
+    questions = [tok.encode(f"\nRecall the pair: {k}") for k in KEYS]
+    if len({len(n) for n in lines}) != 1 or len({len(q) for q in questions}) != 1:
+        raise SystemExit(f"{what} needs keys and values of one token each (the words tokenizer)")
+    targets = torch.tensor([tok.encode(f" {v}")[0] for v in values])
+    unit = tok.encode(" " + NOISE_SENTENCES)
+    return lines, questions, targets, unit, (4096 // len(unit)) * len(unit)
+
+
 def far(model, tok, passages: list[int]) -> None:
     import copy
 
     from titans.layers.neural_memory import NeuralMemory
     from titans.tasks.niah import NOISE_SENTENCES
 
-    rng = np.random.default_rng(0)
-    values = [int(rng.integers(100, 1000)) for _ in KEYS]
-    heads = [tok.encode(NOISE_SENTENCES + f"\nRemember the pair: {k} {v}.\n") for k, v in zip(KEYS, values)]
-    questions = [tok.encode(f"\nRecall the pair: {k}") for k in KEYS]
-    if len({len(h) for h in heads}) != 1 or len({len(q) for q in questions}) != 1:
-        raise SystemExit("far needs keys and values of one token each (the words tokenizer)")
-    targets = torch.tensor([tok.encode(f" {v}")[0] for v in values])
-    unit = tok.encode(" " + NOISE_SENTENCES)
-    piece = (4096 // len(unit)) * len(unit)
+    heads, questions, targets, unit, piece = _pairs(tok, NOISE_SENTENCES, "far")
     gates = {"theta": [], "alpha": []}
     hooks = []
     for m in model.modules():  # the gates' pre-activations, recorded as the noise streams
@@ -136,6 +148,53 @@ def far(model, tok, passages: list[int]) -> None:
         h.remove()
 
 
+def late(model, tok, passages: list[int], noise_theta: float | None = None) -> None:
+    import copy
+    from contextlib import contextmanager
+
+    from titans.layers.neural_memory import NeuralMemory
+
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+
+    @contextmanager
+    def noise_rate():  # --noise-theta: the memories write the noise (only) at a scaled rate
+        bounds = [m.max_lr for m in memories]
+        for m in memories:
+            m.max_lr *= 1.0 if noise_theta is None else noise_theta
+        try:
+            yield
+        finally:
+            for m, b in zip(memories, bounds):
+                m.max_lr = b
+
+    needles, questions, targets, unit, piece = _pairs(tok, "", "late")
+    after = torch.tensor([unit * 8] * len(KEYS))  # 192 tokens between needle and question
+
+    def weights(state):
+        return [[w.float() for w in layer.memory.memory.weights] for layer in state.layers]
+
+    print(f"{'before':>7} | recalled  mean log p(value) | largest weight norm per block | needle write, relative")
+    with torch.inference_mode():
+        state, done = None, 0
+        for n in passages:
+            ids = torch.tensor([unit * (n - done)] * len(KEYS))
+            with noise_rate():
+                for s in range(0, ids.shape[1], piece):
+                    _, _, state = model(ids[:, s : s + piece], state=state, logits_to_keep=1)
+            done = n
+            _, _, written = model(torch.tensor(needles), state=copy.deepcopy(state), logits_to_keep=1)
+            # how far the needle line moved each block's weights, relative to their size
+            moved = [max(float((a - b).norm(dim=(-2, -1)).max() / b.norm(dim=(-2, -1)).max()) for a, b in zip(wa, wb))
+                     for wa, wb in zip(weights(written), weights(state))]
+            with noise_rate():
+                _, _, asked = model(after, state=written, logits_to_keep=1)
+            lp = model(torch.tensor(questions), state=asked)[0][:, -1].float().log_softmax(-1)
+            hits = int((lp.argmax(-1) == targets).sum())
+            norms = [max(float(w.norm(dim=(-2, -1)).max()) for w in layer.memory.memory.weights) for layer in state.layers]
+            print(f"{n * len(unit):>7} | {hits}/{len(KEYS)}       {float(lp.gather(1, targets[:, None]).mean()):6.2f}           | "
+                  f"{'  '.join(f'{x:5.1f}' for x in norms):<29} | {'  '.join(f'{x:.4f}' for x in moved)}", flush=True)
+
+
 def keys(model, tok) -> None:
     from titans.layers.neural_memory import NeuralMemory
     from titans.tasks.niah import NOISE_SENTENCES
@@ -164,7 +223,7 @@ def keys(model, tok) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("gaps", "drift", "far", "keys"))
+    p.add_argument("what", choices=("gaps", "drift", "far", "late", "keys"))
     p.add_argument("checkpoint", help="checkpoint or run directory of a model trained with the words tokenizer")
     p.add_argument("--tokens", type=int, default=24576, help="drift: tokens of noise haystack to stream")
     p.add_argument("--passages", default="8,128,512,1024,2730",
@@ -175,6 +234,9 @@ def main() -> None:
     p.add_argument("--scale-theta", type=float, default=None,
                    help="far: multiply every memory's test-time learning rate by this factor (its bound max_lr, "
                         "for the sigmoid theta): does writing everything more weakly keep a needle longer?")
+    p.add_argument("--noise-theta", type=float, default=None,
+                   help="late: multiply every memory's max_lr by this factor while the noise streams (not while "
+                        "the needle and question are read): what if the gates wrote the haystack less?")
     p.add_argument("--model-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="run the checkpoint with a test-time model setting changed (repeatable), e.g. "
                         "memory_max_grad_norm=10, as titans eval's --model.KEY=VALUE")
@@ -188,7 +250,7 @@ def main() -> None:
         model, tok, info = load_pretrained(args.checkpoint, model_settings=settings)
     except (ConfigError, CheckpointError) as err:
         p.error(str(err))
-    if args.what in ("drift", "far", "keys") and model.cfg.variant in ("transformer", "swa"):
+    if args.what in ("drift", "far", "late", "keys") and model.cfg.variant in ("transformer", "swa"):
         p.error(f"drift reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
     if args.pin_alpha is not None:
         from titans.layers.neural_memory import NeuralMemory
@@ -200,6 +262,13 @@ def main() -> None:
                 with torch.no_grad():
                     m.to_alpha.weight.zero_()
                     m.to_alpha.bias.fill_(float(np.log(args.pin_alpha / (1 - args.pin_alpha))))
+    if args.noise_theta is not None and (args.what != "late" or args.noise_theta <= 0):
+        p.error("--noise-theta is for late and must be > 0")
+    if args.noise_theta is not None:
+        from titans.layers.neural_memory import NeuralMemory
+
+        if any(m.theta_activation != "sigmoid" for m in model.modules() if isinstance(m, NeuralMemory)):
+            p.error("--noise-theta needs the sigmoid theta (memory_theta_activation: sigmoid)")
     if args.scale_theta is not None:
         from titans.layers.neural_memory import NeuralMemory
 
@@ -212,6 +281,7 @@ def main() -> None:
                 m.max_lr *= args.scale_theta
     note = "" if args.pin_alpha is None else f", alpha pinned at {args.pin_alpha}"
     note += "" if args.scale_theta is None else f", theta scaled by {args.scale_theta}"
+    note += "" if args.noise_theta is None else f", the noise written at {args.noise_theta} x theta"
     note += "".join(f", {k}={v}" for k, v in (settings or {}).items())
     print(f"{args.checkpoint} (step {info['step']}){note}")
     if args.what == "gaps":
@@ -220,6 +290,8 @@ def main() -> None:
         drift(model, tok, args.tokens)
     elif args.what == "far":
         far(model, tok, sorted(int(n) for n in args.passages.split(",")))
+    elif args.what == "late":
+        late(model, tok, sorted(int(n) for n in args.passages.split(",")), args.noise_theta)
     else:
         keys(model, tok)
 

@@ -429,3 +429,61 @@ def test_train_only_moves_the_matching_parameters_alone(tmp_path):
         trainer_mod.train(tiny_run(tmp_path / "h", train_only="no_such_weight", max_steps=1))
     with pytest.raises(ConfigError, match="not a regular expression"):
         tiny_run(tmp_path / "i", train_only="(").train.validate()
+
+
+def _sigmoid_theta(run):  # gates half open (rate 0.5), where the sigmoid moves most
+    settings = {"memory_theta_activation": "sigmoid", "memory_max_lr": 0.1, "memory_theta_init": 0.05}
+    run.model = TitansConfig.from_dict({**run.model.to_dict(), **settings})
+    return run
+
+
+def _mean_write_rate(model, ids):
+    """The memories' mean theta / max_lr over a batch, read from each gate directly."""
+    from titans.layers.neural_memory import NeuralMemory
+
+    rates = []
+    hooks = [m.to_theta.register_forward_hook(lambda _m, _i, z: rates.append(torch.sigmoid(z).flatten()))
+             for m in model.modules() if isinstance(m, NeuralMemory)]  # fmt: skip
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return float(torch.cat(rates).mean())  # every token and head of every call counts once
+
+
+def test_write_rate_is_the_mean_gate_over_gradient_enabled_calls():
+    torch.manual_seed(0)
+    cfg = TitansConfig(variant="mag", vocab_size=50, dim=32, depth=2, heads=2, window=8, memory_chunk=4,
+                       memory_theta_activation="sigmoid")  # fmt: skip
+    model = TitansLM(cfg)
+    ids = torch.randint(0, 50, (2, 12))
+    record = trainer_mod._WriteRate(model)
+    with torch.no_grad():
+        model(ids[:, :5])  # like a detached prefix: not recorded
+    assert record.take() is None
+    model(ids)
+    rate = record.take()
+    assert rate.requires_grad and rate.item() == pytest.approx(_mean_write_rate(model, ids), rel=1e-6)
+    assert record.take() is None  # take() starts afresh
+
+
+def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path):
+    def run(name, penalty):
+        r = tiny_run(tmp_path / name, train_only=r"memory\.to_theta\.", write_penalty=penalty, max_steps=6,
+                     checkpoint_every=0, lr=0.2)  # fmt: skip
+        return trainer_mod.train(_sigmoid_theta(r))
+
+    ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(1))
+    plain, penalised = run("plain", 0.0), run("penalised", 10.0)
+    rate = {s["checkpoint"]: _mean_write_rate(ckpt.load_pretrained(s["checkpoint"])[0], ids) for s in (plain, penalised)}
+    assert rate[penalised["checkpoint"]] < rate[plain["checkpoint"]] - 0.1, rate
+    logged = [json.loads(line) for line in (tmp_path / "penalised" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["write_rate"] < 1 for r in logged if "loss" in r)
+    assert "write_rate" not in (tmp_path / "plain" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="memory_theta_activation=sigmoid"):
+        trainer_mod.train(tiny_run(tmp_path / "softplus", write_penalty=1.0, max_steps=1))
+    with pytest.raises(ConfigError, match="needs a model with a neural memory"):
+        trainer_mod.train(tiny_run(tmp_path / "swa", variant="swa", write_penalty=1.0, max_steps=1))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="write_penalty must be"):
+            tiny_run(tmp_path / "bad", write_penalty=bad).train.validate()

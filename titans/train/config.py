@@ -6,6 +6,7 @@ sections or keys are refused with the closest existing name suggested.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -39,6 +40,11 @@ class TrainConfig:
     # "memory\\.to_(theta|eta|alpha)\\." for the memory's gates), the rest frozen: a curriculum stage
     # that must not undo what earlier stages learned
     train_only: str | None = None
+    # add write_penalty x the memories' mean write rate (theta / max_lr, over tokens, heads and
+    # memory layers; sigmoid theta only) to the loss: writing costs something, so the gates learn to
+    # write what the loss needs and little else. A long haystack's writes overwrite a needle only
+    # after far more tokens than a training row holds, so the loss alone never asks for that.
+    write_penalty: float = 0.0
     lr: float = 4e-4  # paper section 5.1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -74,6 +80,8 @@ class TrainConfig:
                 re.compile(self.train_only)
             except re.error as err:
                 raise ConfigError(f"train.train_only is not a regular expression ({err}): {self.train_only!r}") from None
+        if not (math.isfinite(self.write_penalty) and self.write_penalty >= 0):
+            raise ConfigError(f"train.write_penalty must be a finite number >= 0, got {self.write_penalty}")
         if self.batch_tokens % self.seq_len:
             raise ConfigError(
                 f"train.batch_tokens ({self.batch_tokens}) must be a multiple of train.seq_len ({self.seq_len})"

@@ -249,6 +249,39 @@ def _freeze_all_but(model: TitansLM, pattern: str, verbose: bool) -> None:
               f"{pattern!r}; the rest frozen")
 
 
+class _WriteRate:
+    """``train.write_penalty``: records, while gradients are on, the write rate ``theta / max_lr``
+    that every neural memory's gate gives each token and head (its ``to_theta`` output through
+    the sigmoid), for the penalty ``write_penalty * mean rate``. The detached prefix (no gradient)
+    is left out: it cannot learn from the penalty."""
+
+    def __init__(self, model: TitansLM):
+        from ..layers.neural_memory import NeuralMemory
+
+        memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+        if not memories:
+            raise ConfigError(f"train.write_penalty needs a model with a neural memory; a {model.cfg.variant} has none")
+        if any(m.theta_activation != "sigmoid" for m in memories):
+            raise ConfigError(
+                "train.write_penalty needs model.memory_theta_activation=sigmoid (the rate theta / max_lr lies in "
+                "(0, 1); softplus theta has no bound to measure it against)"
+            )
+        self.sums: list[torch.Tensor] = []
+        self.count = 0
+        self.hooks = [m.to_theta.register_forward_hook(self._record) for m in memories]
+
+    def _record(self, module, inputs, z: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            self.sums.append(torch.sigmoid(z.float()).sum())
+            self.count += z.numel()
+
+    def take(self) -> torch.Tensor | None:
+        """The mean rate since the last call (None when nothing was recorded), and a fresh start."""
+        rate = torch.stack(self.sums).sum() / self.count if self.count else None
+        self.sums, self.count = [], 0
+        return rate
+
+
 def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = None) -> dict:
     """Train ``run``; ``resume`` = None (fresh; refuses an out_dir that has checkpoints),
     'auto' (latest checkpoint of out_dir if any) or a checkpoint path. ``stop_at_step`` ends the
@@ -289,6 +322,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
         _init_from(model, tcfg.init_from, run, tokenizer, world.is_main)
     if tcfg.train_only is not None:
         _freeze_all_but(model, tcfg.train_only, world.is_main)
+    write_rate = _WriteRate(model) if tcfg.write_penalty > 0 else None
     model = model.to(device)
     model = parallelize(model, tcfg.parallel if world.distributed else "none", device)
     optimizer = build_optimizer(model, tcfg)
@@ -361,6 +395,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 if n_global == 0:
                     raise RuntimeError(f"step {step}: the batch has no target tokens (every label is -100)")
                 loss_total = torch.zeros((), device=device)
+                rates = []
                 for i, (input_ids, labels, weights) in enumerate(micro):
                     with no_gradient_sync(model, skip=i < len(micro) - 1):
                         try:
@@ -374,7 +409,12 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                             ) from err
                         # DDP/FSDP average gradients over ranks: scale so the result is the mean over
                         # every target token of the global batch
-                        (loss * world.world_size / n_global).backward()
+                        objective = loss * world.world_size / n_global
+                        rate = None if write_rate is None else write_rate.take()
+                        if rate is not None:  # the mean over micro batches (and, averaged, ranks)
+                            objective = objective + tcfg.write_penalty * rate / len(micro)
+                            rates.append(rate.detach())
+                        objective.backward()
                     loss_total += loss.detach()
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -407,6 +447,8 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 record = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen, "targets": n_global}
                 if norm is not None:
                     record["grad_norm"] = norm
+                if rates:  # this rank's mean write rate (the penalty's argument)
+                    record["write_rate"] = float(torch.stack(rates).mean())
                 if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                     val_loss = evaluate(model, eval_batches, device, autocast, tcfg.detached_prefix)
                     record["val_loss"] = val_loss
