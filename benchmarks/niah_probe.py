@@ -168,7 +168,7 @@ def late(model, tok, passages: list[int], noise_theta: float | None = None) -> N
                 m.max_lr = b
 
     needles, questions, targets, unit, piece = _pairs(tok, "", "late")
-    after = torch.tensor([unit * 8] * len(KEYS))  # 192 tokens between needle and question
+    after = torch.tensor([unit * 8] * len(KEYS))  # 8 passages (192 tokens) between needle and question
 
     def weights(state):
         return [[w.float() for w in layer.memory.memory.weights] for layer in state.layers]
@@ -251,7 +251,7 @@ def main() -> None:
     except (ConfigError, CheckpointError) as err:
         p.error(str(err))
     if args.what in ("drift", "far", "late", "keys") and model.cfg.variant in ("transformer", "swa"):
-        p.error(f"drift reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
+        p.error(f"{args.what} reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
     if args.pin_alpha is not None:
         from titans.layers.neural_memory import NeuralMemory
 
@@ -291,7 +291,10 @@ def main() -> None:
     elif args.what == "far":
         far(model, tok, sorted(int(n) for n in args.passages.split(",")))
     elif args.what == "late":
-        late(model, tok, sorted(int(n) for n in args.passages.split(",")), args.noise_theta)
+        passages = sorted(int(n) for n in args.passages.split(","))
+        if passages[0] < 1:
+            p.error("late: --passages must be >= 1 (the noise streamed before the needle)")
+        late(model, tok, passages, args.noise_theta)
     else:
         keys(model, tok)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -437,34 +438,76 @@ def _sigmoid_theta(run):  # gates half open (rate 0.5), where the sigmoid moves 
     return run
 
 
-def _mean_write_rate(model, ids):
-    """The memories' mean theta / max_lr over a batch, read from each gate directly."""
-    from titans.layers.neural_memory import NeuralMemory
+class _GateRates:
+    """theta / max_lr of every ``NeuralMemory.gates`` call made with gradients on, recorded from
+    the gates' own output (not from the to_theta hook the trainer uses)."""
 
-    rates = []
-    hooks = [m.to_theta.register_forward_hook(lambda _m, _i, z: rates.append(torch.sigmoid(z).flatten()))
-             for m in model.modules() if isinstance(m, NeuralMemory)]  # fmt: skip
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    return float(torch.cat(rates).mean())  # every token and head of every call counts once
+    def __init__(self, monkeypatch):
+        from titans.layers.neural_memory import NeuralMemory
+
+        self.rates, original = [], NeuralMemory.gates
+
+        def gates(module, x):
+            theta, eta, alpha = original(module, x)
+            if torch.is_grad_enabled():
+                self.rates.append((theta / module.max_lr).flatten())
+            return theta, eta, alpha
+
+        monkeypatch.setattr(NeuralMemory, "gates", gates)
+
+    def mean(self):
+        rate = torch.cat(self.rates).mean()
+        self.rates.clear()
+        return rate
 
 
-def test_write_rate_is_the_mean_gate_over_gradient_enabled_calls():
+def test_write_rate_is_the_mean_gate_over_the_scored_tokens(monkeypatch):
+    run = _sigmoid_theta(tiny_run("unused"))  # MAC, 16-token segments: two segments per row
     torch.manual_seed(0)
-    cfg = TitansConfig(variant="mag", vocab_size=50, dim=32, depth=2, heads=2, window=8, memory_chunk=4,
-                       memory_theta_activation="sigmoid")  # fmt: skip
-    model = TitansLM(cfg)
-    ids = torch.randint(0, 50, (2, 12))
+    model = TitansLM(run.model)
+    ids = torch.randint(0, 257, (2, 40))
+    reference = _GateRates(monkeypatch)
     record = trainer_mod._WriteRate(model)
-    with torch.no_grad():
-        model(ids[:, :5])  # like a detached prefix: not recorded
-    assert record.take() is None
-    model(ids)
-    rate = record.take()
-    assert rate.requires_grad and rate.item() == pytest.approx(_mean_write_rate(model, ids), rel=1e-6)
+    prefix = 8  # streamed without gradient: not priced
+    trainer_mod._loss_sum(model, ids, ids, nullcontext(), None, prefix)
+    n_calls = len(reference.rates)
+    rate, expected = record.take(), reference.mean()
+    assert n_calls >= 2 * run.model.depth  # several segments per memory
+    assert rate.requires_grad and float(rate.detach()) == pytest.approx(float(expected), rel=1e-6)
     assert record.take() is None  # take() starts afresh
+
+
+def test_write_penalty_gradient_is_the_penalty_times_the_mean_rates_gradient(tmp_path, monkeypatch):
+    """One plain-SGD step (lr 1) with and without the penalty: the difference of the gates'
+    weights is -penalty x the gradient of the mean rate over the whole batch, however the batch is
+    split into micro batches."""
+    from _train_helpers import CountingSource
+
+    monkeypatch.setattr(trainer_mod, "build_optimizer", lambda model, cfg: torch.optim.SGD(model.parameters(), lr=1.0))
+    penalty = 2.0
+
+    def step(name, write_penalty, micro_batch):
+        run = _sigmoid_theta(tiny_run(tmp_path / name, train_only=r"memory\.to_theta\.", write_penalty=write_penalty,
+                                      micro_batch=micro_batch, max_steps=1, warmup_steps=1, grad_clip=0.0,
+                                      checkpoint_every=0))  # fmt: skip
+        summary = trainer_mod.train(run)
+        return run, ckpt.load_pretrained(summary["checkpoint"])[0].state_dict()
+
+    run, plain = step("plain", 0.0, 2)
+    _, priced = step("priced", penalty, 2)
+    _, priced_whole = step("priced-whole", penalty, 4)
+    torch.manual_seed(run.train.seed)  # the trainer's initial weights, and the step's 4 rows
+    model = TitansLM(run.model)
+    rows = CountingSource(run.train.seq_len, run.train.seed).next_batch(4)
+    reference = _GateRates(monkeypatch)
+    model(rows)
+    reference.mean().backward()
+    gates = [k for k in plain if ".to_theta." in k]
+    assert gates
+    for key in gates:
+        grad = dict(model.named_parameters())[key].grad
+        torch.testing.assert_close((plain[key] - priced[key]) / penalty, grad, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(priced_whole[key], priced[key], rtol=1e-4, atol=1e-6)
 
 
 def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path):
@@ -484,6 +527,22 @@ def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path):
         trainer_mod.train(tiny_run(tmp_path / "softplus", write_penalty=1.0, max_steps=1))
     with pytest.raises(ConfigError, match="needs a model with a neural memory"):
         trainer_mod.train(tiny_run(tmp_path / "swa", variant="swa", write_penalty=1.0, max_steps=1))
+    with pytest.raises(ConfigError, match="memory_theta_activation=sigmoid"):  # caught when the config is read
+        RunConfig.from_dict({"model": {"variant": "mag"}, "train": {"write_penalty": 1.0}})
     for bad in (-1.0, float("nan")):
         with pytest.raises(ConfigError, match="write_penalty must be"):
             tiny_run(tmp_path / "bad", write_penalty=bad).train.validate()
+
+
+def _mean_write_rate(model, ids):
+    """The memories' mean theta / max_lr over a batch (every token and head of every call)."""
+    from titans.layers.neural_memory import NeuralMemory
+
+    rates = []
+    hooks = [m.to_theta.register_forward_hook(lambda _m, _i, z: rates.append(torch.sigmoid(z).flatten()))
+             for m in model.modules() if isinstance(m, NeuralMemory)]  # fmt: skip
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return float(torch.cat(rates).mean())

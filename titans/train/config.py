@@ -115,6 +115,19 @@ class DataConfig:
             raise ConfigError(f"data.kind must be 'text', 'niah' or 'mqar', got {self.kind!r}")
 
 
+def write_penalty_problem(model: TitansConfig) -> str | None:
+    """Why ``train.write_penalty`` cannot apply to ``model`` (None when it can): it prices the
+    rate ``theta / max_lr`` of a neural memory's sigmoid learning-rate gate."""
+    if model.variant in ("transformer", "swa"):
+        return f"train.write_penalty needs a model with a neural memory; a {model.variant} has none"
+    if model.memory_theta_activation != "sigmoid":
+        return (
+            "train.write_penalty needs model.memory_theta_activation=sigmoid (the rate theta / max_lr lies in "
+            "(0, 1); softplus theta has no bound to measure it against)"
+        )
+    return None
+
+
 @dataclass
 class RunConfig:
     model: TitansConfig = field(default_factory=TitansConfig)
@@ -150,6 +163,9 @@ class RunConfig:
         run = cls(**sections)
         run.train.validate()
         run.data.validate()
+        problem = write_penalty_problem(run.model) if run.train.write_penalty > 0 else None
+        if problem:
+            raise ConfigError(problem)
         return run
 
 

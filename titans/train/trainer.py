@@ -30,7 +30,7 @@ from ..config_files import ConfigError
 from ..errors import NonFiniteError
 from ..model import TitansLM
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .config import RunConfig, write_penalty_problem
 from .distributed import (
     World, all_reduce_sum, full_state_dicts, init_distributed, load_full_state_dicts,
     no_gradient_sync, parallelize,
@@ -258,14 +258,10 @@ class _WriteRate:
     def __init__(self, model: TitansLM):
         from ..layers.neural_memory import NeuralMemory
 
+        problem = write_penalty_problem(model.cfg)
+        if problem:
+            raise ConfigError(problem)
         memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
-        if not memories:
-            raise ConfigError(f"train.write_penalty needs a model with a neural memory; a {model.cfg.variant} has none")
-        if any(m.theta_activation != "sigmoid" for m in memories):
-            raise ConfigError(
-                "train.write_penalty needs model.memory_theta_activation=sigmoid (the rate theta / max_lr lies in "
-                "(0, 1); softplus theta has no bound to measure it against)"
-            )
         self.sums: list[torch.Tensor] = []
         self.count = 0
         self.hooks = [m.to_theta.register_forward_hook(self._record) for m in memories]
@@ -447,8 +443,8 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 record = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen, "targets": n_global}
                 if norm is not None:
                     record["grad_norm"] = norm
-                if rates:  # this rank's mean write rate (the penalty's argument)
-                    record["write_rate"] = float(torch.stack(rates).mean())
+                if rates:  # the mean write rate over the global batch (the penalty's argument)
+                    record["write_rate"] = float(all_reduce_sum(torch.stack(rates).mean())) / world.world_size
                 if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                     val_loss = evaluate(model, eval_batches, device, autocast, tcfg.detached_prefix)
                     record["val_loss"] = val_loss
