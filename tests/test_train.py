@@ -510,7 +510,7 @@ def test_write_penalty_gradient_is_the_penalty_times_the_mean_rates_gradient(tmp
         torch.testing.assert_close(priced_whole[key], priced[key], rtol=1e-4, atol=1e-6)
 
 
-def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path):
+def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path, monkeypatch):
     def run(name, penalty):
         r = tiny_run(tmp_path / name, train_only=r"memory\.to_theta\.", write_penalty=penalty, max_steps=6,
                      checkpoint_every=0, lr=0.2)  # fmt: skip
@@ -518,7 +518,11 @@ def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path):
 
     ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(1))
     plain, penalised = run("plain", 0.0), run("penalised", 10.0)
-    rate = {s["checkpoint"]: _mean_write_rate(ckpt.load_pretrained(s["checkpoint"])[0], ids) for s in (plain, penalised)}
+    reference = _GateRates(monkeypatch)
+    rate = {}
+    for s in (plain, penalised):
+        ckpt.load_pretrained(s["checkpoint"])[0](ids)  # gradients on: _GateRates records
+        rate[s["checkpoint"]] = float(reference.mean())
     assert rate[penalised["checkpoint"]] < rate[plain["checkpoint"]] - 0.1, rate
     logged = [json.loads(line) for line in (tmp_path / "penalised" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["write_rate"] < 1 for r in logged if "loss" in r)
@@ -532,17 +536,3 @@ def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path):
     for bad in (-1.0, float("nan")):
         with pytest.raises(ConfigError, match="write_penalty must be"):
             tiny_run(tmp_path / "bad", write_penalty=bad).train.validate()
-
-
-def _mean_write_rate(model, ids):
-    """The memories' mean theta / max_lr over a batch (every token and head of every call)."""
-    from titans.layers.neural_memory import NeuralMemory
-
-    rates = []
-    hooks = [m.to_theta.register_forward_hook(lambda _m, _i, z: rates.append(torch.sigmoid(z).flatten()))
-             for m in model.modules() if isinstance(m, NeuralMemory)]  # fmt: skip
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    return float(torch.cat(rates).mean())
