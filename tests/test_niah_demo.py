@@ -98,9 +98,9 @@ def test_trainer_refuses_a_recipe_stage_name(tmp_path):
 
 def test_shipped_checkpoints_answer_a_short_haystack_needle():
     """The package's checkpoints load and answer needles in a 1,024-token haystack at 11 depths:
-    the Titans models most of them (the shipped MAG: all 11; the MAC: 10, the one at depth 0.3
-    missed; the LMM: all but the needle at depth 0, the very first line, which training rows never
-    start with), the sliding window only the one inside its 64-token window."""
+    the Titans models most of them (the shipped MAG and MAC: all 11; the LMM: all but the needle
+    at depth 0, the very first line, which training rows never start with), the sliding window
+    only the one inside its 64-token window."""
     from titans.eval.niah import run_niah
     from titans.train.checkpoint import load_pretrained
 
@@ -111,7 +111,7 @@ def test_shipped_checkpoints_answer_a_short_haystack_needle():
         result = run_niah(model, tokenizer, [1024], [niah_demo.DEFAULT_VARIANT], samples=11, depths=11, seed=1,
                           batch_size=11, progress=False, model_name=name)  # fmt: skip
         scores[name] = {round(r["depth"], 1): r["score"] for r in result.records}
-    assert sum(scores["titans-mac"].values()) >= 9, scores
+    assert sum(scores["titans-mac"].values()) >= 10, scores
     assert sum(scores["titans-mag"].values()) >= 10, scores
     assert sum(scores["titans-lmm"].values()) >= 9, scores
     assert scores["swa"][1.0] == 1.0 and sum(scores["swa"].values()) <= 2, scores
