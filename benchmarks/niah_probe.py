@@ -7,6 +7,7 @@ while the noise haystack streams.
     python benchmarks/niah_probe.py far titans/checkpoints/niah-pair-mac-2 --passages 8,128,512,1024,2730
     python benchmarks/niah_probe.py late titans/checkpoints/niah-pair-mac-2 --passages 1,512,1024,2048,2730
     python benchmarks/niah_probe.py keys titans/checkpoints/niah-pair-mac-2
+    python benchmarks/niah_probe.py rates titans/checkpoints/niah-pair-mac-5
 
 ``gaps``: for each (passages before the needle, passages between needle and question), 8 keys
 with random 3-digit values; a hit is the value as the most likely next token after
@@ -19,6 +20,9 @@ gates gave the noise since the previous gap.
 ``late``: the 8 pairs written after ``--passages`` passages of noise and read back 192 tokens
 later: can a memory that has streamed that much haystack still store a needle? Also prints how far
 the needle's line moved each block's weights, relative to their norm.
+``rates``: each memory head's write rate ``theta / max_lr`` on the noise haystack (mean and max
+over 2,304 tokens, after 4K tokens of it) and its largest on a needle's line; the haystack's
+summed rate over a million tokens is what a needle written before it has to outlast.
 ``keys``: how alike the memory's write keys are, per block and head: the mean cosine between the
 keys of noise tokens, and between the key written at a needle's value token and the noise keys
 (a write moves the read-out of every key it shares directions with).
@@ -103,13 +107,38 @@ def _pairs(tok, before: str, what: str):
     return lines, questions, targets, unit, (4096 // len(unit)) * len(unit)
 
 
-def far(model, tok, passages: list[int]) -> None:
+def _noise_rate(model, factor: float | None):
+    """``--noise-theta``: a context manager under which every memory writes at ``factor`` x its
+    test-time learning rate (its bound max_lr scaled; the sigmoid theta), entered while only the
+    noise haystack streams: what if the gates wrote the haystack less?"""
+    from contextlib import contextmanager
+
+    from titans.layers.neural_memory import NeuralMemory
+
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+
+    @contextmanager
+    def noise_rate():
+        bounds = [m.max_lr for m in memories]
+        for m in memories:
+            m.max_lr *= 1.0 if factor is None else factor
+        try:
+            yield
+        finally:
+            for m, b in zip(memories, bounds):
+                m.max_lr = b
+
+    return noise_rate
+
+
+def far(model, tok, passages: list[int], noise_theta: float | None = None) -> None:
     import copy
 
     from titans.layers.neural_memory import NeuralMemory
     from titans.tasks.niah import NOISE_SENTENCES
 
     heads, questions, targets, unit, piece = _pairs(tok, NOISE_SENTENCES, "far")
+    noise_rate = _noise_rate(model, noise_theta)
     gates = {"theta": [], "alpha": []}
     hooks = []
     for m in model.modules():  # the gates' pre-activations, recorded as the noise streams
@@ -134,39 +163,27 @@ def far(model, tok, passages: list[int]) -> None:
                 for out in written:
                     out.clear()
                 before = state
-                _, _, state = model(ids[:, s : s + piece], state=state, logits_to_keep=1)
+                with noise_rate():
+                    _, _, state = model(ids[:, s : s + piece], state=state, logits_to_keep=1)
                 surprise.append(np.mean([_fit_error(m, torch.cat(out, 1), layer.memory) for m, out, layer
                                          in zip(layers, written, before.layers)]))
             done = n
+            # the noise's gates, taken before the questions are read (their gates would count too)
+            theta = np.mean(gates["theta"])
+            alpha = f"{np.mean(gates['alpha']):.1e}" if gates["alpha"] else "-"
             lp = model(torch.tensor(questions), state=copy.deepcopy(state))[0][:, -1].float().log_softmax(-1)
             hits = int((lp.argmax(-1) == targets).sum())
             norms = [max(float(w.norm(dim=(-2, -1)).max()) for w in layer.memory.memory.weights) for layer in state.layers]
-            alpha = f"{np.mean(gates['alpha']):.1e}" if gates["alpha"] else "-"
             print(f"{n * len(unit):>7} | {hits}/{len(KEYS)}       {float(lp.gather(1, targets[:, None]).mean()):6.2f}           | "
-                  f"{'  '.join(f'{x:5.1f}' for x in norms):<29} | {np.mean(gates['theta']):.4f} {alpha}  | {np.mean(surprise):.3f}", flush=True)
+                  f"{'  '.join(f'{x:5.1f}' for x in norms):<29} | {theta:.1e} {alpha} | {np.mean(surprise):.3f}", flush=True)
     for h in hooks:
         h.remove()
 
 
 def late(model, tok, passages: list[int], noise_theta: float | None = None) -> None:
     import copy
-    from contextlib import contextmanager
 
-    from titans.layers.neural_memory import NeuralMemory
-
-    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
-
-    @contextmanager
-    def noise_rate():  # --noise-theta: the memories write the noise (only) at a scaled rate
-        bounds = [m.max_lr for m in memories]
-        for m in memories:
-            m.max_lr *= 1.0 if noise_theta is None else noise_theta
-        try:
-            yield
-        finally:
-            for m, b in zip(memories, bounds):
-                m.max_lr = b
-
+    noise_rate = _noise_rate(model, noise_theta)
     needles, questions, targets, unit, piece = _pairs(tok, "", "late")
     after = torch.tensor([unit * 8] * len(KEYS))  # 8 passages (192 tokens) between needle and question
 
@@ -193,6 +210,38 @@ def late(model, tok, passages: list[int], noise_theta: float | None = None) -> N
             norms = [max(float(w.norm(dim=(-2, -1)).max()) for w in layer.memory.memory.weights) for layer in state.layers]
             print(f"{n * len(unit):>7} | {hits}/{len(KEYS)}       {float(lp.gather(1, targets[:, None]).mean()):6.2f}           | "
                   f"{'  '.join(f'{x:5.1f}' for x in norms):<29} | {'  '.join(f'{x:.4f}' for x in moved)}", flush=True)
+
+
+def rates(model, tok) -> None:
+    from titans.layers.neural_memory import NeuralMemory
+    from titans.tasks.niah import NOISE_SENTENCES
+
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    if any(m.theta_activation != "sigmoid" for m in memories):
+        raise SystemExit("rates needs the sigmoid theta (memory_theta_activation: sigmoid): theta / max_lr")
+    seen = [[] for _ in memories]  # each memory's rates [B, T, H] per call
+    hooks = [m.to_theta.register_forward_hook(lambda _m, _i, z, out=out: out.append(torch.sigmoid(z.float())))
+             for m, out in zip(memories, seen)]
+    unit = tok.encode(" " + NOISE_SENTENCES)
+    noise = torch.tensor([unit * (4096 // len(unit) + 96)])
+    line = torch.tensor([tok.encode("\nRemember the pair: apple 417.\n")])
+
+    def rates_of(ids, state):
+        for out in seen:
+            out.clear()
+        _, _, state = model(ids, state=state, logits_to_keep=1)
+        return [torch.cat(out, 1)[0] for out in seen], state  # per memory (T, H)
+
+    with torch.inference_mode():
+        _, state = rates_of(noise[:, : -96 * len(unit)], None)
+        on_noise, state = rates_of(noise[:, -96 * len(unit) :], state)
+        on_line, _ = rates_of(line, state)
+    for h in hooks:
+        h.remove()
+    print("memory | per head: noise mean / max, needle line max | noise summed over 1M tokens (theta / max_lr)")
+    for i, (n, l) in enumerate(zip(on_noise, on_line)):
+        heads = "  ".join(f"{a:.1e} / {b:.1e}, {c:.1e}" for a, b, c in zip(n.mean(0), n.max(0).values, l.max(0).values))
+        print(f"{i:>6} | {heads} | {float(n.mean(0).max()) * 1e6:.3g} (largest head)", flush=True)
 
 
 def keys(model, tok) -> None:
@@ -223,7 +272,7 @@ def keys(model, tok) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("gaps", "drift", "far", "late", "keys"))
+    p.add_argument("what", choices=("gaps", "drift", "far", "late", "rates", "keys"))
     p.add_argument("checkpoint", help="checkpoint or run directory of a model trained with the words tokenizer")
     p.add_argument("--tokens", type=int, default=24576, help="drift: tokens of noise haystack to stream")
     p.add_argument("--passages", default="8,128,512,1024,2730",
@@ -235,7 +284,7 @@ def main() -> None:
                    help="far: multiply every memory's test-time learning rate by this factor (its bound max_lr, "
                         "for the sigmoid theta): does writing everything more weakly keep a needle longer?")
     p.add_argument("--noise-theta", type=float, default=None,
-                   help="late: multiply every memory's max_lr by this factor while the noise streams (not while "
+                   help="far, late: multiply every memory's max_lr by this factor while the noise streams (not while "
                         "the needle and question are read): what if the gates wrote the haystack less?")
     p.add_argument("--model-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="run the checkpoint with a test-time model setting changed (repeatable), e.g. "
@@ -250,7 +299,7 @@ def main() -> None:
         model, tok, info = load_pretrained(args.checkpoint, model_settings=settings)
     except (ConfigError, CheckpointError) as err:
         p.error(str(err))
-    if args.what in ("drift", "far", "late", "keys") and model.cfg.variant in ("transformer", "swa"):
+    if args.what in ("drift", "far", "late", "rates", "keys") and model.cfg.variant in ("transformer", "swa"):
         p.error(f"{args.what} reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
     if args.pin_alpha is not None:
         from titans.layers.neural_memory import NeuralMemory
@@ -262,8 +311,8 @@ def main() -> None:
                 with torch.no_grad():
                     m.to_alpha.weight.zero_()
                     m.to_alpha.bias.fill_(float(np.log(args.pin_alpha / (1 - args.pin_alpha))))
-    if args.noise_theta is not None and (args.what != "late" or args.noise_theta <= 0):
-        p.error("--noise-theta is for late and must be > 0")
+    if args.noise_theta is not None and (args.what not in ("far", "late") or args.noise_theta <= 0):
+        p.error("--noise-theta is for far and late and must be > 0")
     if args.noise_theta is not None:
         from titans.layers.neural_memory import NeuralMemory
 
@@ -289,12 +338,14 @@ def main() -> None:
     elif args.what == "drift":
         drift(model, tok, args.tokens)
     elif args.what == "far":
-        far(model, tok, sorted(int(n) for n in args.passages.split(",")))
+        far(model, tok, sorted(int(n) for n in args.passages.split(",")), args.noise_theta)
     elif args.what == "late":
         passages = sorted(int(n) for n in args.passages.split(","))
         if passages[0] < 1:
             p.error("late: --passages must be >= 1 (the noise streamed before the needle)")
         late(model, tok, passages, args.noise_theta)
+    elif args.what == "rates":
+        rates(model, tok)
     else:
         keys(model, tok)
 

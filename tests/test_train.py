@@ -455,10 +455,10 @@ class _GateRates:
 
         monkeypatch.setattr(NeuralMemory, "gates", gates)
 
-    def mean(self):
-        rate = torch.cat(self.rates).mean()
+    def mean(self, form="rate"):
+        rate = torch.cat(self.rates)
         self.rates.clear()
-        return rate
+        return (rate if form == "rate" else rate.log()).mean()
 
 
 def test_write_rate_is_the_mean_gate_over_the_scored_tokens(monkeypatch):
@@ -471,16 +471,28 @@ def test_write_rate_is_the_mean_gate_over_the_scored_tokens(monkeypatch):
     prefix = 8  # streamed without gradient: not priced
     trainer_mod._loss_sum(model, ids, ids, nullcontext(), None, prefix)
     n_calls = len(reference.rates)
-    rate, expected = record.take(), reference.mean()
+    (priced, rate), expected = record.take(), reference.mean()
     assert n_calls >= 2 * run.model.depth  # several segments per memory
     assert rate.requires_grad and float(rate.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert priced is rate
     assert record.take() is None  # take() starts afresh
+    # the log form prices the mean log rate, and still reports the mean rate
+    logged = trainer_mod._WriteRate(model, "log_rate")
+    trainer_mod._loss_sum(model, ids, ids, nullcontext(), None, prefix)
+    rates = torch.cat(reference.rates)
+    reference.rates.clear()
+    (priced, rate), _ = logged.take(), record.take()
+    assert float(priced.detach()) == pytest.approx(float(rates.log().mean()), rel=1e-5)
+    assert float(rate.detach()) == pytest.approx(float(rates.mean()), rel=1e-6)
+    with pytest.raises(ConfigError, match="write_penalty_form must be"):
+        trainer_mod._WriteRate(model, "square")
 
 
-def test_write_penalty_gradient_is_the_penalty_times_the_mean_rates_gradient(tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", ["rate", "log_rate"])
+def test_write_penalty_gradient_is_the_penalty_times_the_mean_rates_gradient(tmp_path, monkeypatch, form):
     """One plain-SGD step (lr 1) with and without the penalty: the difference of the gates'
-    weights is -penalty x the gradient of the mean rate over the whole batch, however the batch is
-    split into micro batches."""
+    weights is -penalty x the gradient of the mean rate (or mean log rate) over the whole batch,
+    however the batch is split into micro batches."""
     from _train_helpers import CountingSource
 
     monkeypatch.setattr(trainer_mod, "build_optimizer", lambda model, cfg: torch.optim.SGD(model.parameters(), lr=1.0))
@@ -488,8 +500,8 @@ def test_write_penalty_gradient_is_the_penalty_times_the_mean_rates_gradient(tmp
 
     def step(name, write_penalty, micro_batch):
         run = _sigmoid_theta(tiny_run(tmp_path / name, train_only=r"memory\.to_theta\.", write_penalty=write_penalty,
-                                      micro_batch=micro_batch, max_steps=1, warmup_steps=1, grad_clip=0.0,
-                                      checkpoint_every=0))  # fmt: skip
+                                      write_penalty_form=form, micro_batch=micro_batch, max_steps=1, warmup_steps=1,
+                                      grad_clip=0.0, checkpoint_every=0))  # fmt: skip
         summary = trainer_mod.train(run)
         return run, ckpt.load_pretrained(summary["checkpoint"])[0].state_dict()
 
@@ -501,7 +513,7 @@ def test_write_penalty_gradient_is_the_penalty_times_the_mean_rates_gradient(tmp
     rows = CountingSource(run.train.seq_len, run.train.seed).next_batch(4)
     reference = _GateRates(monkeypatch)
     model(rows)
-    reference.mean().backward()
+    reference.mean(form).backward()
     gates = [k for k in plain if ".to_theta." in k]
     assert gates
     for key in gates:
@@ -536,3 +548,5 @@ def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path, monkeypatc
     for bad in (-1.0, float("nan")):
         with pytest.raises(ConfigError, match="write_penalty must be"):
             tiny_run(tmp_path / "bad", write_penalty=bad).train.validate()
+    with pytest.raises(ConfigError, match="write_penalty_form must be"):
+        tiny_run(tmp_path / "bad", write_penalty=1.0, write_penalty_form="log").train.validate()

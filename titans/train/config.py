@@ -45,6 +45,12 @@ class TrainConfig:
     # write what the loss needs and little else. A long haystack's writes overwrite a needle only
     # after far more tokens than a training row holds, so the loss alone never asks for that.
     write_penalty: float = 0.0
+    # what the penalty multiplies: "rate" (the mean rate) or "log_rate" (the mean log rate). The
+    # mean rate's gradient on a token's gate is ~ its rate, so it pushes hardest on the few large
+    # writes (the needles) and hardly at all on a haystack already written at 1e-4; the log rate
+    # pushes every token's rate down by the same factor, so the loss defends the writes it needs
+    # and the haystack's keep falling: what a million tokens of haystack ask for
+    write_penalty_form: str = "rate"
     lr: float = 4e-4  # paper section 5.1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -82,6 +88,10 @@ class TrainConfig:
                 raise ConfigError(f"train.train_only is not a regular expression ({err}): {self.train_only!r}") from None
         if not (math.isfinite(self.write_penalty) and self.write_penalty >= 0):
             raise ConfigError(f"train.write_penalty must be a finite number >= 0, got {self.write_penalty}")
+        if self.write_penalty_form not in ("rate", "log_rate"):
+            raise ConfigError(
+                f"train.write_penalty_form must be 'rate' or 'log_rate', got {self.write_penalty_form!r}"
+            )
         if self.batch_tokens % self.seq_len:
             raise ConfigError(
                 f"train.batch_tokens ({self.batch_tokens}) must be a multiple of train.seq_len ({self.seq_len})"

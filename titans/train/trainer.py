@@ -252,30 +252,41 @@ def _freeze_all_but(model: TitansLM, pattern: str, verbose: bool) -> None:
 class _WriteRate:
     """``train.write_penalty``: records, while gradients are on, the write rate ``theta / max_lr``
     that every neural memory's gate gives each token and head (its ``to_theta`` output through
-    the sigmoid), for the penalty ``write_penalty * mean rate``. The detached prefix (no gradient)
-    is left out: it cannot learn from the penalty."""
+    the sigmoid), for the penalty ``write_penalty * mean rate`` (``write_penalty_form: rate``) or
+    ``write_penalty * mean log rate`` (``log_rate``). The detached prefix (no gradient) is left
+    out: it cannot learn from the penalty."""
 
-    def __init__(self, model: TitansLM):
+    def __init__(self, model: TitansLM, form: str = "rate"):
         from ..layers.neural_memory import NeuralMemory
 
         problem = write_penalty_problem(model.cfg)
         if problem:
             raise ConfigError(problem)
+        if form not in ("rate", "log_rate"):
+            raise ConfigError(f"train.write_penalty_form must be 'rate' or 'log_rate', got {form!r}")
+        self.form = form
         memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
         self.sums: list[torch.Tensor] = []
+        self.log_sums: list[torch.Tensor] = []
         self.count = 0
         self.hooks = [m.to_theta.register_forward_hook(self._record) for m in memories]
 
     def _record(self, module, inputs, z: torch.Tensor) -> None:
         if torch.is_grad_enabled():
             self.sums.append(torch.sigmoid(z.float()).sum())
+            if self.form == "log_rate":  # log sigmoid: exact where the rate underflows
+                self.log_sums.append(F.logsigmoid(z.float()).sum())
             self.count += z.numel()
 
-    def take(self) -> torch.Tensor | None:
-        """The mean rate since the last call (None when nothing was recorded), and a fresh start."""
-        rate = torch.stack(self.sums).sum() / self.count if self.count else None
-        self.sums, self.count = [], 0
-        return rate
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(priced, rate)``: the mean the penalty multiplies (the rate or its log) and the mean
+        rate, since the last call (None when nothing was recorded); then a fresh start."""
+        if not self.count:
+            return None
+        rate = torch.stack(self.sums).sum() / self.count
+        priced = torch.stack(self.log_sums).sum() / self.count if self.form == "log_rate" else rate
+        self.sums, self.log_sums, self.count = [], [], 0
+        return priced, rate
 
 
 def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = None) -> dict:
@@ -318,7 +329,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
         _init_from(model, tcfg.init_from, run, tokenizer, world.is_main)
     if tcfg.train_only is not None:
         _freeze_all_but(model, tcfg.train_only, world.is_main)
-    write_rate = _WriteRate(model) if tcfg.write_penalty > 0 else None
+    write_rate = _WriteRate(model, tcfg.write_penalty_form) if tcfg.write_penalty > 0 else None
     model = model.to(device)
     model = parallelize(model, tcfg.parallel if world.distributed else "none", device)
     optimizer = build_optimizer(model, tcfg)
@@ -406,9 +417,10 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                         # DDP/FSDP average gradients over ranks: scale so the result is the mean over
                         # every target token of the global batch
                         objective = loss * world.world_size / n_global
-                        rate = None if write_rate is None else write_rate.take()
-                        if rate is not None:  # the mean over micro batches (and, averaged, ranks)
-                            objective = objective + tcfg.write_penalty * rate / len(micro)
+                        taken = None if write_rate is None else write_rate.take()
+                        if taken is not None:  # the mean over micro batches (and, averaged, ranks)
+                            priced, rate = taken
+                            objective = objective + tcfg.write_penalty * priced / len(micro)
                             rates.append(rate.detach())
                         objective.backward()
                     loss_total += loss.detach()
@@ -443,7 +455,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
                 record = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen, "targets": n_global}
                 if norm is not None:
                     record["grad_norm"] = norm
-                if rates:  # the mean write rate over the global batch (the penalty's argument)
+                if rates:  # the mean write rate over the global batch (whichever form the penalty prices)
                     record["write_rate"] = float(all_reduce_sum(torch.stack(rates).mean())) / world.world_size
                 if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.max_steps:
                     val_loss = evaluate(model, eval_batches, device, autocast, tcfg.detached_prefix)
