@@ -21,8 +21,9 @@ gates gave the noise since the previous gap.
 later: can a memory that has streamed that much haystack still store a needle? Also prints how far
 the needle's line moved each block's weights, relative to their norm.
 ``rates``: each memory head's write rate ``theta / max_lr`` on the noise haystack (mean and max
-over 2,304 tokens, after 4K tokens of it) and its largest on a needle's line; the haystack's
-summed rate over a million tokens is what a needle written before it has to outlast.
+over 2,304 tokens, after 4K tokens of it) and its largest on a needle's line, and its forget gate
+alpha on the noise with the share of a write that survives a million such tokens: the haystack's
+writes and forgetting are what a needle written before it has to outlast.
 ``keys``: how alike the memory's write keys are, per block and head: the mean cosine between the
 keys of noise tokens, and between the key written at a needle's value token and the noise keys
 (a write moves the read-out of every key it shares directions with).
@@ -219,29 +220,37 @@ def rates(model, tok) -> None:
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     if any(m.theta_activation != "sigmoid" for m in memories):
         raise SystemExit("rates needs the sigmoid theta (memory_theta_activation: sigmoid): theta / max_lr")
-    seen = [[] for _ in memories]  # each memory's rates [B, T, H] per call
-    hooks = [m.to_theta.register_forward_hook(lambda _m, _i, z, out=out: out.append(torch.sigmoid(z.float())))
-             for m, out in zip(memories, seen)]
+    seen = [([], []) for _ in memories]  # each memory's rates and alphas [B, T, H] per call
+    hooks = []
+    for m, (rate, alpha) in zip(memories, seen):
+        hooks.append(m.to_theta.register_forward_hook(lambda _m, _i, z, out=rate: out.append(torch.sigmoid(z.float()))))
+        if m.to_alpha is not None:
+            hooks.append(m.to_alpha.register_forward_hook(lambda _m, _i, z, out=alpha: out.append(torch.sigmoid(z.float()))))
     unit = tok.encode(" " + NOISE_SENTENCES)
     noise = torch.tensor([unit * (4096 // len(unit) + 96)])
     line = torch.tensor([tok.encode("\nRemember the pair: apple 417.\n")])
 
-    def rates_of(ids, state):
-        for out in seen:
-            out.clear()
+    def gates_of(ids, state):  # per memory: (rates (T, H), alphas (T, H) or None)
+        for rate, alpha in seen:
+            rate.clear(), alpha.clear()
         _, _, state = model(ids, state=state, logits_to_keep=1)
-        return [torch.cat(out, 1)[0] for out in seen], state  # per memory (T, H)
+        return [(torch.cat(r, 1)[0], torch.cat(a, 1)[0] if a else None) for r, a in seen], state
 
     with torch.inference_mode():
-        _, state = rates_of(noise[:, : -96 * len(unit)], None)
-        on_noise, state = rates_of(noise[:, -96 * len(unit) :], state)
-        on_line, _ = rates_of(line, state)
+        _, state = gates_of(noise[:, : -96 * len(unit)], None)
+        on_noise, state = gates_of(noise[:, -96 * len(unit) :], state)
+        on_line, _ = gates_of(line, state)
     for h in hooks:
         h.remove()
-    print("memory | per head: noise mean / max, needle line max | noise summed over 1M tokens (theta / max_lr)")
-    for i, (n, l) in enumerate(zip(on_noise, on_line)):
-        heads = "  ".join(f"{a:.1e} / {b:.1e}, {c:.1e}" for a, b, c in zip(n.mean(0), n.max(0).values, l.max(0).values))
-        print(f"{i:>6} | {heads} | {float(n.mean(0).max()) * 1e6:.3g} (largest head)", flush=True)
+    print("memory | per head: rate theta / max_lr on noise (mean / max) and on a needle line (max); forget gate alpha on "
+          "noise (mean) and the share of a write it keeps over 1M tokens")
+    for i, ((rate, alpha), (line_rate, _)) in enumerate(zip(on_noise, on_line)):
+        print(f"{i:>6} | rate  " + "  ".join(f"{a:.1e} / {b:.1e}, {c:.1e}" for a, b, c in
+                                           zip(rate.mean(0), rate.max(0).values, line_rate.max(0).values)))
+        if alpha is not None:
+            kept = torch.exp(1e6 * torch.log1p(-alpha).mean(0))  # prod (1 - alpha_t) over 1M such tokens
+            print(f"{'':>6} | alpha " + "  ".join(f"{a:.1e}, keeps {k:.2f}" for a, k in zip(alpha.mean(0), kept)))
+        print(f"{'':>6} | the noise's rate summed over 1M tokens, largest head: {float(rate.mean(0).max()) * 1e6:.3g}", flush=True)
 
 
 def keys(model, tok) -> None:

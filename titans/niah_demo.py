@@ -23,7 +23,7 @@ RECIPES = PACKAGE / "recipes"
 # MAC (segment attention over the memory's answers), MAG (sliding-window attention gated with the
 # memory) and the memory-only LMM. The sliding-window transformer is the baseline.
 DEMO_MODELS = {
-    "titans-mac": "niah-pair-mac-4",
+    "titans-mac": "niah-pair-mac-5",
     "titans-mag": "niah-pair-mag-4",
     "titans-lmm": "niah-pair-lmm-3",
     "swa": "niah-pair-swa",
