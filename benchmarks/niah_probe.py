@@ -32,6 +32,7 @@ keys of noise tokens, and between the key written at a needle's value token and 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -108,28 +109,22 @@ def _pairs(tok, before: str, what: str):
     return lines, questions, targets, unit, (4096 // len(unit)) * len(unit)
 
 
+@contextmanager
 def _noise_rate(model, factor: float | None):
-    """``--noise-theta``: a context manager under which every memory writes at ``factor`` x its
-    test-time learning rate (its bound max_lr scaled; the sigmoid theta), entered while only the
-    noise haystack streams: what if the gates wrote the haystack less?"""
-    from contextlib import contextmanager
-
+    """``--noise-theta``: inside, every memory writes at ``factor`` x its test-time learning rate
+    (its bound max_lr scaled; the sigmoid theta); entered while only the noise haystack streams:
+    what if the gates wrote the haystack less? ``None``: unchanged."""
     from titans.layers.neural_memory import NeuralMemory
 
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
-
-    @contextmanager
-    def noise_rate():
-        bounds = [m.max_lr for m in memories]
-        for m in memories:
-            m.max_lr *= 1.0 if factor is None else factor
-        try:
-            yield
-        finally:
-            for m, b in zip(memories, bounds):
-                m.max_lr = b
-
-    return noise_rate
+    bounds = [m.max_lr for m in memories]
+    for m in memories:
+        m.max_lr *= 1.0 if factor is None else factor
+    try:
+        yield
+    finally:
+        for m, b in zip(memories, bounds):
+            m.max_lr = b
 
 
 def far(model, tok, passages: list[int], noise_theta: float | None = None) -> None:
@@ -139,7 +134,6 @@ def far(model, tok, passages: list[int], noise_theta: float | None = None) -> No
     from titans.tasks.niah import NOISE_SENTENCES
 
     heads, questions, targets, unit, piece = _pairs(tok, NOISE_SENTENCES, "far")
-    noise_rate = _noise_rate(model, noise_theta)
     gates = {"theta": [], "alpha": []}
     hooks = []
     for m in model.modules():  # the gates' pre-activations, recorded as the noise streams
@@ -164,7 +158,7 @@ def far(model, tok, passages: list[int], noise_theta: float | None = None) -> No
                 for out in written:
                     out.clear()
                 before = state
-                with noise_rate():
+                with _noise_rate(model, noise_theta):
                     _, _, state = model(ids[:, s : s + piece], state=state, logits_to_keep=1)
                 surprise.append(np.mean([_fit_error(m, torch.cat(out, 1), layer.memory) for m, out, layer
                                          in zip(layers, written, before.layers)]))
@@ -184,7 +178,6 @@ def far(model, tok, passages: list[int], noise_theta: float | None = None) -> No
 def late(model, tok, passages: list[int], noise_theta: float | None = None) -> None:
     import copy
 
-    noise_rate = _noise_rate(model, noise_theta)
     needles, questions, targets, unit, piece = _pairs(tok, "", "late")
     after = torch.tensor([unit * 8] * len(KEYS))  # 8 passages (192 tokens) between needle and question
 
@@ -196,7 +189,7 @@ def late(model, tok, passages: list[int], noise_theta: float | None = None) -> N
         state, done = None, 0
         for n in passages:
             ids = torch.tensor([unit * (n - done)] * len(KEYS))
-            with noise_rate():
+            with _noise_rate(model, noise_theta):
                 for s in range(0, ids.shape[1], piece):
                     _, _, state = model(ids[:, s : s + piece], state=state, logits_to_keep=1)
             done = n
@@ -204,7 +197,7 @@ def late(model, tok, passages: list[int], noise_theta: float | None = None) -> N
             # how far the needle line moved each block's weights, relative to their size
             moved = [max(float((a - b).norm(dim=(-2, -1)).max() / b.norm(dim=(-2, -1)).max()) for a, b in zip(wa, wb))
                      for wa, wb in zip(weights(written), weights(state))]
-            with noise_rate():
+            with _noise_rate(model, noise_theta):
                 _, _, asked = model(after, state=written, logits_to_keep=1)
             lp = model(torch.tensor(questions), state=asked)[0][:, -1].float().log_softmax(-1)
             hits = int((lp.argmax(-1) == targets).sum())
