@@ -38,3 +38,55 @@ def peak_tracker():
         f.write("5")
     yield peak
     peak.value = rss_bytes("VmHWM") - base
+
+
+def matmul_flops(func, args) -> float:
+    """FLOPs of one mm / bmm / addmm / baddbmm call (2 per multiply-add; ``func`` an ATen
+    overload as a dispatch mode sees it), else 0."""
+    import torch
+
+    name = str(func).split(".")[1] if str(func).startswith("aten.") else ""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if name in ("mm", "bmm"):
+        a, b = tensors[0], tensors[1]
+    elif name in ("addmm", "addmm_", "baddbmm", "baddbmm_"):
+        a, b = tensors[1], tensors[2]
+    else:
+        return 0.0
+    return 2.0 * a.numel() * b.shape[-1]
+
+
+def count_matmul_flops(fn) -> float:
+    """Matrix-product FLOPs of one call of ``fn()``, counted at the dispatcher (every mm / bmm /
+    addmm / baddbmm that reaches ATen: einsum, linear and their backward included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    total = [0.0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            total[0] += matmul_flops(func, args)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return total[0]
+
+
+def gemm_rate(device: str = "cpu", dtype=None) -> float:
+    """GFLOP/s of a 2048 x 2048 matmul (float32 unless ``dtype``) on the current threads: the
+    rate matrix products can practically reach on this machine."""
+    import time
+
+    import torch
+
+    dtype = dtype or torch.float32
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b, sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    sync()
+    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9

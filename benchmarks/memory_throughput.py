@@ -14,6 +14,11 @@ peak memory of the forward+backward step, for
   ours with ``product_dtype="bfloat16"`` as well (its chunk products in bf16, its state float32;
   autocast alone leaves our memory in float32).
 
+Each training row also states its matrix-product FLOPs per token (every mm / bmm / addmm / baddbmm
+of one step, counted at the dispatcher) and the tokens/s those products alone would allow at the
+rate of a 2048^2 matmul on the same threads: an upper bound no implementation of that arithmetic
+can pass on this machine, whatever its elementwise work and overheads.
+
 Each configuration runs in its own subprocess so that peak memory is measured in isolation: on CPU
 it is the rise of the resident set's high-water mark (VmHWM, reset before the step) over the
 resident size after setup; on CUDA, ``torch.cuda.max_memory_allocated``.
@@ -33,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from _measure import peak_tracker
+from _measure import count_matmul_flops, gemm_rate, peak_tracker
 
 B, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION, CHUNK = 4, 256, 4, 64, 2, 4.0, 64
 
@@ -111,7 +116,9 @@ def measure(impl: str, T: int, mode: str, min_seconds: float, tune: bool) -> dic
             if elapsed >= min_seconds:
                 break
     peak = peak.value
-    return dict(impl=impl, T=T, mode=mode, tokens_per_s=B * T * iters / elapsed, peak_bytes=peak, iters=iters)
+    flops = count_matmul_flops(step)  # after timing: the counting mode slows the step it watches
+    return dict(impl=impl, T=T, mode=mode, tokens_per_s=B * T * iters / elapsed, peak_bytes=peak, iters=iters,
+                matmul_flops=flops)
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -168,18 +175,37 @@ def main() -> None:
 
     print(f"B={B}, dim={DIM}, heads={HEADS}x{HEAD_DIM}, memory depth {DEPTH}, expansion {EXPANSION:g}, "
           f"chunk {CHUNK}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; allocator tuned: {tune}")  # fmt: skip
-    header = f"{'implementation':<25} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} | {'fwd tok/s':>10}"
+    header = (f"{'implementation':<25} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} {'GFLOP/tok':>9} "
+              f"{'bound tok/s':>11} | {'fwd tok/s':>10}")
     print(header)
     print("-" * len(header))
+    # The rate a large matmul reaches on these threads: a step's matrix products alone, at that rate,
+    # bound its tokens/s from above ("bound tok/s"; elementwise work and overheads only add time).
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak_rate = {"": gemm_rate(device) * 1e9}
+    if args.bf16:  # the *-bf16 rows' products run in bf16: bound them by its rate
+        peak_rate["-bf16"] = gemm_rate(device, torch.bfloat16) * 1e9
     rows = {}
     for impl, T in plan:
         train = _run_one(impl, T, "fwdbwd", args.min_seconds, tune)
         infer = _run_one(impl, T, "fwd", args.min_seconds, tune)
         rows[(impl, T)] = (train, infer)
-        tr = f"{train['tokens_per_s']:>13,.0f} {train['peak_bytes'] / 2**20:>8,.0f}" if train else f"{'failed':>13} {'':>8}"
+        if train:
+            per_token = train["matmul_flops"] / (B * T)
+            rate = peak_rate["-bf16" if impl.endswith("-bf16") else ""]
+            tr = (f"{train['tokens_per_s']:>13,.0f} {train['peak_bytes'] / 2**20:>8,.0f} {per_token / 1e9:>9.4f} "
+                  f"{rate / per_token:>11,.0f}")
+        else:
+            tr = f"{'failed':>13} {'':>8} {'':>9} {'':>11}"
         fw = f"{infer['tokens_per_s']:>10,.0f}" if infer else f"{'failed':>10}"
         print(f"{impl:<25} {T:>6} | {tr} | {fw}", flush=True)
 
+    print(f"\nGFLOP/tok: matrix-product FLOPs of one training step per token (counted at the dispatcher); "
+          f"bound tok/s: the tokens/s those products alone allow at {peak_rate[''] / 1e9:.0f} GFLOP/s, the rate of a "
+          f"2048^2 float32 matmul on these threads" + (f" ({peak_rate['-bf16'] / 1e9:.0f} in bf16 for the *-bf16 rows)"
+                                                       if args.bf16 else ""))
     # Ratios measured in this run.
     print()
     for ours_impl in ours_impls:

@@ -29,22 +29,8 @@ import collections
 import sys
 import time
 
+from _measure import gemm_rate, matmul_flops
 from model_throughput import VARIANTS, VOCAB, _ours
-
-
-def _matmul_flops(func, args) -> float:
-    """FLOPs of mm / bmm / baddbmm / addmm calls (2 per multiply-add), else 0."""
-    import torch
-
-    name = str(func)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if name.startswith(("aten.mm", "aten.bmm")):
-        a, b = tensors[0], tensors[1]
-    elif name.startswith(("aten.baddbmm", "aten.addmm")):
-        a, b = tensors[1], tensors[2]
-    else:
-        return 0.0
-    return 2.0 * a.numel() * b.shape[-1]
 
 
 def _issuer(frame) -> str:
@@ -55,19 +41,6 @@ def _issuer(frame) -> str:
             return f"{path.rsplit('/titans/', 1)[-1]}:{frame.f_code.co_name}"
         frame = frame.f_back
     return "(outside)"
-
-
-def _gemm_rate(device: str, sync) -> float:
-    """GFLOP/s of a 2048 x 2048 float32 matmul: what the matrix products can reach here."""
-    import torch
-
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    a @ b, sync()
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    sync()
-    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -133,7 +106,7 @@ def main() -> None:
             entry = calls[_issuer(sys._getframe(1)) if by_function else str(func).split(".")[1]]
             entry[0] += 1
             entry[1] += time.perf_counter() - t
-            entry[2] += _matmul_flops(func, args)
+            entry[2] += matmul_flops(func, args)
             return out
 
     with Timed():
@@ -143,7 +116,7 @@ def main() -> None:
     per = f"; {count / args.decode:.0f} calls, {plain / args.decode * 1e3:.2f} ms a token" if args.decode else ""
     print(f"{args.variant}, {what}, B={args.batch}, {args.threads} thread(s), {device}: {plain:.2f} s "
           f"untimed; operators sum to {total:.2f} s{per}")  # fmt: skip
-    print(f"a 2048^2 float32 matmul here: {_gemm_rate(device, sync):.1f} GFLOP/s")
+    print(f"a 2048^2 float32 matmul here: {gemm_rate(device):.1f} GFLOP/s")
     width = max(len(k) for k in calls) if calls else 8
     print(f"{args.by:{width}s} {'calls':>7s} {'ms':>9s} {'share':>6s} {'GFLOP/s':>8s}")
     for key, (n, sec, flops) in sorted(calls.items(), key=lambda kv: -kv[1][1])[: args.top]:

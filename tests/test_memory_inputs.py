@@ -123,3 +123,21 @@ def test_memory_ops_ignore_an_enclosing_autocast_region():
                                    "eta": eta[:, :1], "alpha": alpha[:, :1], "chunk_size": 1})
     assert y_ac.dtype == torch.float32 and torch.equal(y, y_ac)
     assert y_step.dtype == torch.float32
+
+
+def test_nonfinite_names_exactly_the_tensors_with_nan_or_inf():
+    """The finiteness check behind every input check: a sum per tensor, and the exact elementwise
+    check only where a sum is not finite, so finite values whose sum overflows are not refused."""
+    from titans.utils import nonfinite
+
+    big = torch.full((4,), 3e38)  # finite; its float32 sum overflows to inf
+    both = torch.tensor([1.0, float("inf"), -float("inf")])  # the infinities cancel to NaN in a sum
+    named = {
+        "ok": torch.randn(3, 5), "big": big, "nan": torch.tensor([0.0, float("nan")]), "both": both,
+        "bf16": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16),
+        "bf16_big": torch.full((8,), 3e38, dtype=torch.bfloat16), "f64": torch.tensor([-float("inf")], dtype=torch.float64),
+        "empty": torch.empty(0),
+    }  # fmt: skip
+    assert nonfinite(named) == ["nan", "both", "bf16", "f64"]
+    assert nonfinite({"ok": torch.randn(7), "big": big}) == []
+    assert nonfinite({}) == []

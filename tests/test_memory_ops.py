@@ -375,3 +375,31 @@ def test_unchecked_entry_equals_checked_one():
     bad["q"][0, 3, 1, 2] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         chunk_memory(**bad, chunk_size=4)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunk_forward_and_backward_trace_as_one_graph(shared):
+    """``compile=True`` compiles ``_chunk_forward`` and ``_chunk_backward``: each must trace as one
+    graph. A graph break splits it into many small compiled pieces with eager code between them
+    (``Wg is W0`` on tuples once did that, and the compiled path ran no faster than eager)."""
+    from titans.ops.memory.chunk import _chunk_backward, _chunk_forward, _decay_products
+
+    N, n, D, E = 2, 8, 4, 8
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(N, n, D, generator=g) for _ in range(3))
+    theta = torch.rand(N, n, generator=g) * 0.1
+    log_a = torch.log(1 - torch.rand(N, n, generator=g) * 0.1)
+    log_eta = torch.log(torch.rand(N, n, generator=g))
+    gates = _decay_products(theta, log_a, log_eta)
+    W0 = (torch.randn(N, E, D, generator=g), torch.randn(N, D, E, generator=g))
+    S0 = tuple(torch.randn_like(w) for w in W0)
+    Wg = None if shared else tuple(torch.randn_like(w) for w in W0)
+    fwd_args = (q, k, v, *gates, W0, S0, Wg, "silu", False, 1.0)
+    explained = torch._dynamo.explain(_chunk_forward)(*fwd_args, keep=True)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    y, W_end, S_end, (dzs, dhs, zs, proj) = _chunk_forward(*fwd_args, keep=True)
+    gWe, gSe = [torch.randn_like(w) for w in W_end], [torch.randn_like(s) for s in S_end]
+    bwd_args = (torch.randn_like(y), gWe, gSe, q, k, v, *gates, W0, S0, Wg, shared, "silu", False, 1.0,
+                dzs, dhs, zs, proj)  # fmt: skip
+    explained = torch._dynamo.explain(_chunk_backward)(*bwd_args)
+    assert explained.graph_break_count == 0, explained.break_reasons

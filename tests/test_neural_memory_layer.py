@@ -273,3 +273,27 @@ def test_associative_init_layout_and_finite_gradients():
 def test_associative_init_needs_a_convolution():
     with pytest.raises(ValueError, match="associative_init.*conv_kernel"):
         NeuralMemory(32, heads=2, conv_kernel=0, associative_init=True)
+
+
+def test_l2_normalize_matches_f_normalize():
+    """The layer's q/k normalisation (one autograd node) against ``F.normalize``: values and
+    gradients in float64, rows of norm 0 and below F.normalize's 1e-12 clamp included, and a
+    gradcheck of the node itself."""
+    import torch.nn.functional as F
+
+    from titans.layers.neural_memory import l2_normalize
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 4, 8, dtype=torch.float64, generator=g)
+    x[0, 0, 0] = 0.0
+    x[0, 1, 1] *= 1e-14
+    x.requires_grad_(True)
+    gy = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    ours, ref = l2_normalize(x), F.normalize(x, dim=-1)
+    assert torch.allclose(ours, ref, rtol=1e-14, atol=1e-15)
+    g_ours, g_ref = (torch.autograd.grad(y, x, gy)[0] for y in (ours, ref))
+    assert torch.allclose(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the path without a node computes the same values
+        assert torch.equal(l2_normalize(x), ours.detach())
+    x2 = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(l2_normalize, (x2,))

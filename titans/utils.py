@@ -134,3 +134,22 @@ def standard_strides(t: Tensor | None) -> Tensor | None:
 def distinct(ws: tuple[Tensor, ...], others: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """``ws`` with a copy in place of every tensor that is one of ``others``."""
     return tuple(w.clone() if any(w is o for o in others) else w for w in ws)
+
+
+def nonfinite(named: dict[str, Tensor]) -> list[str]:
+    """The names of the tensors that hold a NaN or an inf, with one host sync.
+
+    A tensor's sum is finite only if every element is (NaN and inf propagate through a sum, and
+    +inf + -inf is NaN), so one sum per tensor clears them all; ``isfinite(t).all()`` took 40x a
+    sum's time on a [4, 4096, 4, 64] float32 tensor here (4.8 ms vs 0.11 ms, 2 threads). A sum
+    can also overflow from finite elements: only a tensor whose sum is not finite gets the exact
+    elementwise check, which tells the two apart."""
+    if not named:
+        return []
+    # float32 accumulation for 16-bit tensors (a bf16/fp16 total overflows early); float64 stays
+    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+                        for t in named.values()])  # fmt: skip
+    if bool(torch.isfinite(sums).all()):
+        return []
+    suspects = [name for name, ok in zip(named, torch.isfinite(sums).tolist()) if not ok]
+    return [name for name in suspects if not bool(torch.isfinite(named[name]).all())]

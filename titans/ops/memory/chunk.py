@@ -152,9 +152,10 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_no
 
     q, k, v ``[N, n, D]``; A, B ``[N, n]``; C ``[N, n, n]``; e_end ``[N]``; m ``[N, n]``.
     W0, S0: weights and momentum before the chunk's first token (S0 None without momentum);
-    Wg: the weights every token of the chunk takes its gradient at (W0 unless the chunk was
-    entered mid-way by a state). ``max_norm``: clip each token's inner gradient to that norm, by
-    scaling its learning rate, i.e. column i of C and entry i of m (they carry theta_i).
+    Wg: the weights every token of the chunk takes its gradient at, or None for W0 (a fresh
+    chunk; Wg differs only when the chunk was entered mid-way by a state). ``max_norm``: clip
+    each token's inner gradient to that norm, by scaling its learning rate, i.e. column i of C
+    and entry i of m (they carry theta_i).
     Returns ``(y, W_end, S_end)``, plus, when ``keep``, the
     intermediates the backward pass keeps: the factored gradients, the hidden-activation
     gradients, the retrieval pre-activations and, for layers that do not widen, the retrieval's
@@ -176,7 +177,9 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_no
     # rounding of M(k) (~2^-9 |v|), not its own, and the memory could never fit below that.
     lo = _caster(q.dtype)
     W0l, S0l = lo(W0), lo(S0)
-    Wgl = W0l if Wg is W0 else lo(Wg)
+    # None rather than ``Wg is W0``: dynamo cannot trace ``is`` between tuples (the graph broke here
+    # and compile=True ran this function eagerly).
+    Wg, Wgl = (W0, W0l) if Wg is None else (Wg, lo(Wg))
     # Per-token gradients at Wg in factored form: u_i(l) = dz_i(l) h_i(l-1)^T.
     hs, dzs, dhs = _key_side(Wg, k, v, act, residual, back=Wgl)
     if max_norm is not None:
@@ -250,7 +253,7 @@ def _chunk_group_forward(q, k, v, A, B, C, e_end, m, W0, S0, act, residual, max_
     W, S, ys = W0, S0, []
     for j in range(q.shape[1]):
         y, W, S = _chunk_forward(q[:, j], k[:, j], v[:, j], pick(A, j), pick(B, j), C[:, j], pick(e_end, j),
-                                 pick(m, j), W, S, W, act, residual, max_norm)  # fmt: skip
+                                 pick(m, j), W, S, None, act, residual, max_norm)  # fmt: skip
         ys.append(y)
     return torch.stack(ys, 1), W, S
 
@@ -310,7 +313,7 @@ def _maybe_compiled(fn, compiled: bool):
 def _split_states(states, L, has_mom, shared):
     W0 = states[:L]
     S0 = states[L : 2 * L] if has_mom else None
-    Wg = W0 if shared else states[-L:]
+    Wg = None if shared else states[-L:]  # None: the chunk-start weights W0 (see _chunk_forward)
     return W0, S0, Wg
 
 
@@ -339,7 +342,7 @@ def _chunk_backward(
     # gradients of the state and of the gates are accumulated in their own (full) precision.
     lo = _caster(q.dtype)
     W0l, S0l = lo(W0), lo(S0)
-    Wgl = W0l if Wg is W0 else lo(Wg)
+    Wgl = W0l if shared else lo(Wg)
     # Key side again: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), and act', act'' where needed.
     hs, dk1, dk2 = [lo(k)], [], []
     for l in range(L - 1):
@@ -651,7 +654,7 @@ def chunk_memory_unchecked(
             y, W, S = out[0], tuple(out[1 : 1 + L]), (tuple(out[1 + L :]) if has_mom else None)
         else:
             forward = _maybe_compiled(_chunk_forward, compile and not torch.is_grad_enabled())
-            y, W, S = forward(q_c, k_c, v_c, *gates, W, S, Wg, activation, residual, max_grad_norm)
+            y, W, S = forward(q_c, k_c, v_c, *gates, W, S, None if fresh else Wg, activation, residual, max_grad_norm)
             W, S = tuple(W), (tuple(S) if has_mom else None)
         ys.append(y)
         pos = (pos + n) % chunk_size

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ...errors import NonFiniteError
+from ...utils import nonfinite
 
 __all__ = ["MemoryState", "memory_shapes", "initial_memory_state", "check_inputs"]
 
@@ -143,9 +144,8 @@ def _check_tensor(name: str, x, ndim: int, ref: Tensor | None) -> None:
 
 
 def _check_finite(named: dict[str, Tensor]) -> None:
-    flags = torch.stack([torch.isfinite(t).all() for t in named.values()])
-    if not bool(flags.all()):
-        bad = [n for n, ok in zip(named, flags.tolist()) if not ok]
+    bad = nonfinite(named)
+    if bad:
         raise NonFiniteError(f"non-finite values (NaN or inf) in {', '.join(bad)}")
 
 
