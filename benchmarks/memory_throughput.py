@@ -175,7 +175,7 @@ def main() -> None:
 
     print(f"B={B}, dim={DIM}, heads={HEADS}x{HEAD_DIM}, memory depth {DEPTH}, expansion {EXPANSION:g}, "
           f"chunk {CHUNK}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; allocator tuned: {tune}")  # fmt: skip
-    header = (f"{'implementation':<25} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} {'GFLOP/tok':>9} "
+    header = (f"{'implementation':<25} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} {'MFLOP/tok':>9} "
               f"{'bound tok/s':>11} | {'fwd tok/s':>10}")
     print(header)
     print("-" * len(header))
@@ -195,14 +195,14 @@ def main() -> None:
         if train:
             per_token = train["matmul_flops"] / (B * T)
             rate = peak_rate["-bf16" if impl.endswith("-bf16") else ""]
-            tr = (f"{train['tokens_per_s']:>13,.0f} {train['peak_bytes'] / 2**20:>8,.0f} {per_token / 1e9:>9.4f} "
+            tr = (f"{train['tokens_per_s']:>13,.0f} {train['peak_bytes'] / 2**20:>8,.0f} {per_token / 1e6:>9.2f} "
                   f"{rate / per_token:>11,.0f}")
         else:
             tr = f"{'failed':>13} {'':>8} {'':>9} {'':>11}"
         fw = f"{infer['tokens_per_s']:>10,.0f}" if infer else f"{'failed':>10}"
         print(f"{impl:<25} {T:>6} | {tr} | {fw}", flush=True)
 
-    print(f"\nGFLOP/tok: matrix-product FLOPs of one training step per token (counted at the dispatcher); "
+    print(f"\nMFLOP/tok: matrix-product FLOPs of one training step per token (counted at the dispatcher); "
           f"bound tok/s: the tokens/s those products alone allow at {peak_rate[''] / 1e9:.0f} GFLOP/s, the rate of a "
           f"2048^2 float32 matmul on these threads" + (f" ({peak_rate['-bf16'] / 1e9:.0f} in bf16 for the *-bf16 rows)"
                                                        if args.bf16 else ""))
