@@ -57,8 +57,9 @@ def matmul_flops(func, args) -> float:
 
 
 def count_matmul_flops(fn) -> float:
-    """Matrix-product FLOPs of one call of ``fn()``, counted at the dispatcher (every mm / bmm /
-    addmm / baddbmm that reaches ATen: einsum, linear and their backward included)."""
+    """Matrix-product FLOPs of one call of ``fn()``, counted at the dispatcher: the mm / bmm /
+    addmm / baddbmm calls that reach ATen (einsum, linear and their backward lower to these);
+    matrix-vector and dot products (mv, addmv, dot, addbmm) are not counted."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     total = [0.0]

@@ -136,8 +136,8 @@ def test_nonfinite_names_exactly_the_tensors_with_nan_or_inf():
         "ok": torch.randn(3, 5), "big": big, "nan": torch.tensor([0.0, float("nan")]), "both": both,
         "bf16": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16),
         "bf16_big": torch.full((8,), 3e38, dtype=torch.bfloat16), "f64": torch.tensor([-float("inf")], dtype=torch.float64),
-        "empty": torch.empty(0),
+        "empty": torch.empty(0), "complex": torch.tensor([1 + 2j, complex(1.0, float("nan"))]),
     }  # fmt: skip
-    assert nonfinite(named) == ["nan", "both", "bf16", "f64"]
+    assert nonfinite(named) == ["nan", "both", "bf16", "f64", "complex"]
     assert nonfinite({"ok": torch.randn(7), "big": big}) == []
     assert nonfinite({}) == []

@@ -297,3 +297,8 @@ def test_l2_normalize_matches_f_normalize():
         assert torch.equal(l2_normalize(x), ours.detach())
     x2 = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(l2_normalize, (x2,))
+    # bit for bit in the training dtypes, tiny float16 rows included (eps rounds to 0 there)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x3 = torch.randn(64, 4, 16, generator=g).to(dtype)
+        x3[0, 0] = 1e-6
+        assert torch.equal(l2_normalize(x3), F.normalize(x3, dim=-1)), dtype

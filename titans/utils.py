@@ -146,9 +146,12 @@ def nonfinite(named: dict[str, Tensor]) -> list[str]:
     elementwise check, which tells the two apart."""
     if not named:
         return []
-    # float32 accumulation for 16-bit tensors (a bf16/fp16 total overflows early); float64 stays
-    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
-                        for t in named.values()])  # fmt: skip
+    # complex: both parts; float32 accumulation for 16-bit tensors (a bf16/fp16 total overflows
+    # early); float64 stays. No autograd: the sums are a check, not part of any result.
+    named = {k: torch.view_as_real(t) if t.is_complex() else t for k, t in named.items()}
+    with torch.no_grad():
+        sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+                            for t in named.values()])  # fmt: skip
     if bool(torch.isfinite(sums).all()):
         return []
     suspects = [name for name, ok in zip(named, torch.isfinite(sums).tolist()) if not ok]

@@ -138,9 +138,11 @@ _L2_EPS = 1e-12  # F.normalize's default
 
 
 def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x / max(|x|, eps), |x|)`` over the last dim (``F.normalize``'s value, and the norms)."""
+    """``(x / max(|x|, eps), |x|)`` over the last dim: ``F.normalize``'s value bit for bit (a
+    product with the reciprocal differed by an ulp in a quarter of the entries, and overflowed in
+    float16, where eps rounds to 0), and the norms."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x * norm.clamp_min(_L2_EPS).reciprocal_(), norm
+    return x / norm.clamp_min(_L2_EPS), norm
 
 
 class _L2NormalizeFunction(torch.autograd.Function):

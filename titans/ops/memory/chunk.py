@@ -128,7 +128,9 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tenso
     """``acc += alpha * (a @ b)`` in place, returning acc. Eagerly one ``baddbmm_`` (no copy of
     acc). Traced by torch.compile, a product and an add instead: Inductor lowers an in-place
     ``baddbmm_`` to ``baddbmm(out=new buffer)``, which first copies acc (19 copies a chunk, 5% of
-    a compiled training step here), while a separate add fuses into a neighbouring kernel."""
+    a compiled training step here), while a separate add fuses into a neighbouring kernel. With
+    bf16 products the traced form rounds the product to bf16 before adding (eagerly it is rounded
+    once, with the sum): a second rounding, within the bf16 tolerances the compile tests check."""
     if torch.compiler.is_compiling():
         return acc.add_(a @ b, alpha=alpha)
     return acc.baddbmm_(a, b, alpha=alpha)
