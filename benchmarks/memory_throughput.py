@@ -16,8 +16,8 @@ peak memory of the forward+backward step, for
 
 Each training row also states its matrix-product FLOPs per token (every mm / bmm / addmm / baddbmm
 of one step, counted at the dispatcher) and the tokens/s those products alone would allow at the
-rate of a 2048^2 matmul on the same threads: an upper bound no implementation of that arithmetic
-can pass on this machine, whatever its elementwise work and overheads.
+rate of a 2048^2 matmul on the same threads: a practical ceiling for that arithmetic on this
+machine, whatever its elementwise work and overheads.
 
 Each configuration runs in its own subprocess so that peak memory is measured in isolation: on CPU
 it is the rise of the resident set's high-water mark (VmHWM, reset before the step) over the

@@ -146,10 +146,10 @@ def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _L2NormalizeFunction(torch.autograd.Function):
-    """``l2_normalize`` as one node that saves its output and the row norms; autograd
-    through ``F.normalize`` records norm, clamp, expand and divide, and with it the step ran 1.5-1.7x this
-    one's time (q and k of the benchmark layer, [4, 4096, 4, 64] each, fwd+bwd with the SiLU
-    before them: 53-60 vs 35 ms, 2 threads, scratch timing of 10 steps x 2)."""
+    """``l2_normalize`` as one node that saves its output and the row norms. Autograd through
+    ``F.normalize`` records norm, clamp, expand and divide; with it, q and k of the benchmark layer
+    ([4, 4096, 4, 64] each, fwd+bwd with the SiLU before them, 2 threads, scratch timing of 10
+    steps x 2) took 53-60 ms against 35 with this node."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
