@@ -7,11 +7,16 @@ it pointed at work that costs little. This script times each ATen operator call 
 ``TorchDispatchMode`` around one training step, wall clock per call) and prints the operators
 sorted by total time, with the share each takes and, for the matrix products, the GFLOP/s they
 reach, beside the rate of one large matmul on the same threads (the machine's practical GEMM peak).
-The model is ``benchmarks/model_throughput.py``'s (dim 256, 2 blocks, 4 heads, segment 128).
+The model is ``benchmarks/model_throughput.py``'s (dim 256, 2 blocks, 4 heads, segment 128);
+``--variant layer`` times the memory layer alone at ``benchmarks/memory_throughput.py``'s
+configuration (dim 256, 4 heads of 64, depth 2, chunk 64; input ``[batch, tokens, 256]``, loss the
+mean square of its output).
 
 ``--decode N`` reads ``--tokens`` tokens of context and then times N one-token decoding steps
 instead; ``--by function`` groups the calls by the innermost ``titans`` function that issued them
-(which part of the model spends the calls) instead of by operator.
+(which part of the model spends the calls) instead of by operator; ``--by shape`` by operator and
+operand shapes (batch dim dropped; ``T`` marks a transposed operand), which tells the matrix
+products apart.
 
 On CPU the dispatcher runs each operator to completion before returning, so per-call wall time
 is the operator's time. On CUDA kernels are asynchronous, so the mode synchronises around each
@@ -20,6 +25,7 @@ call (the step then runs slower than it would).
     python benchmarks/op_breakdown.py                       # MAC training step, B=2, T=4096
     python benchmarks/op_breakdown.py --variant mag --tokens 1024 --threads 2
     python benchmarks/op_breakdown.py --decode 64 --tokens 1000 --batch 1 --by function
+    python benchmarks/op_breakdown.py --variant layer --batch 4 --threads 2 --by shape
 """
 
 from __future__ import annotations
@@ -43,13 +49,31 @@ def _issuer(frame) -> str:
     return "(outside)"
 
 
+def _shape_key(name: str, args) -> str:
+    """``name`` plus its operands' shapes for matrix products (``T``: a transposed operand)."""
+    import torch
+
+    if name not in ("mm", "bmm", "addmm", "baddbmm", "baddbmm_"):
+        return name
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors = tensors[1:3] if name.startswith(("addmm", "baddbmm")) else tensors[:2]
+
+    def describe(t) -> str:
+        transposed = t.stride(-2) == 1 and t.stride(-1) != 1
+        return f"{tuple(t.shape[-2:])}{'T' if transposed else ''}"
+
+    return f"{name} " + " x ".join(describe(t) for t in tensors)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", default="mac", choices=VARIANTS, help="model variant (default mac)")
+    ap.add_argument("--variant", default="mac", choices=(*VARIANTS, "layer"),
+                    help="model variant, or 'layer': the memory layer alone (default mac)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per row, or context with --decode (default 4096)")
     ap.add_argument("--batch", type=int, default=2, help="rows (default 2)")
     ap.add_argument("--decode", type=int, default=0, metavar="N", help="time N one-token decoding steps instead")
-    ap.add_argument("--by", choices=("operator", "function"), default="operator", help="group calls by (default operator)")
+    ap.add_argument("--by", choices=("operator", "function", "shape"), default="operator",
+                    help="group calls by (default operator)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-op times are cleanest)")
     ap.add_argument("--top", type=int, default=20, help="rows to list (default 20)")
     args = ap.parse_args()
@@ -64,8 +88,16 @@ def main() -> None:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    model = _ours(args.variant).to(device)
-    ids = torch.randint(0, VOCAB, (args.batch, args.tokens), device=device)
+    if args.variant == "layer":
+        if args.decode:
+            ap.error("--decode needs a model variant, not 'layer'")
+        from memory_throughput import DIM, _build
+
+        forward, model = _build("titans", torch.device(device))
+        x = torch.randn(args.batch, args.tokens, DIM, device=device)
+    else:
+        model = _ours(args.variant).to(device)
+        ids = torch.randint(0, VOCAB, (args.batch, args.tokens), device=device)
 
     if args.decode:
         model.eval()
@@ -85,7 +117,10 @@ def main() -> None:
 
         def run():
             model.zero_grad(set_to_none=True)
-            model(ids, labels=ids)[1].backward()
+            if args.variant == "layer":
+                forward(x).square().mean().backward()
+            else:
+                model(ids, labels=ids)[1].backward()
             sync()
 
         what = "one training step"
@@ -95,7 +130,7 @@ def main() -> None:
     plain = time.perf_counter() - start
 
     calls = collections.defaultdict(lambda: [0, 0.0, 0.0])  # key -> [calls, seconds, flops]
-    by_function = args.by == "function"
+    by_function, args_by_shape = args.by == "function", args.by == "shape"
 
     class Timed(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -103,7 +138,12 @@ def main() -> None:
             t = time.perf_counter()
             out = func(*args, **(kwargs or {}))
             sync()
-            entry = calls[_issuer(sys._getframe(1)) if by_function else str(func).split(".")[1]]
+            name = str(func).split(".")[1]
+            if by_function:
+                key = _issuer(sys._getframe(1))
+            else:
+                key = _shape_key(name, args) if args_by_shape else name
+            entry = calls[key]
             entry[0] += 1
             entry[1] += time.perf_counter() - t
             entry[2] += matmul_flops(func, args)
