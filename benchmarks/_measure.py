@@ -40,20 +40,24 @@ def peak_tracker():
     peak.value = rss_bytes("VmHWM") - base
 
 
-def matmul_flops(func, args) -> float:
-    """FLOPs of one mm / bmm / addmm / baddbmm call (2 per multiply-add; ``func`` an ATen
-    overload as a dispatch mode sees it), else 0."""
+def matmul_operands(func, args):
+    """``(a, b)`` of an mm / bmm / addmm / baddbmm call (``func`` an ATen overload as a dispatch
+    mode sees it; the add forms' first tensor is the accumulator), else None."""
     import torch
 
     name = str(func).split(".")[1] if str(func).startswith("aten.") else ""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if name in ("mm", "bmm"):
-        a, b = tensors[0], tensors[1]
-    elif name in ("addmm", "addmm_", "baddbmm", "baddbmm_"):
-        a, b = tensors[1], tensors[2]
-    else:
-        return 0.0
-    return 2.0 * a.numel() * b.shape[-1]
+        return tensors[0], tensors[1]
+    if name in ("addmm", "addmm_", "baddbmm", "baddbmm_"):
+        return tensors[1], tensors[2]
+    return None
+
+
+def matmul_flops(func, args) -> float:
+    """FLOPs of one matrix-product call (2 per multiply-add; see ``matmul_operands``), else 0."""
+    operands = matmul_operands(func, args)
+    return 0.0 if operands is None else 2.0 * operands[0].numel() * operands[1].shape[-1]
 
 
 def count_matmul_flops(fn) -> float:

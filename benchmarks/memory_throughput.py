@@ -116,7 +116,8 @@ def measure(impl: str, T: int, mode: str, min_seconds: float, tune: bool) -> dic
             if elapsed >= min_seconds:
                 break
     peak = peak.value
-    flops = count_matmul_flops(step)  # after timing: the counting mode slows the step it watches
+    # after timing (the counting mode slows the step it watches); the training rows report it
+    flops = count_matmul_flops(step) if mode == "fwdbwd" else None
     return dict(impl=impl, T=T, mode=mode, tokens_per_s=B * T * iters / elapsed, peak_bytes=peak, iters=iters,
                 matmul_flops=flops)
 

@@ -211,8 +211,6 @@ def rates(model, tok) -> None:
     from titans.tasks.niah import NOISE_SENTENCES
 
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
-    if any(m.theta_activation != "sigmoid" for m in memories):
-        raise SystemExit("rates needs the sigmoid theta (memory_theta_activation: sigmoid): theta / max_lr")
     seen = [([], []) for _ in memories]  # each memory's rates and alphas [B, T, H] per call
     hooks = []
     for m, (rate, alpha) in zip(memories, seen):
@@ -303,33 +301,28 @@ def main() -> None:
         p.error(str(err))
     if args.what in ("drift", "far", "late", "rates", "keys") and model.cfg.variant in ("transformer", "swa"):
         p.error(f"{args.what} reads the neural memory's weights; {args.checkpoint} is a {model.cfg.variant} (no memory)")
-    if args.pin_alpha is not None:
-        from titans.layers.neural_memory import NeuralMemory
+    from titans.layers.neural_memory import NeuralMemory
 
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    if args.pin_alpha is not None:
         if not 0 < args.pin_alpha < 1:
             p.error("--pin-alpha must lie in (0, 1)")
-        for m in model.modules():
-            if isinstance(m, NeuralMemory) and m.to_alpha is not None:
+        for m in memories:
+            if m.to_alpha is not None:
                 with torch.no_grad():
                     m.to_alpha.weight.zero_()
                     m.to_alpha.bias.fill_(float(np.log(args.pin_alpha / (1 - args.pin_alpha))))
     if args.noise_theta is not None and (args.what not in ("far", "late") or args.noise_theta <= 0):
         p.error("--noise-theta is for far and late and must be > 0")
-    if args.noise_theta is not None:
-        from titans.layers.neural_memory import NeuralMemory
-
-        if any(m.theta_activation != "sigmoid" for m in model.modules() if isinstance(m, NeuralMemory)):
-            p.error("--noise-theta needs the sigmoid theta (memory_theta_activation: sigmoid)")
-    if args.scale_theta is not None:
-        from titans.layers.neural_memory import NeuralMemory
-
-        if args.scale_theta <= 0:
-            p.error("--scale-theta must be > 0")
-        for m in model.modules():
-            if isinstance(m, NeuralMemory):
-                if m.theta_activation != "sigmoid":
-                    p.error("--scale-theta needs the sigmoid theta (memory_theta_activation: sigmoid)")
-                m.max_lr *= args.scale_theta
+    if args.scale_theta is not None and args.scale_theta <= 0:
+        p.error("--scale-theta must be > 0")
+    # these read or scale theta / max_lr, which only the sigmoid theta has
+    for what, wanted in (("rates", args.what == "rates"), ("--noise-theta", args.noise_theta is not None),
+                         ("--scale-theta", args.scale_theta is not None)):  # fmt: skip
+        if wanted and any(m.theta_activation != "sigmoid" for m in memories):
+            p.error(f"{what} needs the sigmoid theta (memory_theta_activation: sigmoid)")
+    for m in memories:
+        m.max_lr *= 1.0 if args.scale_theta is None else args.scale_theta
     note = "" if args.pin_alpha is None else f", alpha pinned at {args.pin_alpha}"
     note += "" if args.scale_theta is None else f", theta scaled by {args.scale_theta}"
     note += "" if args.noise_theta is None else f", the noise written at {args.noise_theta} x theta"

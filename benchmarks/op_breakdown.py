@@ -35,7 +35,7 @@ import collections
 import sys
 import time
 
-from _measure import gemm_rate, matmul_flops
+from _measure import gemm_rate, matmul_flops, matmul_operands
 from model_throughput import VARIANTS, VOCAB, _ours
 
 
@@ -49,20 +49,18 @@ def _issuer(frame) -> str:
     return "(outside)"
 
 
-def _shape_key(name: str, args) -> str:
-    """``name`` plus its operands' shapes for matrix products (``T``: a transposed operand)."""
-    import torch
-
-    if name not in ("mm", "bmm", "addmm", "baddbmm", "baddbmm_"):
+def _shape_key(func, args) -> str:
+    """The operator's name, plus its operands' shapes for matrix products (``T``: transposed)."""
+    name = str(func).split(".")[1]
+    operands = matmul_operands(func, args)
+    if operands is None:
         return name
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    tensors = tensors[1:3] if name.startswith(("addmm", "baddbmm")) else tensors[:2]
 
     def describe(t) -> str:
         transposed = t.stride(-2) == 1 and t.stride(-1) != 1
         return f"{tuple(t.shape[-2:])}{'T' if transposed else ''}"
 
-    return f"{name} " + " x ".join(describe(t) for t in tensors)
+    return f"{name} " + " x ".join(describe(t) for t in operands)
 
 
 def main() -> None:
@@ -130,7 +128,7 @@ def main() -> None:
     plain = time.perf_counter() - start
 
     calls = collections.defaultdict(lambda: [0, 0.0, 0.0])  # key -> [calls, seconds, flops]
-    by_function, args_by_shape = args.by == "function", args.by == "shape"
+    by_function, by_shape = args.by == "function", args.by == "shape"
 
     class Timed(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -138,11 +136,10 @@ def main() -> None:
             t = time.perf_counter()
             out = func(*args, **(kwargs or {}))
             sync()
-            name = str(func).split(".")[1]
             if by_function:
                 key = _issuer(sys._getframe(1))
             else:
-                key = _shape_key(name, args) if args_by_shape else name
+                key = _shape_key(func, args) if by_shape else str(func).split(".")[1]
             entry = calls[key]
             entry[0] += 1
             entry[1] += time.perf_counter() - t

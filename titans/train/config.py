@@ -14,6 +14,15 @@ from typing import Any
 from ..config_files import ConfigError, apply_overrides, check_keys, coerce_fields, load_config_file
 from ..model import TitansConfig
 
+WRITE_PENALTY_FORMS = ("rate", "log_rate")  # what train.write_penalty multiplies (see TrainConfig)
+
+
+def write_penalty_form_problem(form: str) -> str | None:
+    """Why ``form`` is not a write-penalty form, or None."""
+    if form in WRITE_PENALTY_FORMS:
+        return None
+    return f"train.write_penalty_form must be one of {', '.join(map(repr, WRITE_PENALTY_FORMS))}, got {form!r}"
+
 __all__ = ["TrainConfig", "DataConfig", "RunConfig", "load_run_config"]
 
 
@@ -88,10 +97,9 @@ class TrainConfig:
                 raise ConfigError(f"train.train_only is not a regular expression ({err}): {self.train_only!r}") from None
         if not (math.isfinite(self.write_penalty) and self.write_penalty >= 0):
             raise ConfigError(f"train.write_penalty must be a finite number >= 0, got {self.write_penalty}")
-        if self.write_penalty_form not in ("rate", "log_rate"):
-            raise ConfigError(
-                f"train.write_penalty_form must be 'rate' or 'log_rate', got {self.write_penalty_form!r}"
-            )
+        problem = write_penalty_form_problem(self.write_penalty_form)
+        if problem:
+            raise ConfigError(problem)
         if self.batch_tokens % self.seq_len:
             raise ConfigError(
                 f"train.batch_tokens ({self.batch_tokens}) must be a multiple of train.seq_len ({self.seq_len})"

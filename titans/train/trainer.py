@@ -30,7 +30,7 @@ from ..config_files import ConfigError
 from ..errors import NonFiniteError
 from ..model import TitansLM
 from . import checkpoint as ckpt
-from .config import RunConfig, write_penalty_problem
+from .config import RunConfig, write_penalty_form_problem, write_penalty_problem
 from .distributed import (
     World, all_reduce_sum, full_state_dicts, init_distributed, load_full_state_dicts,
     no_gradient_sync, parallelize,
@@ -259,11 +259,9 @@ class _WriteRate:
     def __init__(self, model: TitansLM, form: str = "rate"):
         from ..layers.neural_memory import NeuralMemory
 
-        problem = write_penalty_problem(model.cfg)
+        problem = write_penalty_problem(model.cfg) or write_penalty_form_problem(form)
         if problem:
             raise ConfigError(problem)
-        if form not in ("rate", "log_rate"):
-            raise ConfigError(f"train.write_penalty_form must be 'rate' or 'log_rate', got {form!r}")
         self.form = form
         memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
         self.sums: list[torch.Tensor] = []
@@ -273,9 +271,10 @@ class _WriteRate:
 
     def _record(self, module, inputs, z: torch.Tensor) -> None:
         if torch.is_grad_enabled():
-            self.sums.append(torch.sigmoid(z.float()).sum())
             if self.form == "log_rate":  # log sigmoid: exact where the rate underflows
                 self.log_sums.append(F.logsigmoid(z.float()).sum())
+                z = z.detach()  # the rate itself is only reported then: no graph for it
+            self.sums.append(torch.sigmoid(z.float()).sum())
             self.count += z.numel()
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
