@@ -95,3 +95,22 @@ def gemm_rate(device: str = "cpu", dtype=None) -> float:
         a @ b
     sync()
     return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+def machine_name(device: str = "cpu") -> str:
+    """What the numbers were measured on: the CUDA device's name, else the CPU model and the
+    threads torch uses. Tables from different machines are not comparable: a 2048^2 matmul has run
+    at 68-71 GFLOP/s on an AMD EPYC (Zen 1) and at 174-192 on another 2-core machine here."""
+    import platform
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} torch threads"

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from _measure import count_matmul_flops, gemm_rate, peak_tracker
+from _measure import count_matmul_flops, gemm_rate, machine_name, peak_tracker
 
 B, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION, CHUNK = 4, 256, 4, 64, 2, 4.0, 64
 
@@ -174,6 +174,10 @@ def main() -> None:
     else:
         print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)\n")
 
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{machine_name(device)}")
     print(f"B={B}, dim={DIM}, heads={HEADS}x{HEAD_DIM}, memory depth {DEPTH}, expansion {EXPANSION:g}, "
           f"chunk {CHUNK}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; allocator tuned: {tune}")  # fmt: skip
     header = (f"{'implementation':<25} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} {'MFLOP/tok':>9} "
@@ -182,9 +186,6 @@ def main() -> None:
     print("-" * len(header))
     # The rate a large matmul reaches on these threads: a step's matrix products alone, at that rate,
     # bound its tokens/s from above ("bound tok/s"; elementwise work and overheads only add time).
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     peak_rate = {"": gemm_rate(device) * 1e9}
     if args.bf16:  # the *-bf16 rows' products run in bf16: bound them by its rate
         peak_rate["-bf16"] = gemm_rate(device, torch.bfloat16) * 1e9

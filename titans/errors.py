@@ -9,3 +9,8 @@ class UserError(Exception):
 class NonFiniteError(ValueError):
     """An input holds NaN or inf (a ValueError, so callers that check inputs keep working; the
     trainer catches this type to report a diverged run)."""
+
+
+class PerformanceWarning(UserWarning):
+    """A setting that works but runs far slower than it should on this hardware (the message
+    says which setting and what to use instead)."""

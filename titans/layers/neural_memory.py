@@ -27,7 +27,7 @@ from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
 from ..ops.memory.state import check_max_grad_norm, compute_dtype
 from ..ops.memory.step import step_flat
-from ..utils import distinct, nonfinite, standard_strides
+from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
 
 __all__ = ["NeuralMemory", "NeuralMemoryState", "RMSNorm"]
 
@@ -430,6 +430,8 @@ class NeuralMemory(nn.Module):
             raise ValueError("x has an empty time dimension (T = 0)")
         if nonfinite({"x": x}):
             raise NonFiniteError("x contains non-finite values (NaN or inf)")
+        if self.product_dtype is not None:
+            warn_if_cpu_bf16_is_slow(x.device, "product_dtype=bfloat16 (TitansConfig.memory_product_dtype)")
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise TypeError(f"state must be a NeuralMemoryState, got {type(state).__name__}")

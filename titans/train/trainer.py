@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..config_files import ConfigError
 from ..errors import NonFiniteError
 from ..model import TitansLM
+from ..utils import warn_if_cpu_bf16_is_slow
 from . import checkpoint as ckpt
 from .config import RunConfig, write_penalty_form_problem, write_penalty_problem
 from .distributed import (
@@ -300,6 +301,8 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
+    if tcfg.precision == "bf16":
+        warn_if_cpu_bf16_is_slow(device, "train.precision=bf16")
     out_dir = Path(tcfg.out_dir)
     tcfg.accumulation_steps(world.world_size)  # refuses batch sizes that do not split evenly
     rows_global = tcfg.batch_tokens // tcfg.seq_len
