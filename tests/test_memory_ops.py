@@ -307,9 +307,9 @@ def test_double_backward_needs_autograd_mode():
 
 def test_batched_chunk_coefficients_match_per_chunk():
     """The gate coefficients of all chunk spans computed in batched runs equal the per-span
-    ``_decay_products`` (irregular first and last spans included), and ``_segsum`` matches its
+    ``_decay_products`` (irregular first and last spans included), and ``_decay_grid`` matches its
     definition."""
-    from titans.ops.memory.chunk import _chunk_coefficients, _decay_products, _segsum
+    from titans.ops.memory.chunk import _chunk_coefficients, _decay_grid, _decay_products
 
     g = torch.Generator().manual_seed(0)
     N, sizes = 3, [5, 8, 8, 8, 3]
@@ -329,12 +329,16 @@ def test_batched_chunk_coefficients_match_per_chunk():
                 if a is not None:
                     assert torch.allclose(a, b, rtol=1e-14, atol=0)
             t += n
-    x = log_eta[:, :8]
-    seg = _segsum(x)
+    x = log_eta[:, :8].clone().requires_grad_(True)
+    grid = _decay_grid(x)
     for ti in range(8):
         for s in range(8):
-            want = x[:, s + 1 : ti + 1].sum(-1) if ti >= s else torch.full((N,), float("-inf"), dtype=x.dtype)
-            assert torch.allclose(seg[:, ti, s], want, rtol=1e-14, atol=1e-15)
+            want = x[:, s + 1 : ti + 1].sum(-1).exp() if ti >= s else torch.zeros(N, dtype=x.dtype)
+            assert torch.allclose(grid[:, ti, s], want, rtol=1e-14, atol=1e-15)
+    # above the diagonal nothing flows back: a weight there must not reach any gate
+    upper = torch.ones(8, 8, dtype=x.dtype).triu(1)
+    (grad,) = torch.autograd.grad((grid * upper).sum(), x)
+    assert torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_mlp_read_backward_matches_autograd():

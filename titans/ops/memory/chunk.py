@@ -28,19 +28,21 @@ from .state import full_precision, MemoryState, check_inputs, compute_dtype, ini
 __all__ = ["chunk_memory", "chunk_memory_unchecked"]
 
 
-def _segsum(x: Tensor) -> Tensor:
-    """``out[..., t, s] = sum_{j=s+1..t} x[..., j]`` for t >= s (0 on the diagonal), -inf above.
+def _decay_grid(x: Tensor) -> Tensor:
+    """``out[..., t, s] = exp(sum_{j=s+1..t} x[..., j])`` for t >= s (1 on the diagonal), 0 above:
+    the products of the gates ``exp(x_j)`` between s and t.
 
-    Each entry is its own masked sum, never a difference of two long cumulative sums, so no
+    Each sum is its own masked sum, never a difference of two long cumulative sums, so no
     precision is lost when the logs are large and negative. The sums are one product with a
     lower-triangular matrix of ones (not a ``cumsum`` over the n x n grid, whose backward flips
-    the whole batched grid twice)."""
+    the whole batched grid twice). Above the diagonal the sums are empty (0), so ``exp`` then
+    ``tril`` gives the zeros, and their gradients, that masking with -inf would: ``tril`` over
+    the grid ran fwd+bwd in 53-59 ms against 87-96 for two broadcast ``masked_fill`` (scratch
+    timing, [16, 64, 64] gates, 2 threads, AMD EPYC)."""
     n = x.shape[-1]
-    ones = torch.ones(n, n, dtype=x.dtype, device=x.device)
-    strict = ones.tril(-1).bool()  # j > s
-    xm = x.unsqueeze(-1).masked_fill(~strict, 0.0)  # (..., j, s) = x_j where j > s
-    out = ones.tril() @ xm  # (..., t, s): sum over j <= t
-    return out.masked_fill(~ones.tril().bool(), float("-inf"))
+    lower = torch.ones(n, n, dtype=x.dtype, device=x.device).tril()
+    xm = x.unsqueeze(-1).expand(*x.shape, n).tril(-1)  # (..., j, s) = x_j where j > s, else 0
+    return (lower @ xm).exp().tril()  # (..., t, s): sum over j <= t, exponentiated
 
 
 def _decay_products(theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None):
@@ -54,14 +56,14 @@ def _decay_products(theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None)
     n = theta.shape[-1]
     if log_a is not None:
         A = log_a.cumsum(-1).exp()  # (N, n)
-        Fm = _segsum(log_a).exp()  # (N, n, n)
+        Fm = _decay_grid(log_a)  # (N, n, n)
     else:
         A = None
         Fm = torch.ones(n, n, dtype=theta.dtype, device=theta.device).tril()
     if log_eta is None:
         return A, None, Fm * theta.unsqueeze(-2), None, None
     e = log_eta.cumsum(-1).exp()  # (N, n)
-    E = _segsum(log_eta).exp()  # (N, n, n)
+    E = _decay_grid(log_eta)  # (N, n, n)
     B = (Fm @ e.unsqueeze(-1)).squeeze(-1)  # (N, n)
     C = (Fm @ E) * theta.unsqueeze(-2)  # (N, n, n)
     return A, B, C, e[..., -1], E[..., -1, :] * theta
