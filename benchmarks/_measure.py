@@ -78,11 +78,12 @@ def count_matmul_flops(fn) -> float:
     return total[0]
 
 
-def gemm_rate(device: str = "cpu", dtype=None) -> float:
-    """GFLOP/s of a 2048 x 2048 matmul (float32 unless ``dtype``) on the current threads: the
-    rate matrix products can practically reach on this machine. A 512^2 product is timed first;
-    where it shows that the 2048^2 ones would take minutes (bf16 on a CPU without bf16 hardware:
-    0.17 GFLOP/s, 100 s a product), its own rate is returned instead."""
+def gemm_rate(device: str = "cpu", dtype=None) -> tuple[float, int]:
+    """``(GFLOP/s, n)``: the rate of an n x n matmul (float32 unless ``dtype``) on the current
+    threads, n = 2048: the rate matrix products can practically reach on this machine. A 512^2
+    product is timed first; where it shows that a 2048^2 one would take more than 5 s (bf16
+    through torch's reference fallback: ~100 s a product on an AVX2-only AMD EPYC), the 512^2
+    rate is returned, with n = 512, instead."""
     import time
 
     import torch
@@ -103,24 +104,34 @@ def gemm_rate(device: str = "cpu", dtype=None) -> float:
 
     small, seconds = rate(512, 3)
     if seconds * 64 > 5.0:  # a 2048^2 product is 64x the work of a 512^2 one
-        return small
-    return rate(2048, 5)[0]
+        return small, 512
+    return rate(2048, 5)[0], 2048
 
 
 def machine_name(device: str = "cpu") -> str:
-    """What the numbers were measured on: the CUDA device's name, else the CPU model and the
-    threads torch uses. Tables from different machines are not comparable: a 2048^2 matmul has run
-    at 68-71 GFLOP/s on an AMD EPYC (Zen 1) and at 174-192 on another 2-core machine here."""
-    import platform
-
+    """What the numbers were measured on: the CUDA device's name, else the CPU model with its
+    family and model numbers (a Zen 1 and a Zen 4 EPYC both call themselves "AMD EPYC" in a VM),
+    the vector instructions torch uses, whether torch has a fast bf16 matmul here, and the torch
+    threads. Tables from different machines are not comparable (README "Speed and memory")."""
     import torch
+
+    from titans.utils import cpu_bf16_matmul_is_fast
 
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} torch threads"
+    import platform
+
+    model = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        model += f" (family {info['cpu family']}, model {info['model']})"
+    bf16 = {True: "yes", False: "no", None: "unknown"}[cpu_bf16_matmul_is_fast()]
+    return (f"{model}; {torch.backends.cpu.get_cpu_capability()}; fast bf16 matmul: {bf16}; "
+            f"{torch.get_num_threads()} torch threads")

@@ -177,7 +177,7 @@ def main() -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{machine_name(device)}")
+    print(machine_name(device))
     print(f"B={B}, dim={DIM}, heads={HEADS}x{HEAD_DIM}, memory depth {DEPTH}, expansion {EXPANSION:g}, "
           f"chunk {CHUNK}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; allocator tuned: {tune}")  # fmt: skip
     header = (f"{'implementation':<25} {'T':>6} | {'fwd+bwd tok/s':>13} {'peak MB':>8} {'MFLOP/tok':>9} "
@@ -186,9 +186,12 @@ def main() -> None:
     print("-" * len(header))
     # The rate a large matmul reaches on these threads: a step's matrix products alone, at that rate,
     # bound its tokens/s from above ("bound tok/s"; elementwise work and overheads only add time).
-    peak_rate = {"": gemm_rate(device) * 1e9}
+    peak_rate, peak_size = {}, {}  # GFLOP/s -> FLOP/s; the matmul size it was measured at
+    rate, peak_size[""] = gemm_rate(device)
+    peak_rate[""] = rate * 1e9
     if args.bf16:  # the *-bf16 rows' products run in bf16: bound them by its rate
-        peak_rate["-bf16"] = gemm_rate(device, torch.bfloat16) * 1e9
+        rate, peak_size["-bf16"] = gemm_rate(device, torch.bfloat16)
+        peak_rate["-bf16"] = rate * 1e9
     rows = {}
     for impl, T in plan:
         train = _run_one(impl, T, "fwdbwd", args.min_seconds, tune)
@@ -205,9 +208,11 @@ def main() -> None:
         print(f"{impl:<25} {T:>6} | {tr} | {fw}", flush=True)
 
     print(f"\nMFLOP/tok: matrix-product FLOPs of one training step per token (counted at the dispatcher); "
-          f"bound tok/s: the tokens/s those products alone allow at {peak_rate[''] / 1e9:.0f} GFLOP/s, the rate of a "
-          f"2048^2 float32 matmul on these threads" + (f" ({peak_rate['-bf16'] / 1e9:.0f} in bf16 for the *-bf16 rows)"
-                                                       if args.bf16 else ""))
+          f"bound tok/s: the tokens/s those products alone allow at {peak_rate[''] / 1e9:.3g} GFLOP/s, the rate of a "
+          f"{peak_size['']}^2 float32 matmul on these threads"
+          + (f" ({peak_rate['-bf16'] / 1e9:.3g} for a {peak_size['-bf16']}^2 bf16 matmul, the *-bf16 rows' bound"
+             + (": torch's slow bf16 fallback, whose rate varies with the size, so no real bound" if peak_size["-bf16"] != 2048 else "")
+             + ")" if args.bf16 else ""))  # fmt: skip
     # Ratios measured in this run.
     print()
     for ours_impl in ours_impls:

@@ -153,7 +153,8 @@ def main() -> None:
     per = f"; {count / args.decode:.0f} calls, {plain / args.decode * 1e3:.2f} ms a token" if args.decode else ""
     print(f"{args.variant}, {what}, B={args.batch}, {args.threads} thread(s), {device}: {plain:.2f} s "
           f"untimed; operators sum to {total:.2f} s{per}")  # fmt: skip
-    print(f"{machine_name(device)}; a 2048^2 float32 matmul here: {gemm_rate(device):.1f} GFLOP/s")
+    rate, n = gemm_rate(device)
+    print(f"{machine_name(device)}\na {n}^2 float32 matmul here: {rate:.1f} GFLOP/s")
     width = max(len(k) for k in calls) if calls else 8
     print(f"{args.by:{width}s} {'calls':>7s} {'ms':>9s} {'share':>6s} {'GFLOP/s':>8s}")
     for key, (n, sec, flops) in sorted(calls.items(), key=lambda kv: -kv[1][1])[: args.top]:

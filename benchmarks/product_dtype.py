@@ -90,6 +90,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _measure import machine_name
+
+    print(machine_name())
     if not args.skip_speed:
         speed(args.length, args.rounds, not args.no_compile)
     if not args.skip_error:

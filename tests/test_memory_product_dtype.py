@@ -184,38 +184,43 @@ def test_layer_and_model_switch():
         assert memory_grads and all(g is not None and torch.isfinite(g).all() for g in memory_grads)
 
 
-@pytest.mark.parametrize("native", [False, True, None])
-def test_bf16_products_on_a_cpu_without_bf16_hardware_warn_once(monkeypatch, native):
-    """Where the CPU has no bf16 matrix hardware (emulated bf16 ran 7x slower than float32 for
-    this layer on an AMD EPYC), the layer says so once; with the hardware, or where torch cannot
-    tell, it says nothing. The outputs are the same either way."""
+@pytest.mark.parametrize("fast", [False, True, None])
+def test_bf16_products_on_a_cpu_without_bf16_kernels_warn_once(monkeypatch, fast):
+    """Where torch has no fast bf16 matrix kernel for the CPU (its fallback ran the layer's step
+    6-8x slower than float32 on an AMD EPYC), the layer says so once, at the user's line, when it
+    runs chunk products; with the kernels, or where torch cannot tell, it says nothing. A one-token
+    step (float32 matrix-vector products) and float32 products never warn."""
     import warnings
 
     from titans import utils
     from titans.errors import PerformanceWarning
 
-    monkeypatch.setattr(utils, "cpu_multiplies_bf16", lambda: native)
+    monkeypatch.setattr(utils, "cpu_bf16_matmul_is_fast", lambda: fast)
     monkeypatch.setattr(utils, "_warned_bf16", set())
     layer = NeuralMemory(32, heads=2, chunk_size=4, product_dtype="bf16")
     x = torch.randn(1, 8, 32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        layer(x[:, :1])  # one token: no bf16 products
+        NeuralMemory(32, heads=2, chunk_size=4)(x)  # float32 products
+        assert [w for w in caught if issubclass(w.category, PerformanceWarning)] == []
         layer(x), layer(x)
-        NeuralMemory(32, heads=2, chunk_size=4)(x)  # float32 products: never a warning
     slow = [w for w in caught if issubclass(w.category, PerformanceWarning)]
-    if native is False:
-        assert len(slow) == 1 and "product_dtype=bfloat16" in str(slow[0].message), slow
+    if fast is False:
+        assert len(slow) == 1, slow
+        assert "product_dtype=bfloat16" in str(slow[0].message) and "product_dtype=None" in str(slow[0].message)
+        assert slow[0].filename == __file__  # the caller's line, not the library's
     else:
         assert slow == []
 
 
-def test_cpu_bf16_probe_reads_this_torch():
-    """On x86 the probe must give an answer: if torch renames the private CPU-feature checks it
-    reads, this fails instead of the warning going silent."""
-    import platform
+def test_bf16_kernel_probe_reads_this_torch():
+    """The probe must give an answer with this torch (oneDNN built in): if torch renames the
+    private check it reads, this fails instead of the warning going silent."""
+    from titans.utils import cpu_bf16_matmul_is_fast
 
-    from titans.utils import cpu_multiplies_bf16
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip(f"the probe answers on x86 only; this is {platform.machine()}")
-    assert cpu_multiplies_bf16() in (True, False)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    assert cpu_bf16_matmul_is_fast() in (True, False)
+    with torch.backends.mkldnn.flags(enabled=False):  # torch's fallback then serves every CPU
+        assert cpu_bf16_matmul_is_fast() is False

@@ -1,5 +1,6 @@
 """The base of every error that is the user's to fix (a missing file, a bad config, a damaged
-checkpoint): the command line prints its message and exits 2 instead of a traceback."""
+checkpoint): the command line prints its message and exits 2 instead of a traceback. Also the
+warning category for settings that work but run far slower than they should."""
 
 
 class UserError(Exception):

@@ -69,8 +69,8 @@ class TitansConfig:
     # test-time step, which a deep memory whose weights grew needs to stay finite (NeuralMemory)
     memory_max_grad_norm: float | None = None
     # "bfloat16": the memory's chunk products run in bf16, its state in float32 (NeuralMemory's
-    # product_dtype: 1.1-1.3x the memory's training speed on a CPU with bf16 hardware, 7x slower
-    # on one without: see README "Speed and memory"); "float32": none
+    # product_dtype: 1.1-1.3x the memory's training speed on README's machine A, which has bf16
+    # instructions; 6-8x slower on machine B, which has none: README "Speed and memory"); "float32": none
     memory_product_dtype: str = "float32"
     # MAC: what the memory writes and the output gate takes as y. "attention": the attention's
     # output (its sublayer alone); "residual": the residual stream after it, normalised,

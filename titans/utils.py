@@ -7,7 +7,6 @@ import ctypes.util
 import functools
 import hashlib
 import os
-import platform
 import sys
 import tempfile
 import warnings
@@ -162,29 +161,54 @@ def nonfinite(named: dict[str, Tensor]) -> list[str]:
 
 
 @functools.cache
-def cpu_multiplies_bf16() -> bool | None:
-    """Whether this CPU multiplies bf16 in hardware (x86: AVX512-BF16 or AMX tiles): True or
-    False on x86, None where torch cannot tell (other architectures, an older torch)."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or None in probes:
+def _onednn_bf16_hardware() -> bool | None:
+    """oneDNN's answer to "does this CPU have bf16 instructions it can use" (AVX-512 core or
+    AVX2-VNNI-2 on x86; also answered on ARM); None when this torch cannot ask."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if probe is None or not torch.backends.mkldnn.is_available():
         return None
-    return any(probe() for probe in probes)
+    return bool(probe())
+
+
+def cpu_bf16_matmul_is_fast() -> bool | None:
+    """Whether PyTorch multiplies bf16 matrices on this CPU through oneDNN (True) or through its
+    reference fallback (False), None when it cannot tell. Read at call time, since
+    ``torch.backends.mkldnn.enabled`` can change."""
+    hardware = _onednn_bf16_hardware()
+    return hardware if hardware is None else hardware and torch.backends.mkldnn.enabled
+
+
+def _outside_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel, for a call made by this module's caller, of the first
+    frame outside titans and torch: the user's line, not the library's."""
+    inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+    frame, level = sys._getframe(2), 2  # level 1 is the function that calls warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 _warned_bf16: set[str] = set()
 
 
-def warn_if_cpu_bf16_is_slow(device: torch.device, setting: str) -> None:
-    """Warn once per ``setting`` when bf16 matrix products would run on a CPU that has no bf16
-    hardware: PyTorch then converts every operand, and a bf16 matmul runs tens to hundreds of
-    times slower than float32 (an AMD EPYC Zen 1 here: 2048^2 at 0.17 vs 68 GFLOP/s; the memory
-    layer's training step with bf16 products 7x slower). Nothing changes: the setting is the user's."""
-    if device.type != "cpu" or setting in _warned_bf16 or cpu_multiplies_bf16() is not False:
+def warn_if_cpu_bf16_is_slow(device: torch.device, setting: str, instead: str) -> None:
+    """Warn once per ``setting`` when bf16 matrix products would run through PyTorch's reference
+    fallback on this CPU (no bf16 instructions oneDNN can use). Measured on an AVX2-only AMD EPYC
+    (Zen 1; README "Speed and memory", machine B): a 2048^2 bf16 matmul 0.17 GFLOP/s against 68 in
+    float32, the memory layer's training step with bf16 products 613-632 tok/s against 4,008-4,648.
+    Only a warning: the setting stays the user's. Silent while torch.compile traces."""
+    if (
+        device.type != "cpu"
+        or setting in _warned_bf16
+        or torch.compiler.is_compiling()
+        or cpu_bf16_matmul_is_fast() is not False
+    ):
         return
     _warned_bf16.add(setting)
     warnings.warn(
-        f"{setting}: this CPU has no bf16 matrix hardware (no AVX512-BF16 or AMX), so bf16 matrix "
-        "products run many times slower than float32 here; use float32 on this machine",
+        f"{setting}: PyTorch has no fast bf16 matrix kernel on this CPU (oneDNN finds no bf16 "
+        f"instructions), so bf16 matrix products run through a slow fallback (a 2048^2 matmul "
+        f"~400x slower than float32 on an AVX2-only AMD EPYC); use {instead}",
         PerformanceWarning,
-        stacklevel=2,
+        stacklevel=_outside_stacklevel(),
     )

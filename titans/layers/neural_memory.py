@@ -430,8 +430,6 @@ class NeuralMemory(nn.Module):
             raise ValueError("x has an empty time dimension (T = 0)")
         if nonfinite({"x": x}):
             raise NonFiniteError("x contains non-finite values (NaN or inf)")
-        if self.product_dtype is not None:
-            warn_if_cpu_bf16_is_slow(x.device, "product_dtype=bfloat16 (TitansConfig.memory_product_dtype)")
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise TypeError(f"state must be a NeuralMemoryState, got {type(state).__name__}")
@@ -505,6 +503,11 @@ class NeuralMemory(nn.Module):
             y, mem = step_memory(**kwargs)
         else:
             op = chunk_memory if check_op else chunk_memory_unchecked
+            if self.product_dtype is not None:
+                warn_if_cpu_bf16_is_slow(
+                    x.device, "NeuralMemory product_dtype=bfloat16 (TitansConfig.memory_product_dtype)",
+                    instead='product_dtype=None (memory_product_dtype="float32") here',
+                )  # fmt: skip
             y, mem = op(**kwargs, compile=self.use_compile and compile_group, product_dtype=self.product_dtype)
         return y, NeuralMemoryState(memory=mem, conv=conv_tail)
 

@@ -302,7 +302,7 @@ def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = 
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if tcfg.precision == "bf16":
-        warn_if_cpu_bf16_is_slow(device, "train.precision=bf16")
+        warn_if_cpu_bf16_is_slow(device, "train.precision=bf16", instead="train.precision=fp32 here")
     out_dir = Path(tcfg.out_dir)
     tcfg.accumulation_steps(world.world_size)  # refuses batch sizes that do not split evenly
     rows_global = tcfg.batch_tokens // tcfg.seq_len

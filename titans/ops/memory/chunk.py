@@ -38,7 +38,8 @@ def _decay_grid(x: Tensor) -> Tensor:
     the whole batched grid twice). Above the diagonal the sums are empty (0), so ``exp`` then
     ``tril`` gives the zeros, and their gradients, that masking with -inf would: ``tril`` over
     the grid ran fwd+bwd in 53-59 ms against 87-96 for two broadcast ``masked_fill`` (scratch
-    timing, [16, 64, 64] gates, 2 threads, AMD EPYC)."""
+    timing, [16, 64, 64] gates, 2 threads, AMD EPYC): ~1.5% of a layer training step by an
+    operator census, below that machine's run-to-run noise end to end."""
     n = x.shape[-1]
     lower = torch.ones(n, n, dtype=x.dtype, device=x.device).tril()
     xm = x.unsqueeze(-1).expand(*x.shape, n).tril(-1)  # (..., j, s) = x_j where j > s, else 0
