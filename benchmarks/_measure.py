@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -127,8 +128,6 @@ def machine_name(device: str = "cpu") -> str:
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    import platform
-
     model = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info and "model" in info:
         model += f" (family {info['cpu family']}, model {info['model']})"

@@ -186,12 +186,9 @@ def main() -> None:
     print("-" * len(header))
     # The rate a large matmul reaches on these threads: a step's matrix products alone, at that rate,
     # bound its tokens/s from above ("bound tok/s"; elementwise work and overheads only add time).
-    peak_rate, peak_size = {}, {}  # GFLOP/s -> FLOP/s; the matmul size it was measured at
-    rate, peak_size[""] = gemm_rate(device)
-    peak_rate[""] = rate * 1e9
+    gemm = {"": gemm_rate(device)}  # (GFLOP/s, n of the n^2 matmul it was measured at)
     if args.bf16:  # the *-bf16 rows' products run in bf16: bound them by its rate
-        rate, peak_size["-bf16"] = gemm_rate(device, torch.bfloat16)
-        peak_rate["-bf16"] = rate * 1e9
+        gemm["-bf16"] = gemm_rate(device, torch.bfloat16)
     rows = {}
     for impl, T in plan:
         train = _run_one(impl, T, "fwdbwd", args.min_seconds, tune)
@@ -199,7 +196,7 @@ def main() -> None:
         rows[(impl, T)] = (train, infer)
         if train:
             per_token = train["matmul_flops"] / (B * T)
-            rate = peak_rate["-bf16" if impl.endswith("-bf16") else ""]
+            rate = gemm["-bf16" if impl.endswith("-bf16") else ""][0] * 1e9
             tr = (f"{train['tokens_per_s']:>13,.0f} {train['peak_bytes'] / 2**20:>8,.0f} {per_token / 1e6:>9.2f} "
                   f"{rate / per_token:>11,.0f}")
         else:
@@ -207,12 +204,15 @@ def main() -> None:
         fw = f"{infer['tokens_per_s']:>10,.0f}" if infer else f"{'failed':>10}"
         print(f"{impl:<25} {T:>6} | {tr} | {fw}", flush=True)
 
+    bf16_note = ""
+    if args.bf16:
+        rate, n = gemm["-bf16"]
+        bf16_note = f" ({rate:.3g} for a {n}^2 bf16 matmul, the *-bf16 rows' bound"
+        # gemm_rate falls back to 512^2 only for torch's slow bf16 path, whose rate depends on the size
+        bf16_note += ": torch's slow bf16 fallback, whose rate varies with the size, so no real bound)" if n != 2048 else ")"
     print(f"\nMFLOP/tok: matrix-product FLOPs of one training step per token (counted at the dispatcher); "
-          f"bound tok/s: the tokens/s those products alone allow at {peak_rate[''] / 1e9:.3g} GFLOP/s, the rate of a "
-          f"{peak_size['']}^2 float32 matmul on these threads"
-          + (f" ({peak_rate['-bf16'] / 1e9:.3g} for a {peak_size['-bf16']}^2 bf16 matmul, the *-bf16 rows' bound"
-             + (": torch's slow bf16 fallback, whose rate varies with the size, so no real bound" if peak_size["-bf16"] != 2048 else "")
-             + ")" if args.bf16 else ""))  # fmt: skip
+          f"bound tok/s: the tokens/s those products alone allow at {gemm[''][0]:.3g} GFLOP/s, the rate of a "
+          f"{gemm[''][1]}^2 float32 matmul on these threads{bf16_note}")
     # Ratios measured in this run.
     print()
     for ours_impl in ours_impls:

@@ -321,8 +321,9 @@ def main() -> None:
                          ("--scale-theta", args.scale_theta is not None)):  # fmt: skip
         if wanted and any(m.theta_activation != "sigmoid" for m in memories):
             p.error(f"{what} needs the sigmoid theta (memory_theta_activation: sigmoid)")
-    for m in memories:
-        m.max_lr *= 1.0 if args.scale_theta is None else args.scale_theta
+    if args.scale_theta is not None:
+        for m in memories:
+            m.max_lr *= args.scale_theta
     note = "" if args.pin_alpha is None else f", alpha pinned at {args.pin_alpha}"
     note += "" if args.scale_theta is None else f", theta scaled by {args.scale_theta}"
     note += "" if args.noise_theta is None else f", the noise written at {args.noise_theta} x theta"
