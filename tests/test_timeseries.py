@@ -252,7 +252,7 @@ def test_train_eval_cli_round_trip(tmp_path, capsys):
     splits = make_splits(load_table(splits_path), "synth", 24)
     assert rows[0]["test_windows"] == len(WindowDataset(splits.test, 24, 12))  # every test window
     assert (out / "per_horizon.md").is_file() and (out / "average.md").is_file()
-    ckpt = out / "checkpoints" / "synth_dlinear_H12_seed2021.pt"
+    ckpt = out / "checkpoints" / "synth_dlinear_H12_seed2021.safetensors"
     m = evaluate_checkpoint(splits_path, ckpt, 12)
     assert m["mse"] == pytest.approx(rows[0]["mse"], rel=1e-6)
     assert (

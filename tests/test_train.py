@@ -319,7 +319,7 @@ def test_exported_checkpoint_loads_for_inference_but_cannot_resume(tmp_path):
     assert model.head.weight is model.embed.weight
     ids = torch.randint(0, 64, (1, 20))
     assert torch.equal(model(ids)[0], trained(ids)[0])
-    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt is missing"):
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.safetensors is missing"):
         ckpt.read_checkpoint(out)
 
 

@@ -26,6 +26,7 @@ from .data import ForecastSplits, WindowDataset, dataset_name, load_table, make_
 from .models import ForecasterConfig, build_forecaster, describe
 from .report import append_result, canonical_dataset
 from .train import FitResult, TrainConfig, evaluate, fit, predict
+from ..train.tree_io import TreeError, load_tree, save_tree
 
 __all__ = [
     "RunSpec",
@@ -92,10 +93,11 @@ def plot_starts(n_windows: int, count: int = PLOT_WINDOWS) -> np.ndarray:
 
 
 def save_checkpoint(path: Path, result: FitResult, spec: RunSpec, splits: ForecastSplits) -> None:
-    torch.save(
+    """One safetensors file: the weights as tensors, configs and scaling as JSON (nothing pickled)."""
+    save_tree(
         {"model_config": spec.model.to_dict(), "train_config": spec.train.to_dict(),
          "state_dict": result.model.state_dict(), "dataset": splits.name,
-         "mean": splits.mean, "std": splits.std, "columns": splits.columns},
+         "mean": splits.mean, "std": splits.std, "columns": list(splits.columns)},
         path,
     )  # fmt: skip
 
@@ -104,7 +106,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:
+        ckpt = load_tree(path, device=device)
+    except TreeError as err:  # e.g. a pickled .pt of an earlier version: never unpickled
+        raise ValueError(f"{path} is not a titans timeseries checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(
             f"{path} is not a titans timeseries checkpoint (no model_config / state_dict)"
@@ -133,7 +138,7 @@ def run_spec(
     log(f"== {tag}: {describe(spec.model)}")
     result = fit(splits, spec.model, spec.train, log=log)
     (art / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_checkpoint(art / "checkpoints" / f"{tag}.pt", result, spec, splits)
+    save_checkpoint(art / "checkpoints" / f"{tag}.safetensors", result, spec, splits)
     test = WindowDataset(splits.test, spec.model.seq_len, spec.model.horizon)
     x, y, pred = predict(result.model, test, plot_starts(len(test)), spec.train.device)
     (art / "forecasts").mkdir(parents=True, exist_ok=True)

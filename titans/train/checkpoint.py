@@ -2,16 +2,22 @@
 
 A checkpoint is a directory ``<out_dir>/checkpoints/step-0000100/`` holding
 
-    model.safetensors   the full (unsharded) model weights
-    optimizer.pt        the full optimiser state, keyed by parameter name
-    trainer.pt          step, scheduler, RNG states (torch, CUDA, Python, NumPy), data position
-    run.json            the run config and the tokenizer spec
-    MANIFEST.json       size and SHA-256 of each file above, written last
+    model.safetensors      the full (unsharded) model weights
+    optimizer.safetensors  the full optimiser state, keyed by parameter name
+    trainer.safetensors    step, scheduler, RNG states (torch, CUDA, Python, NumPy), data position
+    run.json               the run config and the tokenizer spec
+    MANIFEST.json          size and SHA-256 of each file above, written last
+
+Nothing is pickled: the optimiser and trainer state are tensors plus JSON (``titans.train.tree_io``),
+so loading a checkpoint someone else made cannot run code. Checkpoints of earlier versions, whose
+``optimizer.pt`` / ``trainer.pt`` were pickles, are refused for resuming (their weights still serve
+``train.init_from`` and inference).
 
 It is assembled in a hidden temporary directory and renamed into place, so a crash mid-write never
 leaves a directory that looks complete. ``<out_dir>/checkpoints/LATEST`` names the newest one (also
 replaced atomically). Loading checks the manifest first: a truncated or altered file is refused with
-a ``CheckpointError`` that names it; older checkpoints stay loadable.
+a ``CheckpointError`` that names it; a manifest entry that is not a plain file name of the directory
+(``../x``, an absolute path) is refused.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ from typing import Any
 import torch
 from ..errors import UserError
 from ..utils import sha256_file, write_text_atomic
+from .tree_io import TreeError, load_tree, save_tree
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "verify_checkpoint", "read_checkpoint", "latest_checkpoint",
-    "list_checkpoints", "load_pretrained", "export_for_inference", "save_for_inference",
+    "list_checkpoints", "load_pretrained", "export_for_inference", "save_for_inference", "read_weights",
 ]  # fmt: skip
 
-FILES = ("model.safetensors", "optimizer.pt", "trainer.pt", "run.json")
+FILES = ("model.safetensors", "optimizer.safetensors", "trainer.safetensors", "run.json")
+_PICKLED = ("optimizer.pt", "trainer.pt")  # what checkpoints of earlier versions held instead
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -65,8 +73,8 @@ def save_checkpoint(
         # as its own contiguous copy; loading ties them again through the model.
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"step": str(step)})
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer.pt")
+        save_tree(optimizer_state, tmp / "optimizer.safetensors")
+        save_tree(trainer_state, tmp / "trainer.safetensors")
         (tmp / "run.json").write_text(json.dumps(run, indent=1, sort_keys=True))
 
     final = _assemble(root / f"step-{step:07d}", write, FILES, step)
@@ -122,7 +130,19 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint {path}: MANIFEST.json is corrupted ({err})") from err
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {path}: MANIFEST.json is not a table of files")
     listed = [name for name, entry in manifest.items() if isinstance(entry, dict)]
+    for name in listed:
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"checkpoint {path}: MANIFEST.json lists {name!r}, which is not a file of the "
+                                  f"checkpoint directory")  # fmt: skip
+    if required == FILES and any(n in listed for n in _PICKLED) and "optimizer.safetensors" not in listed:
+        raise CheckpointError(
+            f"checkpoint {path} was written by an earlier titans: its optimizer.pt / trainer.pt are pickles, which "
+            f"this version never loads (a pickle can run code). Start a new run from its weights with "
+            f"train.init_from={path}"
+        )
     for name in required:
         if name not in listed:
             raise CheckpointError(f"checkpoint {path}: {name} is missing (the manifest does not list it)")
@@ -131,6 +151,8 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
         entry = manifest.get(name)
         if entry is None or not file.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(f"checkpoint {path}: MANIFEST.json's entry for {name} has no size and SHA-256")
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(
@@ -143,16 +165,29 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Verify and read a checkpoint: {'path', 'run', 'model', 'optimizer', 'trainer'}."""
+    path = verify_checkpoint(path)
+    try:
+        return {
+            "path": path,
+            "run": json.loads((path / "run.json").read_text()),
+            "model": {k: v.to(map_location) for k, v in read_weights(path / "model.safetensors").items()},
+            "optimizer": load_tree(path / "optimizer.safetensors", device=map_location),
+            "trainer": load_tree(path / "trainer.safetensors"),
+        }
+    except (TreeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from err
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``model.safetensors`` file; a file that is not safetensors is refused by
+    name (safetensors parses a header and raw tensor bytes: nothing in it can run code)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = verify_checkpoint(path)
-    return {
-        "path": path,
-        "run": json.loads((path / "run.json").read_text()),
-        "model": load_file(path / "model.safetensors", device=str(map_location)),
-        "optimizer": torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False),
-        "trainer": torch.load(path / "trainer.pt", map_location="cpu", weights_only=False),
-    }
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a safetensors weights file ({err})") from err
 
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -184,8 +219,6 @@ def load_pretrained(
     ``memory_chunk``; one that changes a weight's shape is refused when the weights load), recorded
     in ``info["model_settings"]`` as ``{field: {"trained": old, "inference": new}}``.
     """
-    from safetensors.torch import load_file
-
     from ..data.tokenizers import load_tokenizer
     from ..model import TitansConfig, TitansLM
 
@@ -195,7 +228,7 @@ def load_pretrained(
     cfg = TitansConfig.from_dict(run["config"]["model"])
     model = TitansLM(cfg)
     try:
-        load_model_weights(model, load_file(path / "model.safetensors", device="cpu"), str(path))
+        load_model_weights(model, read_weights(path / "model.safetensors"), str(path))
     except CheckpointError as err:
         if not changed:
             raise
@@ -248,7 +281,7 @@ def export_for_inference(
     trained ones (test-time settings that keep every weight's shape, e.g. the memory's
     ``memory_max_grad_norm``); both values are recorded in ``provenance.inference_settings``.
     The directory is assembled aside and renamed into place."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     src = verify_checkpoint(src)
     run = json.loads((src / "run.json").read_text())
@@ -256,7 +289,7 @@ def export_for_inference(
         run["provenance"] = dict(note or {})
     if model_settings:
         run["provenance"]["inference_settings"] = apply_model_settings(run["config"], model_settings)
-    weights = load_file(src / "model.safetensors")
+    weights = read_weights(src / "model.safetensors")
     if (
         run["config"]["model"].get("tie_embeddings", True)
         and "head.weight" in weights

@@ -104,8 +104,6 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
             f"train.init_from {path!r} names a package recipe stage: `titans demo niah --retrain` trains the "
             f"stages in order; with `titans train`, give the earlier stage's run directory or checkpoint"
         )
-    from safetensors.torch import load_file
-
     # weights and run record only: a training checkpoint, a run directory (its latest) or an
     # exported / shipped one (no optimiser state) all qualify
     where = ckpt.verify_checkpoint(path, required=ckpt.INFERENCE_FILES)
@@ -115,7 +113,7 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
             f"train.init_from: {where} was trained with another tokenizer "
             f"({saved.get('tokenizer', {}).get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
         )
-    ckpt.load_model_weights(model, load_file(where / "model.safetensors", device="cpu"), f"train.init_from {where}")
+    ckpt.load_model_weights(model, ckpt.read_weights(where / "model.safetensors"), f"train.init_from {where}")
     old, new = _with_defaults(saved["config"], "model"), run.to_dict()["model"]
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if verbose:

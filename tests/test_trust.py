@@ -1,0 +1,171 @@
+"""Nothing executes from a file: checkpoints (training, exported, time-series) hold safetensors and
+JSON only; a file carrying a pickle payload, even with a manifest rewritten to match it, is refused
+by resume, init_from, inference loading and the time-series loader without running it; manifest
+entries that leave the checkpoint directory are refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from titans.train import checkpoint as ckpt
+from titans.train import trainer as trainer_mod
+from titans.train.tree_io import TreeError, load_tree, save_tree
+from titans.utils import sha256_file
+
+from _train_helpers import fake_build_sources, tiny_run
+
+
+@pytest.fixture(autouse=True)
+def _fake_data(monkeypatch):
+    monkeypatch.setattr(trainer_mod, "build_sources", fake_build_sources)
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the proof that a loader ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(directory, name, marker):
+    """Replace ``directory/name`` by a pickle payload and rewrite the manifest to match it."""
+    with open(directory / name, "wb") as f:
+        pickle.dump({"state": _Payload(marker)}, f)
+    manifest = json.loads((directory / "MANIFEST.json").read_text())
+    manifest[name] = {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+    (directory / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_tree_round_trips_training_state(tmp_path):
+    np_rng = np.random.get_state()
+    tree = {
+        "step": 7, "lr": 1e-3, "nan": float("nan"), "inf": -math.inf, "name": "x", "none": None, "flag": True,
+        "rng": {"numpy": np_rng, "torch": torch.get_rng_state(), "python": (3, tuple(range(5)), None)},
+        "optimizer": {"state": {0: {"exp_avg": torch.randn(3, 2)}}, "param_groups": [{"betas": (0.9, 0.95)}]},
+        "half": torch.ones(2, dtype=torch.bfloat16), "empty": [], "nested": [[1, 2], {"a": ()}],
+    }  # fmt: skip
+    save_tree(tree, tmp_path / "t.safetensors")
+    back = load_tree(tmp_path / "t.safetensors")
+    assert back["step"] == 7 and back["lr"] == 1e-3 and math.isnan(back["nan"]) and back["inf"] == -math.inf
+    assert back["rng"]["python"] == (3, (0, 1, 2, 3, 4), None)
+    assert back["rng"]["numpy"][0] == np_rng[0] and back["rng"]["numpy"][1].dtype == np_rng[1].dtype
+    assert np.array_equal(back["rng"]["numpy"][1], np_rng[1]) and back["rng"]["numpy"][2:] == np_rng[2:]
+    assert torch.equal(back["rng"]["torch"], tree["rng"]["torch"])
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], tree["optimizer"]["state"][0]["exp_avg"])
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95) and back["half"].dtype == torch.bfloat16
+    assert back["nested"] == [[1, 2], {"a": ()}] and back["empty"] == [] and back["none"] is None
+    np.random.set_state(back["rng"]["numpy"])  # restores as NumPy expects it
+
+
+def test_tree_refuses_objects_and_foreign_files(tmp_path):
+    with pytest.raises(TreeError, match=r"state\.bad: a _Payload cannot be stored"):
+        save_tree({"bad": _Payload(tmp_path / "m")}, tmp_path / "t.safetensors")
+    marker = tmp_path / "ran"
+    with open(tmp_path / "p.safetensors", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    with pytest.raises(TreeError, match="not a safetensors file"):
+        load_tree(tmp_path / "p.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(TreeError, match="no stored state"):
+        load_tree(tmp_path / "plain.safetensors")
+    assert not marker.exists()
+
+
+def test_checkpoint_holds_no_pickle_and_resumes(tmp_path):
+    run = tiny_run(tmp_path / "run", max_steps=2)
+    trainer_mod.train(run)
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert sorted(p.name for p in latest.iterdir()) == sorted([*ckpt.FILES, "MANIFEST.json"])
+    for name in ckpt.FILES:
+        assert not (latest / name).read_bytes().startswith(b"\x80"), f"{name} is a pickle"
+    state = ckpt.read_checkpoint(latest)
+    assert state["trainer"]["step"] == 2 and state["optimizer"]["state"]
+    summary = trainer_mod.train(tiny_run(tmp_path / "run", max_steps=4), resume="auto")
+    assert summary["step"] == 4
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "trainer.safetensors", "model.safetensors"])
+def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, name):
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    marker = tmp_path / "ran"
+    _plant(ckpt.latest_checkpoint(tmp_path / "run"), name, marker)
+    with pytest.raises(ckpt.CheckpointError, match=name):
+        trainer_mod.train(tiny_run(tmp_path / "run", max_steps=4), resume="auto")
+    assert not marker.exists()
+
+
+def test_an_earlier_versions_pickled_checkpoint_is_refused_for_resume(tmp_path):
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    marker = tmp_path / "ran"
+    manifest = json.loads((latest / "MANIFEST.json").read_text())
+    for new, old in (("optimizer.safetensors", "optimizer.pt"), ("trainer.safetensors", "trainer.pt")):
+        (latest / new).unlink()
+        del manifest[new]
+        (latest / "MANIFEST.json").write_text(json.dumps(manifest))
+        _plant(latest, old, marker)
+        manifest = json.loads((latest / "MANIFEST.json").read_text())
+    with pytest.raises(ckpt.CheckpointError, match="earlier titans.*init_from"):
+        trainer_mod.train(tiny_run(tmp_path / "run", max_steps=4), resume="auto")
+    # its weights still start a new run and load for inference; the pickles are never read
+    trainer_mod.train(tiny_run(tmp_path / "new", max_steps=1, init_from=str(latest)))
+    ckpt.load_pretrained(latest)
+    assert not marker.exists()
+
+
+def test_inference_and_init_from_refuse_a_pickled_weights_file(tmp_path):
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    out = ckpt.export_for_inference(tmp_path / "run", tmp_path / "export")
+    marker = tmp_path / "ran"
+    _plant(out, "model.safetensors", marker)
+    with pytest.raises(ckpt.CheckpointError, match="not a safetensors weights file"):
+        ckpt.load_pretrained(out)
+    with pytest.raises(ckpt.CheckpointError, match="not a safetensors weights file"):
+        trainer_mod.train(tiny_run(tmp_path / "new", max_steps=1, init_from=str(out)))
+    assert not marker.exists()
+
+
+def test_cli_eval_and_generate_refuse_a_pickled_checkpoint(tmp_path, capsys):
+    from titans.__main__ import main
+
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    out = ckpt.export_for_inference(tmp_path / "run", tmp_path / "export")
+    marker = tmp_path / "ran"
+    _plant(out, "model.safetensors", marker)
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "ab", "--max-new-tokens", "2"]) == 2
+    assert main(["eval", "throughput", "--checkpoint", str(out), "--lengths", "64", "--out", str(tmp_path / "e")]) == 2
+    assert "not a safetensors weights file" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("entry", ["../escape", "/etc/passwd", "sub/../../x", ".."])
+def test_manifest_entries_must_be_files_of_the_checkpoint(tmp_path, entry):
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    manifest = json.loads((latest / "MANIFEST.json").read_text())
+    manifest[entry] = {"bytes": 0, "sha256": "0" * 64}
+    (latest / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="not a file of the checkpoint directory"):
+        ckpt.verify_checkpoint(latest)
+
+
+def test_timeseries_loader_refuses_a_pickle(tmp_path):
+    from titans.timeseries.experiment import load_checkpoint
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "old.pt"
+    torch.save({"model_config": {}, "state_dict": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match="not a titans timeseries checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
