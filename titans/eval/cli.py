@@ -72,12 +72,17 @@ def register(sub) -> None:
                        "plots into --out.")  # fmt: skip
     tasks = p.add_subparsers(dest="task", required=True, metavar="<task>")
 
-    t = tasks.add_parser("niah", help="single needle in a haystack (Table 2) + heatmap",
-                         description="S-NIAH-PK/-N/-W accuracy per context length, and the length x depth heatmap.")
+    t = tasks.add_parser("niah", help="needle in a haystack, single (Table 2) and multi-key + heatmap",
+                         description="S-NIAH-PK/-N/-W and MK-NIAH accuracy per context length, and the length x depth "
+                         "heatmap.")  # fmt: skip
     t.add_argument("--lengths", type=parse_lengths, default=[1024, 2048, 4096],
                    help="context lengths in tokens (1K,4K,...; default 1K,2K,4K)")
     t.add_argument("--variants", type=parse_names, default=["pk", "n", "w"],
-                   help="needle variants: pk,n,w,uuid (RULER prompts) or kv-pk,kv-n,kv-w (short prompts)")
+                   help="needle variants: pk,n,w,uuid (RULER prompts), kv-pk,kv-n,kv-w (short prompts), "
+                   "pair-pk,pair-n,pair-w (one-token keys and values), or the multi-key mk-pk,mk-n,mk-w,mk-wiki, "
+                   "mk-milton (text held out of training), mk-unseen (phrasings held out of training)")
+    t.add_argument("--needles", type=int, default=None,
+                   help="needles per multi-key (mk-) prompt: the asked one and the distractors (default 4)")
     t.add_argument("--samples", type=int, default=20, help="samples per variant and length (default 20)")
     t.add_argument("--depths", type=int, default=10, help="number of evenly spaced needle depths (default 10)")
     t.add_argument("--max-new-tokens", type=int, default=None, help="tokens to decode (default: longest answer + 8)")
@@ -259,7 +264,7 @@ def _run_task(args, model, tokenizer, common):
 
     if args.task == "niah":
         return niah.run_niah(model, tokenizer, args.lengths, args.variants, samples=args.samples, depths=args.depths,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, needles=args.needles,
                              bar_unit="token" if args.batch_size > 1 else "sample", **common)  # fmt: skip
     if args.task == "babilong":
         return babilong.run_babilong(model, tokenizer, args.tasks, args.lengths, samples=args.samples,

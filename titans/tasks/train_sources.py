@@ -1,4 +1,4 @@
-"""Batch sources that train retrieval: S-NIAH documents and MQAR sequences.
+"""Batch sources that train retrieval: S-NIAH documents, keyed-recall rows and MQAR sequences.
 
 Both implement ``titans.data.stream.BatchSource``: ``next_batch(global_batch_size)`` returns this
 rank's rows of the next global batch as ``{"input_ids": [B_local, seq_len + 1], "labels": [B_local,
@@ -20,8 +20,9 @@ from ..data.stream import rank_rows
 from .mqar import _check as _check_mqar
 from .mqar import generate_mqar
 from .niah import VARIANTS, _builder, dense_niah_ids, niah_token_ids
+from .recall import HELD_OUT_HAYSTACKS, HELD_OUT_TEMPLATES, TEMPLATES, TRAIN_HAYSTACKS, VALUE_KINDS, recall_row_ids
 
-__all__ = ["MQARTrainSource", "NiahTrainSource"]
+__all__ = ["MQARTrainSource", "NiahTrainSource", "RecallTrainSource"]
 
 
 def _check_resume(kind: str, mine: dict[str, Any], theirs: dict[str, Any]) -> None:
@@ -39,7 +40,19 @@ def _check_resume(kind: str, mine: dict[str, Any], theirs: dict[str, Any]) -> No
             )
 
 
-class NiahTrainSource:
+class _RowSource:
+    """Rows ``self._row(rng) -> (ids, answer_mask)`` drawn from ``(seed, step, global row)``, scored
+    by ``self.score`` and ``self.answer_weight``."""
+
+    def next_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of the next global batch: input_ids and labels, [B_local, seq_len + 1]."""
+        rows = range(global_batch_size)[rank_rows(global_batch_size, self.rank, self.world_size)]
+        built = [self._row(np.random.default_rng([self.seed, self.step, r])) for r in rows]
+        self.step += 1
+        return _scored_batch(self.tokenizer, built, self.score, self.answer_weight)
+
+
+class NiahTrainSource(_RowSource):
     """S-NIAH training rows (RULER's prompt, the answer ``" {value}."`` and ``eos`` scored).
 
     Each row mixes a random variant of ``variants`` (see ``titans.tasks.niah.VARIANTS``), a random
@@ -145,21 +158,6 @@ class NiahTrainSource:
         ]  # fmt: skip
         return np.concatenate([d[0] for d in docs]), np.concatenate([d[1] for d in docs])
 
-    def next_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
-        """This rank's rows of the next global batch: input_ids and labels, [B_local, seq_len + 1]."""
-        rows = range(global_batch_size)[rank_rows(global_batch_size, self.rank, self.world_size)]
-        built = [self._row(np.random.default_rng([self.seed, self.step, r])) for r in rows]
-        self.step += 1
-        ids = torch.from_numpy(np.stack([b[0] for b in built]))
-        answers = torch.from_numpy(np.stack([b[1] for b in built]))
-        mask = answers
-        if self.score == "all":  # everything after the leading eos padding
-            mask = (ids != self.tokenizer.eos_id).cumsum(1) > 0
-        batch = {"input_ids": ids, "labels": torch.where(mask, ids, torch.full_like(ids, -100))}
-        if self.answer_weight != 1.0:
-            batch["loss_weights"] = 1.0 + (self.answer_weight - 1.0) * answers.float()
-        return batch
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "kind": "niah", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
@@ -173,6 +171,98 @@ class NiahTrainSource:
         state = {"answer_weight": 1.0, "quiet_prefix": 0, **state}  # saved before these options
         _check_resume("NiahTrainSource", self.state_dict(), state)
         self.step = int(state["step"])
+
+
+class RecallTrainSource(_RowSource):
+    """Keyed-recall training rows (``titans.tasks.recall.recall_row_ids``): each row a haystack of
+    ``haystacks`` (drawn per row) with ``needles`` needles and ``questions`` questions, each asking a
+    uniformly random earlier needle by its key; ``values`` "numbers", "words" or "mixed" (drawn per
+    row). The held-out haystacks (``HELD_OUT_HAYSTACKS``: Milton) and template sets (``"unseen"``)
+    are refused: they exist to measure what training never saw. ``score`` and ``answer_weight`` as
+    in ``NiahTrainSource``.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        seq_len: int,
+        seed: int,
+        *,
+        haystacks: Sequence[str] = TRAIN_HAYSTACKS,
+        needles: int = 8,
+        questions: int = 8,
+        templates: str = "train",
+        values: str = "mixed",
+        min_gap: int = 0,
+        score: str = "all",
+        answer_weight: float = 1.0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        haystacks = list(haystacks)
+        held = [h for h in haystacks if h in HELD_OUT_HAYSTACKS]
+        if held:
+            raise ValueError(f"haystack(s) {held} are held out of training (evaluation only); train on {list(TRAIN_HAYSTACKS)}")
+        if not haystacks or any(h not in TRAIN_HAYSTACKS for h in haystacks):
+            raise ValueError(f"haystacks must be a non-empty subset of {list(TRAIN_HAYSTACKS)}, got {haystacks}")
+        if templates in HELD_OUT_TEMPLATES:
+            raise ValueError(f"templates {templates!r} are held out of training (evaluation only)")
+        if templates not in TEMPLATES:
+            raise ValueError(f"templates must be one of {sorted(set(TEMPLATES) - set(HELD_OUT_TEMPLATES))}, got {templates!r}")
+        if values not in (*VALUE_KINDS, "mixed"):
+            raise ValueError(f"values must be one of {[*VALUE_KINDS, 'mixed']}, got {values!r}")
+        if score not in ("answers", "all"):
+            raise ValueError(f"score must be 'answers' or 'all', got {score!r}")
+        if not (answer_weight >= 1.0 and answer_weight < float("inf")):
+            raise ValueError(f"answer_weight must be a finite number >= 1, got {answer_weight}")
+        if answer_weight != 1.0 and score != "all":
+            raise ValueError("answer_weight needs score='all' (with score='answers' only answers are scored)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.tokenizer, self.seq_len, self.seed = tokenizer, int(seq_len), int(seed)
+        self.haystacks, self.needles, self.questions = tuple(haystacks), int(needles), int(questions)
+        self.templates, self.values, self.min_gap = templates, values, int(min_gap)
+        self.score, self.answer_weight = score, float(answer_weight)
+        self.rank, self.world_size = rank, world_size
+        self.step = 0
+        for h in self.haystacks:  # build the haystacks now, and fail now if a row cannot hold its needles
+            self._row(np.random.default_rng(0), h)
+
+    def _row(self, rng: np.random.Generator, haystack_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if haystack_name is None:
+            haystack_name = self.haystacks[rng.integers(len(self.haystacks))]
+        values = VALUE_KINDS[rng.integers(len(VALUE_KINDS))] if self.values == "mixed" else self.values
+        return recall_row_ids(
+            self.tokenizer, self.seq_len + 1, rng, haystack_name=haystack_name, needles=self.needles,
+            questions=self.questions, templates=self.templates, values=values, min_gap=self.min_gap,
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "recall", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
+            "haystacks": list(self.haystacks), "needles": self.needles, "questions": self.questions,
+            "templates": self.templates, "values": self.values, "min_gap": self.min_gap, "score": self.score,
+            "answer_weight": self.answer_weight, "tokenizer": self.tokenizer.to_spec(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_resume("RecallTrainSource", self.state_dict(), state)
+        self.step = int(state["step"])
+
+
+def _scored_batch(tokenizer, built, score: str, answer_weight: float) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "labels"[, "loss_weights"]}`` of rows ``(ids, answer_mask)``: labels on the
+    answers, or (``score="all"``) on every token after the leading ``eos`` padding, answers weighted
+    ``answer_weight`` times the others."""
+    ids = torch.from_numpy(np.stack([b[0] for b in built]))
+    answers = torch.from_numpy(np.stack([b[1] for b in built]))
+    mask = answers
+    if score == "all":  # everything after the leading eos padding
+        mask = (ids != tokenizer.eos_id).cumsum(1) > 0
+    batch = {"input_ids": ids, "labels": torch.where(mask, ids, torch.full_like(ids, -100))}
+    if answer_weight != 1.0:
+        batch["loss_weights"] = 1.0 + (answer_weight - 1.0) * answers.float()
+    return batch
 
 
 class MQARTrainSource:

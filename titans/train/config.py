@@ -123,14 +123,14 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "text"  # text (token shards) | niah | mqar (generated on the fly)
+    kind: str = "text"  # text (token shards) | niah | recall | mqar (generated on the fly)
     path: str | None = None  # text: a directory from `titans data prepare`; None = the built-in corpus
     tokenizer: str = "bytes"  # bytes | sentencepiece[:PATH] | bpe:VOCAB (text prepared on first use)
     options: dict[str, Any] = field(default_factory=dict)  # generator options (niah / mqar)
 
     def validate(self) -> None:
-        if self.kind not in ("text", "niah", "mqar"):
-            raise ConfigError(f"data.kind must be 'text', 'niah' or 'mqar', got {self.kind!r}")
+        if self.kind not in ("text", "niah", "recall", "mqar"):
+            raise ConfigError(f"data.kind must be 'text', 'niah', 'recall' or 'mqar', got {self.kind!r}")
 
 
 def write_penalty_problem(model: TitansConfig) -> str | None:

@@ -1,9 +1,9 @@
 """Build the batch sources of a run from its ``data`` config.
 
 text: token shards from ``titans data prepare`` (``data.path``), or the built-in corpus prepared
-on first use into the cache with the configured tokenizer. niah / mqar: generated on the fly
+on first use into the cache with the configured tokenizer. niah / recall / mqar: generated on the fly
 (``data.options`` are passed to the generator). Evaluation batches come from the held-out split
-(text) or from a generator seeded apart from training (niah / mqar).
+(text) or from a generator seeded apart from training (niah / recall / mqar).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def build_sources(run, rank: int = 0, world_size: int = 1):
 
     from ..tasks import train_sources
 
-    klass = {"niah": train_sources.NiahTrainSource, "mqar": train_sources.MQARTrainSource}[data.kind]
+    klass = {"niah": train_sources.NiahTrainSource, "recall": train_sources.RecallTrainSource,
+             "mqar": train_sources.MQARTrainSource}[data.kind]  # fmt: skip
 
     def make(seed):
         try:
