@@ -169,3 +169,54 @@ def test_timeseries_loader_refuses_a_pickle(tmp_path):
     with pytest.raises(ValueError, match="not a titans timeseries checkpoint"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- one run per directory
+
+
+def _hold_lock_in_a_subprocess(out_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom titans.train.lock import run_lock\n"
+            f"with run_lock({str(out_dir)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_in_the_same_directory_is_refused_and_a_killed_ones_is_taken_over(tmp_path, capsys):
+    from titans.errors import UserError
+    from titans.train.lock import RunLockError
+
+    out = tmp_path / "run"
+    holder = _hold_lock_in_a_subprocess(out)
+    try:
+        with pytest.raises(RunLockError, match=rf"in use by another titans train \(pid {holder.pid} on"):
+            trainer_mod.train(tiny_run(out, max_steps=2))
+        assert not (out / "metrics.jsonl").exists()  # nothing of the refused run was written
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock, the pid stays in the file
+        holder.wait()
+    assert issubclass(RunLockError, UserError)  # the CLI exits 2 with the message
+    (out / "checkpoints" / ".step-0000004.x1y2").mkdir(parents=True)  # a write the kill interrupted
+    summary = trainer_mod.train(tiny_run(out, max_steps=2))
+    assert summary["step"] == 2
+    said = capsys.readouterr().out
+    assert f"pid {holder.pid}" in said and "did not exit cleanly" in said and "unfinished checkpoint" in said
+    assert not list((out / "checkpoints").glob(".step-*"))
+    assert (out / ".lock").read_text() == ""  # released cleanly: the next run says nothing
+    trainer_mod.train(tiny_run(out, max_steps=4), resume="auto")
+    assert "did not exit cleanly" not in capsys.readouterr().out
+
+
+def test_repeated_interruptions_keep_the_checkpoint_count(tmp_path):
+    out = tmp_path / "run"
+    for stop in (2, 4, 6, 8):
+        trainer_mod.train(tiny_run(out, max_steps=10, checkpoint_every=1, keep_checkpoints=2), resume="auto",
+                          stop_at_step=stop)  # fmt: skip
+        (out / "checkpoints" / f".step-{stop + 1:07d}.tmp").mkdir()  # as a kill mid-write leaves it
+        assert len(ckpt.list_checkpoints(out)) == 2
+    trainer_mod.train(tiny_run(out, max_steps=10, checkpoint_every=1, keep_checkpoints=2), resume="auto")
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-0000009", "step-0000010"]
+    assert not list((out / "checkpoints").glob(".step-*"))

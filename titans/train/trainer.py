@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import random
+import os
 import re
 import signal
 import time
@@ -36,6 +37,7 @@ from .distributed import (
     World, all_reduce_sum, full_state_dicts, init_distributed, load_full_state_dicts,
     no_gradient_sync, parallelize,
 )  # fmt: skip
+from .lock import run_lock
 from .optim import build_optimizer, build_scheduler
 from .sources import as_inputs, build_sources
 
@@ -290,7 +292,17 @@ class _WriteRate:
 def train(run: RunConfig, resume: str | None = None, stop_at_step: int | None = None) -> dict:
     """Train ``run``; ``resume`` = None (fresh; refuses an out_dir that has checkpoints),
     'auto' (latest checkpoint of out_dir if any) or a checkpoint path. ``stop_at_step`` ends the
-    run early as an interruption would (checkpoint included); tests use it. Returns a summary."""
+    run early as an interruption would (checkpoint included); tests use it. Returns a summary.
+
+    The first process of a run holds ``out_dir``'s lock (``titans.train.lock``) until it returns:
+    a second run pointed at the same directory is refused with the holder's pid."""
+    if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a distributed run
+        return _train(run, resume, stop_at_step)
+    with run_lock(run.train.out_dir):
+        return _train(run, resume, stop_at_step)
+
+
+def _train(run: RunConfig, resume: str | None, stop_at_step: int | None) -> dict:
     cfg, tcfg = run.model, run.train
     if stop_at_step is None:
         stop_at_step = tcfg.stop_at_step
