@@ -102,6 +102,12 @@ def test_training_source_refuses_held_out_text_and_phrasings(words):
         RecallTrainSource(words, 1023, 0, haystacks=["essays"])
     with pytest.raises(ValueError, match="too few"):
         RecallTrainSource(words, 63, 0, needles=8, questions=8)
+    # a config is refused when its worst draw could overflow a row, not at some later step
+    with pytest.raises(ValueError, match="may take 304 tokens"):
+        RecallTrainSource(words, 255, 0, haystacks=["noise"], needles=8, questions=10)
+    source = RecallTrainSource(words, 255, 0, haystacks=["noise"], needles=6, questions=6)
+    for _ in range(20):
+        source.next_batch(8)
 
 
 def test_training_source_is_deterministic_and_resumes(words):

@@ -220,3 +220,13 @@ def test_repeated_interruptions_keep_the_checkpoint_count(tmp_path):
     trainer_mod.train(tiny_run(out, max_steps=10, checkpoint_every=1, keep_checkpoints=2), resume="auto")
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-0000009", "step-0000010"]
     assert not list((out / "checkpoints").glob(".step-*"))
+
+
+def test_the_default_run_config_fits_its_tokenizer():
+    from titans.model import TitansConfig
+    from titans.train.config import load_run_config
+    from titans.train.sources import build_tokenizer
+
+    run = load_run_config(None, [])
+    assert run.model.vocab_size == build_tokenizer(run.data.tokenizer).vocab_size == 257
+    assert TitansConfig.preset("tiny").vocab_size == 257

@@ -33,7 +33,7 @@ VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
 @dataclass
 class TitansConfig:
     variant: str = "mac"
-    vocab_size: int = 256
+    vocab_size: int = 257  # the byte tokenizer: 256 bytes and end-of-document
     dim: int = 128
     depth: int = 2  # number of blocks
     heads: int = 4
@@ -162,7 +162,7 @@ class TitansConfig:
         (dims and depths as in the Transformer++/Gated DeltaNet baselines the paper follows;
         32K vocabulary as the Llama-2 tokenizer)."""
         presets = {
-            "tiny": dict(dim=128, depth=2, heads=4, vocab_size=256, window=128, segment=128),
+            "tiny": dict(dim=128, depth=2, heads=4, vocab_size=257, window=128, segment=128),
             "170M": dict(dim=768, depth=12, heads=16, vocab_size=32000, window=512, segment=512),
             "340M": dict(dim=1024, depth=24, heads=16, vocab_size=32000, window=1024, segment=1024),
             "400M": dict(dim=1024, depth=24, heads=16, vocab_size=32000, window=2048, segment=2048),

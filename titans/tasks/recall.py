@@ -128,6 +128,24 @@ def _draw(rng: np.random.Generator, n: int, values: str, templates: str) -> list
     return [(keys[k], pool[v], family[rng.integers(len(family))]) for k, v in zip(chosen_keys, chosen_values)]
 
 
+def worst_case_tokens(tokenizer, needles: int, questions: int, templates: str, values: str) -> int:
+    """Tokens that ``needles`` needles and ``questions`` questions with answers can take at most
+    (the longest phrasing with the longest key and value): a training row shorter than this plus
+    some haystack could fail to hold a draw."""
+    keys, adjectives = _keys(), _pair_lists()[1]
+    pool = adjectives if values == "words" else [str(v) for v in range(100, 1000)]
+
+    def longest(texts):
+        return max(map(len, encode_pieces(tokenizer, texts)))
+
+    key = max(keys, key=lambda k: len(tokenizer.encode(" " + k)))
+    value = max(pool, key=lambda v: len(tokenizer.encode(" " + v)))
+    family = TEMPLATES[templates]
+    needle = longest([" " + t.needle.format(key=key, value=value) for t in family])
+    question = longest(["\n" + t.question.format(key=key) + f" {value}." for t in family])
+    return needles * needle + questions * question
+
+
 def _check(haystack_name: str, values: str, templates: str) -> None:
     if templates not in TEMPLATES:
         raise ValueError(f"unknown recall template set {templates!r}; known: {sorted(TEMPLATES)}")
@@ -184,12 +202,12 @@ def recall_row_ids(
     needle_ids = encode_pieces(tokenizer, [sep + t.needle.format(key=k, value=v) for k, v, t in drawn])
     # the question's phrasing is drawn apart from its needle's: the key, not the wording, links them
     fixed_needles = sum(map(len, needle_ids))
-    longest_question = max(
-        len(encode_pieces(tokenizer, ["\n" + t.question.format(key=k)])[0])
-        + len(continuation_ids(tokenizer, t.question.format(key=k), f" {v}."))
-        for k, v, _ in drawn for t in family
+    # room for each question with the longest of the keys it may ask (which one is drawn later)
+    fixed = fixed_needles + sum(
+        max(len(encode_pieces(tokenizer, ["\n" + t.question.format(key=k)])[0])
+            + len(continuation_ids(tokenizer, t.question.format(key=k), f" {v}.")) for k, v, _ in drawn)
+        for t in asked_templates
     )  # fmt: skip
-    fixed = fixed_needles + questions * longest_question
     if fixed > total:
         raise ValueError(f"{total} tokens are too few for {needles} needles and {questions} questions ({fixed})")
     start, count = hay.fit(total - fixed, hay_starts(hay, rng, haystack_name == "noise"))

@@ -20,7 +20,9 @@ from ..data.stream import rank_rows
 from .mqar import _check as _check_mqar
 from .mqar import generate_mqar
 from .niah import VARIANTS, _builder, dense_niah_ids, niah_token_ids
-from .recall import HELD_OUT_HAYSTACKS, HELD_OUT_TEMPLATES, TEMPLATES, TRAIN_HAYSTACKS, VALUE_KINDS, recall_row_ids
+from .recall import (
+    HELD_OUT_HAYSTACKS, HELD_OUT_TEMPLATES, TEMPLATES, TRAIN_HAYSTACKS, VALUE_KINDS, recall_row_ids, worst_case_tokens,
+)  # fmt: skip
 
 __all__ = ["MQARTrainSource", "NiahTrainSource", "RecallTrainSource"]
 
@@ -225,7 +227,12 @@ class RecallTrainSource(_RowSource):
         self.score, self.answer_weight = score, float(answer_weight)
         self.rank, self.world_size = rank, world_size
         self.step = 0
-        for h in self.haystacks:  # build the haystacks now, and fail now if a row cannot hold its needles
+        kinds = VALUE_KINDS if values == "mixed" else (values,)
+        worst = max(worst_case_tokens(tokenizer, self.needles, self.questions, templates, v) for v in kinds)
+        if worst > self.seq_len + 1 - 16:  # a row must never fail mid-training: refuse a config that could
+            raise ValueError(f"rows of {self.seq_len + 1} tokens are too few for {needles} needles and {questions} "
+                             f"questions: they may take {worst} tokens, and the haystack needs some room")  # fmt: skip
+        for h in self.haystacks:  # build the haystacks now
             self._row(np.random.default_rng(0), h)
 
     def _row(self, rng: np.random.Generator, haystack_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
