@@ -54,6 +54,7 @@ class TitansConfig:
     memory_conv_kernel: int = 4
     memory_residual: bool = False
     memory_activation: str = "silu"
+    memory_qk_activation: str = "silu"  # "identity": no SiLU before the q / k l2 norm (NeuralMemory)
     memory_theta_init: float = 1e-3
     # 'softplus' leaves the memory's learning rate unbounded; 'sigmoid' bounds it by
     # memory_max_lr, which keeps the test-time updates stable when training pushes theta up
@@ -142,7 +143,7 @@ class TitansConfig:
             theta_activation=self.memory_theta_activation, max_lr=self.memory_max_lr,
             eta_init=self.memory_eta_init, alpha_init=self.memory_alpha_init,
             associative_init=self.memory_associative_init, max_grad_norm=self.memory_max_grad_norm,
-            product_dtype=self.memory_product_dtype,
+            product_dtype=self.memory_product_dtype, qk_activation=self.memory_qk_activation,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
