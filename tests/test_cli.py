@@ -75,5 +75,5 @@ def test_user_mistakes_exit_2_with_a_message(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "none")]) != 0
     with pytest.raises(SystemExit):
         main(["generate", "--checkpoint", "x", "--bogus=1"])  # overrides only where a command takes them
-    assert main(["demo", "niah", "--variant", "pair-xx"]) == 2
-    assert "--variant: unknown 'pair-xx'" in capsys.readouterr().err
+    assert main(["demo", "niah", "--variants", "pair-xx"]) == 2
+    assert "--variants: unknown ['pair-xx']" in capsys.readouterr().err

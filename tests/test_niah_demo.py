@@ -16,7 +16,7 @@ from titans.train.config import load_run_config
 
 
 def _fake_checkpoints(root):
-    for name, variant in ((niah_demo.DEMO_MODELS["titans-lmm"], "lmm"), (niah_demo.DEMO_MODELS["swa"], "swa")):
+    for name, variant in ((niah_demo.DEMO_MODELS["titans-mag"], "mag"), (niah_demo.DEMO_MODELS["swa"], "swa")):
         cfg = TitansConfig(variant=variant, vocab_size=257, dim=32, depth=1, heads=2, segment=64, window=64,
                            memory_chunk=16)  # fmt: skip
         save_for_inference(TitansLM(cfg), ByteTokenizer(), root / name, note={"command": "test"})
@@ -24,35 +24,38 @@ def _fake_checkpoints(root):
 
 def test_missing_checkpoint_says_how_to_make_it(tmp_path):
     with pytest.raises(UserError, match="titans demo niah --retrain"):
-        niah_demo.shipped_checkpoint("titans-lmm", root=tmp_path)
+        niah_demo.shipped_checkpoint("titans-mag", root=tmp_path)
 
 
 def test_demo_streams_every_length_and_writes_table_and_heatmap(tmp_path):
     _fake_checkpoints(tmp_path / "ck")
-    result = niah_demo.run_demo(["titans-lmm", "swa"], [512, 1024], 2, tmp_path / "out", chunk_tokens=256,
-                                variant="kv-pk", progress=False, root=tmp_path / "ck")  # fmt: skip
+    result = niah_demo.run_demo(["titans-mag", "swa"], [512, 1024], 2, tmp_path / "out", chunk_tokens=256,
+                                variants=["kv-pk"], progress=False, root=tmp_path / "ck")  # fmt: skip
     assert [(r["model"], r["length"]) for r in result["rows"]] == [
-        ("titans-lmm", 512), ("titans-lmm", 1024), ("swa", 512), ("swa", 1024)]
+        ("titans-mag", 512), ("titans-mag", 1024), ("swa", 512), ("swa", 1024)]
     assert all(0 <= r["accuracy"] <= 100 and r["tokens_per_s"] > 0 for r in result["rows"])
-    assert "titans-lmm" in result["table"] and "1K" in result["table"]
+    assert "titans-mag" in result["table"] and "1K" in result["table"]
     assert (tmp_path / "out" / "niah_heatmap.png").stat().st_size > 1000
 
 
-def test_demo_runs_the_pair_variant_with_the_word_tokenizer(tmp_path):
-    """The one-token-needle variant streams end to end with a word-tokenizer checkpoint."""
+def test_demo_runs_multi_key_variants_and_stops_a_growing_state_at_its_length(tmp_path, monkeypatch):
+    """The multi-key variants stream end to end with a word-tokenizer checkpoint; a model with a
+    MAX_LENGTH is not run beyond it and its cells say so."""
     from titans.data.tokenizers import load_tokenizer
 
     try:
         words = load_tokenizer("words")
     except Exception as err:  # PackageUnavailable: the word lists come from a registry package
         pytest.skip(f"NIAH word lists unavailable: {err}")
-    cfg = TitansConfig(variant="lmm", vocab_size=words.vocab_size, dim=32, depth=1, heads=2, memory_chunk=4,
-                       memory_associative_init=True)  # fmt: skip
-    save_for_inference(TitansLM(cfg), words, tmp_path / "ck" / niah_demo.DEMO_MODELS["titans-lmm"], note={"command": "test"})
-    result = niah_demo.run_demo(["titans-lmm"], [300], 2, tmp_path / "out", variant="pair-pk", chunk_tokens=128,
-                                progress=False, root=tmp_path / "ck")  # fmt: skip
-    (row,) = result["rows"]
-    assert row["length"] == 300 and 0 <= row["accuracy"] <= 100 and "pair-pk" in result["table"]
+    cfg = TitansConfig(variant="mag", vocab_size=words.vocab_size, dim=32, depth=1, heads=2, memory_chunk=4,
+                       window=16, memory_associative_init=True)  # fmt: skip
+    save_for_inference(TitansLM(cfg), words, tmp_path / "ck" / niah_demo.DEMO_MODELS["titans-mag"], note={"command": "test"})
+    monkeypatch.setitem(niah_demo.MAX_LENGTH, "titans-mag", 300)
+    result = niah_demo.run_demo(["titans-mag"], [300, 400], 2, tmp_path / "out", variants=["mk-n", "mk-pk"],
+                                chunk_tokens=128, progress=False, root=tmp_path / "ck")  # fmt: skip
+    assert [(r["variant"], r["length"]) for r in result["rows"]] == [("mk-n", 300), ("mk-pk", 300)]
+    assert all(0 <= r["accuracy"] <= 100 and r["distractor"] is not None for r in result["rows"])
+    assert "MK-NIAH-N" in result["table"] and "-: not run (titans-mag above 300" in result["table"]
 
 
 def test_retrain_runs_curriculum_stages_in_order(tmp_path, monkeypatch):
@@ -108,7 +111,7 @@ def test_shipped_checkpoints_answer_a_short_haystack_needle():
     for name in niah_demo.DEMO_MODELS:
         model, tokenizer, info = load_pretrained(niah_demo.shipped_checkpoint(name))
         assert info["step"] > 0, f"{name}: the shipped checkpoint is untrained"
-        result = run_niah(model, tokenizer, [1024], [niah_demo.DEFAULT_VARIANT], samples=11, depths=11, seed=1,
+        result = run_niah(model, tokenizer, [1024], [niah_demo.DEFAULT_VARIANTS[0]], samples=11, depths=11, seed=1,
                           batch_size=11, progress=False, model_name=name)  # fmt: skip
         scores[name] = {round(r["depth"], 1): r["score"] for r in result.records}
     assert sum(scores["titans-mac"].values()) >= 10, scores
@@ -134,4 +137,4 @@ def test_shipped_checkpoints_carry_their_checkpoint_settings():
 def test_every_packaged_recipe_is_a_valid_run_config(recipe):
     run = load_run_config(str(Path(niah_demo.__file__).parent / "recipes" / recipe))
     TitansLM(run.model)  # the model section builds
-    assert run.data.kind == "niah" and run.train.seq_len > run.train.detached_prefix >= 0
+    assert run.data.kind in ("niah", "recall") and run.train.seq_len > run.train.detached_prefix >= 0

@@ -1,7 +1,8 @@
 """``titans demo``: the README's main job.
 
 ``titans demo`` (= ``titans demo niah``) streams needles-in-haystacks from 1K to 64K tokens
-through the shipped tiny Titans and sliding-window checkpoints (``--retrain`` trains them again).
+through the shipped tiny Titans and sliding-window checkpoints (``--retrain`` trains them again);
+``--variants mk-n,mk-pk`` asks one of several needles by its key.
 ``titans demo recall`` streams key/value pairs through an untrained neural memory layer and
 recalls them (no training needed).
 """
@@ -19,12 +20,17 @@ def register(sub) -> None:
                         "recall: memory layer key/value recall")
     p.add_argument("--head-dim", type=int, default=64, help="recall: width of keys and values (default 64)")
     p.add_argument("--lengths", default="1K,4K,16K,64K", help="niah: haystack lengths in tokens (default 1K,4K,16K,64K)")
-    p.add_argument("--needles", type=int, default=4, help="niah: needles per length, at evenly spaced depths (default 4)")
-    p.add_argument("--models", default=None, help="niah: comma-separated subset of titans-mac,titans-mag,titans-lmm,swa (default all)")
+    p.add_argument("--samples", type=int, default=4,
+                   help="niah: prompts per length, the (asked) needle at evenly spaced depths (default 4)")
+    p.add_argument("--needles", type=int, default=4,
+                   help="niah: needles per multi-key prompt, the asked one and its distractors (default 4)")
+    p.add_argument("--models", default=None,
+                   help="niah: comma-separated subset of titans-mac,titans-mag,titans-lmm,swa (default all)")
     p.add_argument("--out", default="demo-out", help="niah: directory for the heatmap and results (default demo-out)")
-    p.add_argument("--variant", default="pair-pk",
-                   help="niah: needle format, a variant of `titans eval niah` (default pair-pk: what the shipped "
-                        "checkpoints were trained on)")
+    p.add_argument("--variants", default="pair-pk",
+                   help="niah: needle tests, variants of `titans eval niah` (default pair-pk, what the shipped "
+                        "checkpoints were trained on; mk-n,mk-pk: four needles in Shakespeare / in noise, one "
+                        "asked by its key)")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="niah: tokens per streaming call (default 4096)")
     p.add_argument("--retrain", action="store_true", help="niah: train the checkpoints again from titans/recipes first")
     p.add_argument("--work-dir", default="runs/demo", help="niah --retrain: training directory (default runs/demo)")
@@ -51,8 +57,10 @@ def run(args) -> int:
             raise UserError(f"--models: unknown {unknown}; choose from {sorted(DEMO_MODELS)}")
         from ..eval.niah import NIAH_VARIANTS
 
-        if args.variant not in NIAH_VARIANTS:
-            raise UserError(f"--variant: unknown {args.variant!r}; choose from {sorted(NIAH_VARIANTS)}")
+        args.variants = [v for v in args.variants.split(",") if v]
+        unknown = [v for v in args.variants if v not in NIAH_VARIANTS]
+        if unknown or not args.variants:
+            raise UserError(f"--variants: unknown {unknown}; choose from {sorted(NIAH_VARIANTS)}")
         return niah_main(args)
     from ..recall_demo import main as demo_main
 
