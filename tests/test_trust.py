@@ -230,3 +230,31 @@ def test_the_default_run_config_fits_its_tokenizer():
     run = load_run_config(None, [])
     assert run.model.vocab_size == build_tokenizer(run.data.tokenizer).vocab_size == 257
     assert TitansConfig.preset("tiny").vocab_size == 257
+
+
+# ----------------------------------------------------------------------------- divergence named
+
+
+def test_a_diverging_memory_is_named_where_it_starts():
+    from titans.errors import MemoryDivergedError, NonFiniteError
+    from titans.layers import NeuralMemory
+    from titans.model import TitansConfig, TitansLM
+
+    torch.manual_seed(0)
+    blowup = dict(theta_init=5.0, eta_init=0.99, alpha_init=1e-4)  # theta large, momentum near 1, no forgetting
+    layer = NeuralMemory(32, heads=2, chunk_size=4, depth=3, **blowup)
+    with pytest.raises(MemoryDivergedError, match=r"diverged at token \d+ of its input, head \d.*max_grad_norm"):
+        layer(torch.randn(1, 400, 32) * 30)
+    assert issubclass(MemoryDivergedError, NonFiniteError)  # the trainer reports it as a diverged run
+    cfg = TitansConfig(variant="mag", vocab_size=50, dim=32, depth=2, heads=2, window=8, memory_chunk=4,
+                       memory_depth=3, **{f"memory_{k}": v for k, v in blowup.items()})  # fmt: skip
+    model = TitansLM(cfg)
+    with torch.no_grad():
+        model.embed.weight.mul_(100)
+    with pytest.raises(MemoryDivergedError, match=r"^block 0 \(this call starts at stream token 0\): the neural"):
+        model(torch.randint(0, 50, (1, 400)))
+    # bounded steps keep the same memory finite
+    layer = NeuralMemory(32, heads=2, chunk_size=4, depth=3, max_grad_norm=1.0, theta_activation="sigmoid",
+                         max_lr=0.1, theta_init=0.09, eta_init=0.99, alpha_init=1e-4)  # fmt: skip
+    y, _ = layer(torch.randn(1, 400, 32) * 30)
+    assert torch.isfinite(y).all()

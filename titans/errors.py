@@ -12,6 +12,11 @@ class NonFiniteError(ValueError):
     trainer catches this type to report a diverged run)."""
 
 
+class MemoryDivergedError(NonFiniteError):
+    """A neural memory's test-time updates grew without bound: its answers stopped being finite
+    (the message names the token and head where it began and the settings that bound the updates)."""
+
+
 class PerformanceWarning(UserWarning):
     """A setting that works but runs far slower than it should on this hardware (the message
     says which setting and what to use instead)."""

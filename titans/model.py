@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
 from .blocks.common import RMSNorm
+from .errors import MemoryDivergedError
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.state import check_max_grad_norm
 from .utils import standard_strides
@@ -277,8 +278,12 @@ class TitansLM(nn.Module):
         x = self.embed(input_ids)
         layer_states = state.layers if (state is not None and state.layers) else [None] * len(self.blocks)
         new_states = []
-        for block, s in zip(self.blocks, layer_states):
-            x, s = block(x, s)
+        for i, (block, s) in enumerate(zip(self.blocks, layer_states)):
+            try:
+                x, s = block(x, s)
+            except MemoryDivergedError as err:  # say where: the block, and where this call starts
+                start = state.position if state is not None else 0
+                raise MemoryDivergedError(f"block {i} (this call starts at stream token {start}): {err}") from None
             new_states.append(s)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, dim)

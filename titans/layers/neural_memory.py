@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..errors import NonFiniteError
+from ..errors import MemoryDivergedError, NonFiniteError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
@@ -520,7 +520,24 @@ class NeuralMemory(nn.Module):
                     instead='product_dtype=None (memory_product_dtype="float32") here',
                 )  # fmt: skip
             y, mem = op(**kwargs, compile=self.use_compile and compile_group, product_dtype=self.product_dtype)
+        if not torch.compiler.is_compiling() and nonfinite({"y": y}):
+            self._raise_diverged(y, theta)
         return y, NeuralMemoryState(memory=mem, conv=conv_tail)
+
+    def _raise_diverged(self, y: Tensor, theta: Tensor) -> None:
+        """Name the first token and head whose answer is not finite (inputs were checked finite,
+        so the memory's own updates blew up there) and what bounds them."""
+        bad = ~torch.isfinite(y).all(-1)  # [B, T, H]
+        t = int(bad.any(0).any(-1).nonzero()[0])
+        h = int(bad[:, t].any(0).nonzero()[0])
+        bound = ("max_grad_norm (TitansConfig.memory_max_grad_norm) bounds each step" if self.max_grad_norm is None
+                 else f"lower max_grad_norm (now {self.max_grad_norm}) or the learning rate")
+        if self.theta_activation == "softplus":
+            bound += "; theta_activation='sigmoid' with max_lr (memory_theta_activation, memory_max_lr) bounds theta"
+        raise MemoryDivergedError(
+            f"the neural memory diverged at token {t} of its input, head {h} (theta there up to "
+            f"{float(theta[:, t, h].detach().max()):.3g}): its test-time updates grew without bound; {bound}"
+        )
 
     # ---- one token, for the decode graph ---------------------------------------------------
 
