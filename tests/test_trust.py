@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from titans.data.tokenizers import ByteTokenizer
+from titans.model import TitansLM
 from titans.train import checkpoint as ckpt
 from titans.train import trainer as trainer_mod
 from titans.train.tree_io import TreeError, load_tree, save_tree
@@ -258,3 +260,36 @@ def test_a_diverging_memory_is_named_where_it_starts():
                          max_lr=0.1, theta_init=0.09, eta_init=0.99, alpha_init=1e-4)  # fmt: skip
     y, _ = layer(torch.randn(1, 400, 32) * 30)
     assert torch.isfinite(y).all()
+
+
+# ----------------------------------------------------------------------------- user mistakes: one line, exit 2
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["generate", "--checkpoint", "CK", "--temperature", "nan"], "--temperature must be a finite number"),
+    (["generate", "--checkpoint", "CK", "--top-k", "-3"], "--top-k must be >= 1"),
+    (["generate", "--checkpoint", "CK", "--top-p", "2"], "--top-p must lie in (0, 1]"),
+    (["generate", "--checkpoint", "CK", "--top-p", "nan"], "--top-p must lie in (0, 1]"),
+    (["generate", "--checkpoint", "CK", "--chunk-tokens", "0"], "--chunk-tokens must be >= 1"),
+    (["generate", "--checkpoint", "CK", "--prompt-file", "BAD"], "is not UTF-8 text"),
+    (["generate", "--checkpoint", "CK", "--prompt-file", "DIR"], "cannot be read"),
+    (["generate", "--checkpoint", "CK", "--prompt-file", "MISSING"], "cannot be read"),
+    (["train", "--config", "BAD.yaml"], "is not UTF-8 text"),
+    (["train", "--train.lr=nan"], "train.lr must be a finite number > 0"),
+    (["train", "--train.max_minutes=0"], "train.max_minutes must be a finite number of minutes > 0"),
+    (["eval", "niah", "--checkpoint", "CK", "--lengths", "1K", "--out", "FILE"], "is a file"),
+])  # fmt: skip
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, said):
+    from titans.__main__ import main
+
+    ck = ckpt.save_for_inference(TitansLM(tiny_run(tmp_path).model), ByteTokenizer(), tmp_path / "ck")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    (tmp_path / "BAD.yaml").write_bytes(b"\xff\xfe not utf-8")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    names = {"CK": ck, "BAD": tmp_path / "bad.txt", "BAD.yaml": tmp_path / "BAD.yaml", "DIR": tmp_path / "dir",
+             "MISSING": tmp_path / "missing.txt", "FILE": tmp_path / "file"}  # fmt: skip
+    argv = [str(names.get(a, a)) for a in argv]
+    assert main(argv + ([f"--train.out_dir={tmp_path / 'run'}"] if argv[0] == "train" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -24,8 +24,21 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def _read_prompt(path: str) -> str:
     from pathlib import Path
+
+    from ..config_files import ConfigError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--prompt-file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:  # missing, a directory, unreadable
+        raise ConfigError(f"--prompt-file {path} cannot be read: {err.strerror or err}") from None
+
+
+def run(args) -> int:
+    import math
 
     import torch
 
@@ -35,12 +48,18 @@ def run(args) -> int:
 
     if args.max_new_tokens < 0:
         raise ConfigError("--max-new-tokens must be >= 0")
-    if args.temperature < 0:
-        raise ConfigError("--temperature must be >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails this too
+        raise ConfigError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.chunk_tokens < 1:
+        raise ConfigError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     device = resolve_device(args.device)
     model, tokenizer, info = load_pretrained(args.checkpoint, map_location=device)
     model.set_memory_compile(args.compile)
-    prompt = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]  # eos = "a document starts here"
     ids = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)

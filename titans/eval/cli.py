@@ -354,6 +354,8 @@ def run(args) -> int:
 
     sources = model_sources(args)
     _check_args(args, sources)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found before any model runs
+        raise ConfigError(f"--out {args.out} is a file: give a directory for the results")
     results, names = [], []
     for i, source in enumerate(sources):  # one model in memory at a time
         model, tokenizer, info = load_model(args, source)

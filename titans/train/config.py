@@ -108,8 +108,11 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.parallel not in ("none", "ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
-        if not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0:
-            raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.lr must be a finite number > 0 (got {self.lr}) and train.min_lr_ratio in [0, 1] "
+                              f"(got {self.min_lr_ratio})")  # fmt: skip
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(f"train.max_minutes must be a finite number of minutes > 0, got {self.max_minutes}")
 
     def accumulation_steps(self, world_size: int) -> int:
         rows = self.batch_tokens // self.seq_len
