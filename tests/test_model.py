@@ -550,7 +550,8 @@ def test_decode_step_leaves_states_that_do_not_fit_to_the_general_path(variant):
         other_chunk = _model(variant, memory_chunk=8)(ids[:, :5])[2]  # memory position 5 (MAG: 7) of 8
         no_conv = _model(variant, memory_conv_kernel=0)(ids[:, :6])[2]
         state = model(ids[:, :6])[2]
-        for bad, err, match in ((other_chunk, ValueError, "chunk_size"), (no_conv, ValueError, "conv")):
+        for bad, err, match in ((other_chunk, ValueError, "memory_chunk: state 8, model 4"),
+                                (no_conv, ValueError, "memory_conv_kernel: state 0, model 4")):
             with pytest.raises(err, match=match):
                 model(ids[:, 6:7], state=bad)
         poisoned = model(ids[:, :6])[2]

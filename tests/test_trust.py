@@ -293,3 +293,87 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, said):
     assert main(argv + ([f"--train.out_dir={tmp_path / 'run'}"] if argv[0] == "train" else [])) == 2
     err = capsys.readouterr().err.strip()
     assert said in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- a state belongs to its model
+
+
+def _lm(**kw):
+    from titans.model import TitansConfig
+
+    torch.manual_seed(0)
+    base = dict(variant="mac", vocab_size=64, dim=32, depth=2, heads=2, segment=8, window=8, memory_chunk=4)
+    return TitansLM(TitansConfig(**{**base, **kw})).eval()
+
+
+@pytest.mark.parametrize("other, named", [
+    (dict(variant="transformer"), r"\(variant: state transformer, model mac\)"),
+    (dict(memory_depth=3), "memory_depth: state 3, model 2"),
+    (dict(dim=48), "dim: state 48, model 32"),
+    (dict(segment=16), "segment: state 16, model 8"),
+    (dict(memory_expansion=2.0), "memory_expansion: state 2.0, model 4.0"),
+    (dict(memory_heads=1), "memory_heads: state 1, model None"),
+])  # fmt: skip
+def test_a_state_from_another_layout_is_refused_naming_both_sides(other, named, tmp_path):
+    from titans.errors import StateMismatchError
+    from titans.state_io import load_state, save_state
+
+    model, ids = _lm(), torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        foreign = _lm(**other)(ids)[2]
+        if other.get("variant") == "transformer":  # and the other way round
+            with pytest.raises(StateMismatchError, match="variant: state mac, model transformer"):
+                _lm(**other)(ids, state=model(ids)[2])
+        with pytest.raises(StateMismatchError, match=named):
+            model(ids, state=foreign)
+        save_state(foreign, tmp_path / "s")
+        load_state(tmp_path / "s")  # without a model: read as it is
+        with pytest.raises(StateMismatchError, match=named):
+            load_state(tmp_path / "s", model=model)
+        own = model(ids)[2]
+        model(ids, state=own)  # its own state continues
+        # test-time settings are not part of the layout
+        _lm(memory_max_grad_norm=3.0)(ids, state=own)
+
+
+def test_state_files_refuse_flipped_bits_empty_layers_negative_positions_and_other_dtypes(tmp_path):
+    from dataclasses import replace
+
+    from titans.state_io import load_state, save_state
+
+    model, ids = _lm(), torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        state = model(ids)[2]
+    save_state(state, tmp_path / "ok")
+    back, _ = load_state(tmp_path / "ok", model=model)
+    assert back.fingerprint == model.state_fingerprint() and back.position == 12
+    save_state(state, tmp_path / "flip")
+    data = bytearray((tmp_path / "flip" / "state.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (tmp_path / "flip" / "state.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        load_state(tmp_path / "flip")
+    save_state(replace(state, layers=[]), tmp_path / "empty")
+    with pytest.raises(ValueError, match="no layers"):
+        load_state(tmp_path / "empty")
+    save_state(replace(state, position=-4), tmp_path / "neg")
+    with pytest.raises(ValueError, match="position must be an integer >= 0"):
+        load_state(tmp_path / "neg")
+    with pytest.raises(ValueError, match="position must be an integer >= 0"):
+        model(ids, state=replace(state, position=-4))
+    save_state(state, tmp_path / "f64")
+    with pytest.raises(ValueError, match="the model computes in torch.float64"):
+        load_state(tmp_path / "f64", model=_lm().double())
+
+
+@pytest.mark.parametrize("other", [dict(depth=3), dict(expansion=2.0), dict(heads=4)])
+def test_a_memory_layer_refuses_a_state_of_another_shape(other):
+    from titans.errors import StateMismatchError
+    from titans.layers import NeuralMemory
+
+    x = torch.randn(1, 8, 32)
+    _, foreign = NeuralMemory(32, **{**dict(heads=2, depth=2, chunk_size=4), **other})(x)
+    layer = NeuralMemory(32, heads=2, depth=2, chunk_size=4)
+    with pytest.raises(StateMismatchError, match=r"this layer's has 2 of \[\(2, 64, 16\), \(2, 16, 64\)\]"):
+        layer(x, foreign)
+    layer(x, layer(x)[1])  # its own state continues

@@ -17,6 +17,11 @@ class MemoryDivergedError(NonFiniteError):
     (the message names the token and head where it began and the settings that bound the updates)."""
 
 
+class StateMismatchError(UserError, ValueError):
+    """A state from a model or layer of another layout (variant, sizes, memory shape, segment or
+    window): the message names both sides."""
+
+
 class PerformanceWarning(UserWarning):
     """A setting that works but runs far slower than it should on this hardware (the message
     says which setting and what to use instead)."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
 from .blocks.common import RMSNorm
-from .errors import MemoryDivergedError
+from .errors import MemoryDivergedError, StateMismatchError
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.state import check_max_grad_norm
 from .utils import standard_strides
@@ -177,13 +177,25 @@ class TitansConfig:
 
 @dataclass
 class ModelState:
-    """One BlockState per block, and the number of tokens seen."""
+    """One BlockState per block, the number of tokens seen, and the fingerprint of the model that
+    made it (``TitansLM.state_fingerprint``: a state fits only a model of the same layout)."""
 
     layers: list[BlockState] = field(default_factory=list)
     position: int = 0
+    fingerprint: str | None = None
 
     def detach(self) -> "ModelState":
         return replace(self, layers=[s.detach() for s in self.layers])
+
+
+# The settings a state's shapes and meaning depend on: a state made under other values of these
+# cannot be continued by the model. Test-time settings (memory_max_grad_norm, product dtype, ...)
+# and the vocabulary are not among them.
+STATE_SETTINGS = (
+    "variant", "dim", "depth", "heads", "window", "segment", "persistent_tokens", "memory_heads", "memory_depth",
+    "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting", "memory_conv_kernel",
+    "memory_residual", "memory_activation", "memory_qk_activation", "mac_memory_input",
+)  # fmt: skip
 
 
 def _make_block(cfg: TitansConfig) -> nn.Module:
@@ -260,8 +272,8 @@ class TitansLM(nn.Module):
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         if bool(((input_ids < 0) | (input_ids >= self.cfg.vocab_size)).any()):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size})")
-        if state is not None and state.layers and len(state.layers) != len(self.blocks):
-            raise ValueError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
+        if state is not None:
+            self.check_state(state)
         if (
             input_ids.shape[1] == 1
             and labels is None
@@ -294,7 +306,31 @@ class TitansLM(nn.Module):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         pos = (state.position if state is not None else 0) + input_ids.shape[1]
-        return logits, loss, ModelState(layers=new_states, position=pos)
+        return logits, loss, ModelState(layers=new_states, position=pos, fingerprint=self.state_fingerprint())
+
+    def state_fingerprint(self) -> str:
+        """The settings a state of this model depends on (``STATE_SETTINGS``), as ``key=value``
+        words: what a state carries to say which models it fits, and what an error shows."""
+        cfg = self.cfg
+        mem = cfg.variant in ("mac", "mag", "mal", "lmm")
+        keep = [k for k in STATE_SETTINGS if mem or not (k.startswith("memory_") or k.startswith("mac_"))]
+        return " ".join(f"{k}={getattr(cfg, k)}" for k in keep)
+
+    def check_state(self, state: ModelState) -> None:
+        """Refuse, with both sides named, a state this model cannot continue."""
+        if not isinstance(state, ModelState):
+            raise TypeError(f"state must be a ModelState, got {type(state).__name__}")
+        mine = self.state_fingerprint()
+        if state.fingerprint is not None and state.fingerprint != mine:
+            theirs = dict(w.split("=", 1) for w in state.fingerprint.split())
+            ours = dict(w.split("=", 1) for w in mine.split())
+            # the settings both sides have (a transformer's state has no memory settings)
+            diff = [f"{k}: state {theirs[k]}, model {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+            raise StateMismatchError(f"the state comes from another model layout ({'; '.join(diff) or state.fingerprint})")
+        if not isinstance(state.position, int) or isinstance(state.position, bool) or state.position < 0:
+            raise StateMismatchError(f"state position must be an integer >= 0, got {state.position!r}")
+        if state.layers and len(state.layers) != len(self.blocks):
+            raise StateMismatchError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
 
     def _decode_step(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState] | None:
         """One token ``[B, 1]`` after ``state`` through every block's ``decode_token`` (MAC, MAG,
@@ -315,7 +351,7 @@ class TitansLM(nn.Module):
         if not bool(torch.isfinite(logits).all()):
             return None  # the general path checks every block's input and names what is not finite
         layers = [b.decode_state(s, i, o) for b, s, i, o in zip(self.blocks, state.layers, inputs, outputs)]
-        return logits, ModelState(layers=layers, position=state.position + 1)
+        return logits, ModelState(layers=layers, position=state.position + 1, fingerprint=self.state_fingerprint())
 
     def _decode_graph(self, input_ids: Tensor, position: Tensor, slot: Tensor, inputs: list) -> tuple[Tensor, list]:
         """The tensor math of ``_decode_step``: embedding, each block's ``decode_token``, head."""

@@ -5,14 +5,17 @@ The JSON holds the structure (which dataclass, which field, ints such as positio
 safetensors file holds the tensors, each once even where the state refers to it twice (a memory
 whose chunk-start weights are its running weights). Only the project's own state classes are
 rebuilt on load. Both files are written to temporary names and renamed, so an interrupted save
-never leaves a half-written state behind.
+never leaves a half-written state behind. ``state.json`` records the SHA-256 of the tensors file: a
+flipped bit is refused on load, as are a state with no layers or a negative position; given the
+model, ``load_state`` also refuses a state of another layout (``TitansLM.check_state``) or dtype.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields, is_dataclass
+import hashlib
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -67,8 +70,9 @@ def _decode(node, tensors: dict[str, Tensor]):
         if cls is None:
             raise ValueError(f"corrupt state file: unknown state class {node['dataclass']!r}")
         known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         given = node.get("fields", {})
-        if set(given) != known:
+        if not required <= set(given) <= known:  # fields added later (with defaults) may be absent
             raise ValueError(f"corrupt state file: {cls.__name__} fields {sorted(given)} != {sorted(known)}")
         return cls(**{k: _decode(v, tensors) for k, v in given.items()})
     if "tuple" in node:
@@ -88,18 +92,28 @@ def save_state(state, directory: str | os.PathLike, metadata: dict | None = None
     d.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     tree = _encode(state, tensors, {})
-    doc = {"format": FORMAT, "state": tree, "metadata": metadata or {}}
     tmp_t, tmp_j = d / "state.safetensors.tmp", d / "state.json.tmp"
     save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp_t))
+    doc = {"format": FORMAT, "state": tree, "metadata": metadata or {}, "sha256": _sha256(tmp_t)}
     tmp_j.write_text(json.dumps(doc))
     os.replace(tmp_t, d / "state.safetensors")
     os.replace(tmp_j, d / "state.json")
     return d
 
 
-def load_state(directory: str | os.PathLike, device: str | torch.device | None = None):
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state(directory: str | os.PathLike, device: str | torch.device | None = None, model=None):
     """Read a state written by ``save_state``; tensors are moved to ``device`` when given.
-    Returns ``(state, metadata)``. Missing or corrupt files raise a ValueError naming the file."""
+    Returns ``(state, metadata)``. Missing or corrupt files raise a ValueError naming the file;
+    with ``model`` (a ``TitansLM``), a state it cannot continue (another layout or dtype) is
+    refused with both sides named."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -114,23 +128,40 @@ def load_state(directory: str | os.PathLike, device: str | torch.device | None =
         raise ValueError(f"corrupt state file {jpath}: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{jpath} is not a titans state (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if "sha256" in doc and _sha256(tpath) != doc["sha256"]:
+        raise ValueError(f"corrupt state file {tpath}: its SHA-256 differs from the one {jpath.name} records")
     try:
         tensors = load_file(str(tpath), device=str(device) if device is not None else "cpu")
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"corrupt state file {tpath}: {exc}") from exc
-    return _decode(doc["state"], tensors), doc.get("metadata", {})
+    state = _decode(doc["state"], tensors)
+    _check_loaded(state, jpath, model)
+    return state, doc.get("metadata", {})
 
 
-def state_num_bytes(state) -> int:
-    """Bytes held by the tensors of a state (each tensor counted once)."""
-    tensors: dict[str, Tensor] = {}
-    ids: dict[int, str] = {}
+def _check_loaded(state, where: Path, model) -> None:
+    from .model import ModelState
+
+    if isinstance(state, ModelState):
+        if not state.layers:
+            raise ValueError(f"{where}: the state has no layers")
+        if not isinstance(state.position, int) or isinstance(state.position, bool) or state.position < 0:
+            raise ValueError(f"{where}: state position must be an integer >= 0, got {state.position!r}")
+    if model is None:
+        return
+    model.check_state(state)
+    dtype = next(model.parameters()).dtype
+    floats = {t.dtype for t in _tensors(state) if t.is_floating_point()}
+    if floats - {dtype}:
+        raise ValueError(f"{where}: the state holds {sorted(map(str, floats))} tensors, the model computes in {dtype}")
+
+
+def _tensors(state) -> list[Tensor]:
+    found: list[Tensor] = []
 
     def walk(obj):
         if isinstance(obj, Tensor):
-            if id(obj) not in ids:
-                ids[id(obj)] = str(len(ids))
-                tensors[ids[id(obj)]] = obj
+            found.append(obj)
         elif is_dataclass(obj):
             for f in fields(obj):
                 walk(getattr(obj, f.name))
@@ -139,4 +170,10 @@ def state_num_bytes(state) -> int:
                 walk(o)
 
     walk(state)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return found
+
+
+def state_num_bytes(state) -> int:
+    """Bytes held by the tensors of a state (each tensor counted once)."""
+    unique = {id(t): t for t in _tensors(state)}
+    return sum(t.numel() * t.element_size() for t in unique.values())

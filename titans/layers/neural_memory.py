@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..errors import MemoryDivergedError, NonFiniteError
+from ..errors import MemoryDivergedError, NonFiniteError, StateMismatchError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
@@ -444,6 +444,13 @@ class NeuralMemory(nn.Module):
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise TypeError(f"state must be a NeuralMemoryState, got {type(state).__name__}")
+            mine = [(self.heads, o, i) for o, i in memory_shapes(self.head_dim, self.depth, self.expansion)]
+            theirs = [tuple(w.shape[-3:]) for w in state.memory.weights]
+            if theirs != mine:
+                raise StateMismatchError(
+                    f"the state's memory has {len(theirs)} layers of shapes {theirs} (heads, out, in); this layer's "
+                    f"has {len(mine)} of {mine} (depth {self.depth}, expansion {self.expansion}, {self.heads} heads)"
+                )
             if state.memory.batch_size != x.shape[0]:
                 raise ValueError(
                     f"state was made for batch size {state.memory.batch_size}, x has {x.shape[0]}"
