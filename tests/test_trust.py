@@ -377,3 +377,28 @@ def test_a_memory_layer_refuses_a_state_of_another_shape(other):
     with pytest.raises(StateMismatchError, match=r"this layer's has 2 of \[\(2, 64, 16\), \(2, 16, 64\)\]"):
         layer(x, foreign)
     layer(x, layer(x)[1])  # its own state continues
+
+
+def test_bad_labels_and_input_dtypes_are_named():
+    from titans.layers import NeuralMemory
+    from titans.model import TitansConfig
+
+    model = TitansLM(TitansConfig(variant="swa", vocab_size=20, dim=16, depth=1, heads=2, window=4))
+    ids = torch.randint(0, 20, (2, 8))
+    for labels, err, said in (
+        (torch.full((2, 8), 50), ValueError, r"labels must lie in \[0, vocab_size=20\) or be -100"),
+        (torch.zeros(2, 5, dtype=torch.long), ValueError, r"labels must have input_ids' shape \(2, 8\)"),
+        (torch.full((2, 8), -100), ValueError, "nothing to score"),
+        (torch.zeros(2, 8), TypeError, "labels must be integer token ids"),
+    ):
+        with pytest.raises(err, match=said):
+            model(ids, labels=labels)
+    labels = ids.clone()
+    labels[:, 0] = 99  # the first position is never a target: not checked
+    model(ids, labels=labels)
+    layer = NeuralMemory(16, heads=2)
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(TypeError, match=f"x is {dtype} but the layer's weights are torch.float32"):
+            layer(torch.randn(1, 4, 16, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(1, 4, 16))

@@ -264,6 +264,8 @@ class TitansLM(nn.Module):
             raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep needs labels=None: the loss is over every position's logits")
+        if labels is not None:
+            self._check_labels(input_ids, labels)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
@@ -307,6 +309,18 @@ class TitansLM(nn.Module):
             )
         pos = (state.position if state is not None else 0) + input_ids.shape[1]
         return logits, loss, ModelState(layers=new_states, position=pos, fingerprint=self.state_fingerprint())
+
+    def _check_labels(self, input_ids: Tensor, labels: Tensor) -> None:
+        if not isinstance(labels, Tensor) or labels.dtype not in (torch.long, torch.int32, torch.int64):
+            raise TypeError(f"labels must be integer token ids, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        scored = labels[:, 1:]
+        if bool(((scored != -100) & ((scored < 0) | (scored >= self.cfg.vocab_size))).any()):
+            raise ValueError(f"labels must lie in [0, vocab_size={self.cfg.vocab_size}) or be -100 (ignored)")
+        if bool((scored == -100).all()):
+            raise ValueError("every label after the first position is -100: there is nothing to score (the loss "
+                             "would be NaN)")  # fmt: skip
 
     def state_fingerprint(self) -> str:
         """The settings a state of this model depends on (``STATE_SETTINGS``), as ``key=value``

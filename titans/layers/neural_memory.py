@@ -437,6 +437,10 @@ class NeuralMemory(nn.Module):
             raise TypeError("x must be a floating-point tensor [batch, time, dim]")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [batch, time, dim={self.dim}], got {tuple(x.shape)}")
+        own = self.to_qkv.weight.dtype
+        if x.dtype != own and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the layer's weights are {own}: convert one (layer.to({x.dtype}) "
+                            f"or x.to({own})), or run under torch.autocast")  # fmt: skip
         if x.shape[1] == 0:
             raise ValueError("x has an empty time dimension (T = 0)")
         if nonfinite({"x": x}):
