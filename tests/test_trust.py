@@ -402,3 +402,18 @@ def test_bad_labels_and_input_dtypes_are_named():
             layer(torch.randn(1, 4, 16, dtype=dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(torch.randn(1, 4, 16))
+
+
+def test_resume_auto_skips_a_damaged_latest_checkpoint_and_an_empty_latest_pointer(tmp_path, capsys):
+    out = tmp_path / "run"
+    trainer_mod.train(tiny_run(out, max_steps=4, checkpoint_every=2, keep_checkpoints=3))
+    latest = ckpt.latest_checkpoint(out)
+    assert latest.name == "step-0000004"
+    (ckpt.checkpoint_root(out) / "LATEST").write_text("")  # emptied by a crash
+    assert ckpt.latest_checkpoint(out).name == "step-0000004"
+    with open(latest / "optimizer.safetensors", "r+b") as f:  # damaged: truncated
+        f.truncate(10)
+    summary = trainer_mod.train(tiny_run(out, max_steps=6, checkpoint_every=2, keep_checkpoints=3), resume="auto")
+    said = capsys.readouterr().out
+    assert "resuming from step-0000002: newer checkpoint(s) are damaged" in said and "truncated" in said
+    assert summary["step"] == 6

@@ -37,6 +37,7 @@ from .tree_io import TreeError, load_tree, save_tree
 __all__ = [
     "CheckpointError", "save_checkpoint", "verify_checkpoint", "read_checkpoint", "latest_checkpoint",
     "list_checkpoints", "load_pretrained", "export_for_inference", "save_for_inference", "read_weights",
+    "newest_intact_checkpoint",
 ]  # fmt: skip
 
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.safetensors", "run.json")
@@ -96,11 +97,33 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     root = checkpoint_root(out_dir)
     pointer = root / "LATEST"
     if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if path.is_dir():
+        name = pointer.read_text(errors="replace").strip()
+        path = root / name
+        if name.startswith("step-") and "/" not in name and path.is_dir():  # an empty or odd LATEST is ignored
             return path
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def newest_intact_checkpoint(out_dir: str | Path, log=print) -> Path | None:
+    """The newest checkpoint of ``out_dir`` that verifies (``verify_checkpoint``), saying which
+    newer ones were skipped as damaged; None if there is none at all. Raises if every one is damaged."""
+    found = list_checkpoints(out_dir)
+    latest = latest_checkpoint(out_dir)
+    order = sorted(found, key=lambda p: (p == latest, p.name), reverse=True)
+    problems = []
+    for path in order:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            log(f"resuming from {path.name}: newer checkpoint(s) are damaged ({'; '.join(problems)})")
+        return path
+    if problems:
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_root(out_dir)}: {'; '.join(problems)}")
+    return None
 
 
 def _resolve(path: str | Path) -> Path:

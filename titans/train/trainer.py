@@ -318,8 +318,8 @@ def _train(run: RunConfig, resume: str | None, stop_at_step: int | None) -> dict
     rows_global = tcfg.batch_tokens // tcfg.seq_len
 
     resume_path = None
-    if resume == "auto":
-        resume_path = ckpt.latest_checkpoint(out_dir)
+    if resume == "auto":  # the newest checkpoint that verifies; damaged newer ones are named
+        resume_path = ckpt.newest_intact_checkpoint(out_dir, log=print if world.is_main else lambda *_: None)
     elif resume:
         resume_path = Path(resume)
     elif ckpt.latest_checkpoint(out_dir) is not None:
