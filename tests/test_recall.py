@@ -187,14 +187,17 @@ def test_run_niah_scores_mk_variants_and_counts_distractors(words):
     assert set(MULTI_KEY) == set(RECALL_VARIANTS)
 
 
-def test_distractor_is_counted_only_for_a_wrong_needle_value(words):
-    from titans.eval.niah import _record
+def test_mk_scoring_takes_the_first_answer_and_counts_distractors(words):
+    from titans.eval.niah import _record, _score
 
     s = generate_recall(words, 512, 1, variant="mk-pk", needles=3, seed=2)[0]
+    right, wrong = s.answers[0], s.distractors[0]
     records = []
-    for prediction in (f" {s.answers[0]}.", f" {s.distractors[0]}.", " 000."):
-        _record(records, "m", "mk-pk", 512, 0, s, 10, prediction, score_niah)
-    assert [(r["score"], r["distractor"]) for r in records] == [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)]
+    for prediction in (f" {right}.", f" {wrong}.", " 000.", f" {wrong}.\nRecall the pair: {s.key} {right}.",
+                       f" {right}\nThe grass", f" {right}0.", ""):
+        _record(records, "m", "mk-pk", 512, 0, s, 10, prediction, _score)
+    assert [(r["score"], r["distractor"]) for r in records] == [
+        (1.0, 0.0), (0.0, 1.0), (0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0), (0.0, 0.0)]
 
 
 def test_byte_tokenizer_rows_are_exact_text(words):

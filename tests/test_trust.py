@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -312,7 +313,7 @@ def _lm(**kw):
     (dict(dim=48), "dim: state 48, model 32"),
     (dict(segment=16), "segment: state 16, model 8"),
     (dict(memory_expansion=2.0), "memory_expansion: state 2.0, model 4.0"),
-    (dict(memory_heads=1), "memory_heads: state 1, model None"),
+    (dict(memory_heads=1), "memory_heads: state 1, model 2"),
 ])  # fmt: skip
 def test_a_state_from_another_layout_is_refused_naming_both_sides(other, named, tmp_path):
     from titans.errors import StateMismatchError
@@ -332,8 +333,9 @@ def test_a_state_from_another_layout_is_refused_naming_both_sides(other, named, 
             load_state(tmp_path / "s", model=model)
         own = model(ids)[2]
         model(ids, state=own)  # its own state continues
-        # test-time settings are not part of the layout
+        # test-time settings are not part of the layout, nor are equal spellings of one
         _lm(memory_max_grad_norm=3.0)(ids, state=own)
+        _lm(memory_heads=2, memory_expansion=4)(ids, state=own)
 
 
 def test_state_files_refuse_flipped_bits_empty_layers_negative_positions_and_other_dtypes(tmp_path):
@@ -364,6 +366,12 @@ def test_state_files_refuse_flipped_bits_empty_layers_negative_positions_and_oth
     save_state(state, tmp_path / "f64")
     with pytest.raises(ValueError, match="the model computes in torch.float64"):
         load_state(tmp_path / "f64", model=_lm().double())
+    with pytest.raises(ValueError, match="fingerprint is malformed"):
+        model(ids, state=replace(state, fingerprint="garbage"))
+    half = _lm(variant="mag").to(torch.bfloat16)  # its memory state stays float32: still its own
+    with torch.no_grad():
+        save_state(half(ids)[2], tmp_path / "bf16")
+    load_state(tmp_path / "bf16", model=half)
 
 
 @pytest.mark.parametrize("other", [dict(depth=3), dict(expansion=2.0), dict(heads=4)])
@@ -389,13 +397,16 @@ def test_bad_labels_and_input_dtypes_are_named():
         (torch.full((2, 8), 50), ValueError, r"labels must lie in \[0, vocab_size=20\) or be -100"),
         (torch.zeros(2, 5, dtype=torch.long), ValueError, r"labels must have input_ids' shape \(2, 8\)"),
         (torch.full((2, 8), -100), ValueError, "nothing to score"),
-        (torch.zeros(2, 8), TypeError, "labels must be integer token ids"),
+        (torch.zeros(2, 8), TypeError, "labels must be int64 token ids"),
+        (ids.int(), TypeError, "labels must be int64 token ids"),
     ):
         with pytest.raises(err, match=said):
             model(ids, labels=labels)
     labels = ids.clone()
     labels[:, 0] = 99  # the first position is never a target: not checked
     model(ids, labels=labels)
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        model(ids[:, :1], labels=ids[:, :1])
     layer = NeuralMemory(16, heads=2)
     for dtype in (torch.float64, torch.float16):
         with pytest.raises(TypeError, match=f"x is {dtype} but the layer's weights are torch.float32"):
@@ -415,5 +426,20 @@ def test_resume_auto_skips_a_damaged_latest_checkpoint_and_an_empty_latest_point
         f.truncate(10)
     summary = trainer_mod.train(tiny_run(out, max_steps=6, checkpoint_every=2, keep_checkpoints=3), resume="auto")
     said = capsys.readouterr().out
-    assert "resuming from step-0000002: newer checkpoint(s) are damaged" in said and "truncated" in said
-    assert summary["step"] == 6
+    assert "resuming from step-0000002: newer checkpoint(s) are damaged and were set aside as " in said
+    assert "truncated" in said and summary["step"] == 6
+    assert (ckpt.checkpoint_root(out) / ".damaged-step-0000004").is_dir()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-0000002", "step-0000004", "step-0000006"]
+
+
+def test_pruning_after_a_damaged_checkpoint_keeps_the_new_ones(tmp_path):
+    out = tmp_path / "run"
+    trainer_mod.train(tiny_run(out, max_steps=4, checkpoint_every=2, keep_checkpoints=1))
+    with open(ckpt.latest_checkpoint(out) / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    # keep=1 left only step 4: put an intact step 2 (the same run's) beside it
+    trainer_mod.train(tiny_run(tmp_path / "ref", max_steps=2, checkpoint_every=2))
+    shutil.copytree(ckpt.latest_checkpoint(tmp_path / "ref"), ckpt.checkpoint_root(out) / "step-0000002")
+    trainer_mod.train(tiny_run(out, max_steps=3, checkpoint_every=1, keep_checkpoints=1), resume="auto")
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-0000003"]
+    ckpt.verify_checkpoint(ckpt.latest_checkpoint(out))

@@ -188,14 +188,21 @@ class ModelState:
         return replace(self, layers=[s.detach() for s in self.layers])
 
 
-# The settings a state's shapes and meaning depend on: a state made under other values of these
-# cannot be continued by the model. Test-time settings (memory_max_grad_norm, product dtype, ...)
-# and the vocabulary are not among them.
-STATE_SETTINGS = (
-    "variant", "dim", "depth", "heads", "window", "segment", "persistent_tokens", "memory_heads", "memory_depth",
-    "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting", "memory_conv_kernel",
-    "memory_residual", "memory_activation", "memory_qk_activation", "mac_memory_input",
+# The settings a state's shapes and meaning depend on, per variant: a state made under other values
+# of these cannot be continued by the model. Test-time settings (memory_max_grad_norm, product
+# dtype, ...) and the vocabulary are not among them.
+_MEMORY_SETTINGS = (
+    "memory_heads", "memory_depth", "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting",
+    "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation",
 )  # fmt: skip
+STATE_SETTINGS = {
+    "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),
+    "mag": ("window", "persistent_tokens", *_MEMORY_SETTINGS),
+    "mal": ("window", "persistent_tokens", *_MEMORY_SETTINGS),
+    "lmm": _MEMORY_SETTINGS,
+    "swa": ("window",),
+    "transformer": (),
+}
 
 
 def _make_block(cfg: TitansConfig) -> nn.Module:
@@ -311,10 +318,12 @@ class TitansLM(nn.Module):
         return logits, loss, ModelState(layers=new_states, position=pos, fingerprint=self.state_fingerprint())
 
     def _check_labels(self, input_ids: Tensor, labels: Tensor) -> None:
-        if not isinstance(labels, Tensor) or labels.dtype not in (torch.long, torch.int32, torch.int64):
-            raise TypeError(f"labels must be integer token ids, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        if not isinstance(labels, Tensor) or labels.dtype != torch.long:
+            raise TypeError(f"labels must be int64 token ids, got {getattr(labels, 'dtype', type(labels).__name__)}")
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if labels.shape[1] < 2:
+            raise ValueError("labels need at least 2 positions: the first token is never a target")
         scored = labels[:, 1:]
         if bool(((scored != -100) & ((scored < 0) | (scored >= self.cfg.vocab_size))).any()):
             raise ValueError(f"labels must lie in [0, vocab_size={self.cfg.vocab_size}) or be -100 (ignored)")
@@ -326,9 +335,9 @@ class TitansLM(nn.Module):
         """The settings a state of this model depends on (``STATE_SETTINGS``), as ``key=value``
         words: what a state carries to say which models it fits, and what an error shows."""
         cfg = self.cfg
-        mem = cfg.variant in ("mac", "mag", "mal", "lmm")
-        keep = [k for k in STATE_SETTINGS if mem or not (k.startswith("memory_") or k.startswith("mac_"))]
-        return " ".join(f"{k}={getattr(cfg, k)}" for k in keep)
+        values = {"memory_heads": cfg.memory_heads or cfg.heads, "memory_expansion": float(cfg.memory_expansion)}
+        keys = ("variant", "dim", "depth", "heads", *STATE_SETTINGS[cfg.variant])
+        return " ".join(f"{k}={values.get(k, getattr(cfg, k))}" for k in keys)
 
     def check_state(self, state: ModelState) -> None:
         """Refuse, with both sides named, a state this model cannot continue."""
@@ -336,7 +345,10 @@ class TitansLM(nn.Module):
             raise TypeError(f"state must be a ModelState, got {type(state).__name__}")
         mine = self.state_fingerprint()
         if state.fingerprint is not None and state.fingerprint != mine:
-            theirs = dict(w.split("=", 1) for w in state.fingerprint.split())
+            words = state.fingerprint.split() if isinstance(state.fingerprint, str) else None
+            if not words or not all("=" in w for w in words):
+                raise StateMismatchError(f"the state's fingerprint is malformed: {str(state.fingerprint)[:80]!r}")
+            theirs = dict(w.split("=", 1) for w in words)
             ours = dict(w.split("=", 1) for w in mine.split())
             # the settings both sides have (a transformer's state has no memory settings)
             diff = [f"{k}: state {theirs[k]}, model {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]

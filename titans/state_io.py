@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import hashlib
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .utils import sha256_file
 
 __all__ = ["load_state", "save_state", "state_num_bytes"]
 
@@ -94,19 +95,11 @@ def save_state(state, directory: str | os.PathLike, metadata: dict | None = None
     tree = _encode(state, tensors, {})
     tmp_t, tmp_j = d / "state.safetensors.tmp", d / "state.json.tmp"
     save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp_t))
-    doc = {"format": FORMAT, "state": tree, "metadata": metadata or {}, "sha256": _sha256(tmp_t)}
+    doc = {"format": FORMAT, "state": tree, "metadata": metadata or {}, "sha256": sha256_file(tmp_t)}
     tmp_j.write_text(json.dumps(doc))
     os.replace(tmp_t, d / "state.safetensors")
     os.replace(tmp_j, d / "state.json")
     return d
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state(directory: str | os.PathLike, device: str | torch.device | None = None, model=None):
@@ -128,7 +121,7 @@ def load_state(directory: str | os.PathLike, device: str | torch.device | None =
         raise ValueError(f"corrupt state file {jpath}: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{jpath} is not a titans state (format {doc.get('format') if isinstance(doc, dict) else None!r})")
-    if "sha256" in doc and _sha256(tpath) != doc["sha256"]:
+    if "sha256" in doc and sha256_file(tpath) != doc["sha256"]:
         raise ValueError(f"corrupt state file {tpath}: its SHA-256 differs from the one {jpath.name} records")
     try:
         tensors = load_file(str(tpath), device=str(device) if device is not None else "cpu")
@@ -152,7 +145,9 @@ def _check_loaded(state, where: Path, model) -> None:
     model.check_state(state)
     dtype = next(model.parameters()).dtype
     floats = {t.dtype for t in _tensors(state) if t.is_floating_point()}
-    if floats - {dtype}:
+    # a 32- or 16-bit model's state mixes float32 (the memory), its own dtype and an autocast
+    # dtype; a float64 model's is float64 only: what cannot mix is float64 with the rest
+    if (dtype == torch.float64) != (floats <= {torch.float64}) and floats:
         raise ValueError(f"{where}: the state holds {sorted(map(str, floats))} tensors, the model computes in {dtype}")
 
 

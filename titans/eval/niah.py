@@ -6,7 +6,8 @@ measuring ``length`` tokens of the model's tokenizer with the needle at evenly s
 prompt is streamed through the model with its state and the answer decoded greedily for a few
 tokens; a sample scores 1 when an expected value appears in the decoded text (case-insensitive).
 The ``mk-`` variants come from ``titans.tasks.recall.generate_recall`` (``needles`` needles per
-prompt); their records also say whether the answer named a distractor's value instead
+prompt) and score the first answer only (up to the first full stop or line end) against the asked
+value; their records also say whether that answer was a distractor's value instead
 (``distractor``: the wrong key's value was found).
 """
 
@@ -144,9 +145,7 @@ def run_niah(
         if needles < 1:
             raise EvalSettingError(f"needles must be >= 1, got {needles}")
     if generate is None or score is None:
-        from ..tasks.niah import score_niah
-
-        generate, score = generate or _generator(needles or DEFAULT_NEEDLES), score or score_niah
+        generate, score = generate or _generator(needles or DEFAULT_NEEDLES), score or _score
     depth_values = _depth_list(depths)
     name = model_name or getattr(getattr(model, "cfg", None), "variant", "model")
     cells = [(variant, length) for variant in variants for length in lengths]
@@ -203,6 +202,16 @@ def _generator(needles: int) -> Callable:
     return generate
 
 
+def _score(prediction, sample) -> float:
+    """The default scoring: RULER's substring match for one needle; for a multi-key prompt the
+    first answer must be the asked value (``titans.tasks.recall.score_recall``): a substring test
+    would pass a wrong answer followed by a chained question line that names the right one."""
+    from ..tasks.niah import score_niah
+    from ..tasks.recall import RecallSample, score_recall
+
+    return score_recall(prediction, sample) if isinstance(sample, RecallSample) else score_niah(prediction, sample)
+
+
 def _record(records, name, variant, length, i, sample, prompt_tokens, prediction, score) -> None:
     record = dict(
         model=name, variant=variant, length=length, depth=round(float(sample.depth), 6), index=i,
@@ -211,8 +220,9 @@ def _record(records, name, variant, length, i, sample, prompt_tokens, prediction
     )  # fmt: skip
     distractors = getattr(sample, "distractors", None)
     if distractors is not None:  # a multi-key prompt: did a wrong key's value come back?
-        text = (prediction or "").lower()
-        record["distractor"] = float(not record["score"] and any(v.lower() in text for v in distractors))
+        from ..tasks.recall import names_distractor
+
+        record["distractor"] = float(not record["score"] and names_distractor(prediction, sample))
         record["needles"] = len(distractors) + 1
     records.append(record)
 

@@ -45,8 +45,11 @@ __all__ = [
     "RecallSample",
     "RecallSetting",
     "RecallTemplate",
+    "first_answer",
     "generate_recall",
+    "names_distractor",
     "recall_row_ids",
+    "score_recall",
 ]
 
 
@@ -257,6 +260,26 @@ def recall_row_ids(
 def hay_starts(hay, rng: np.random.Generator, noise: bool, tries: int = 64) -> np.ndarray:
     """Window starts to choose from: the noise haystack starts with a whole block; text anywhere."""
     return np.zeros(1, dtype=np.int64) if noise else rng.integers(0, hay.n, tries)
+
+
+def first_answer(prediction) -> str:
+    """The answer a model gave: its output up to the first full stop or line end, stripped and
+    lower-cased (a model trained on recall rows goes on after its answer, e.g. with another
+    question line, which must not count)."""
+    from .text_sources import prediction_text
+
+    text = prediction_text(prediction) or ""
+    return re.split(r"[.\n]", text.strip(), maxsplit=1)[0].strip().lower()
+
+
+def score_recall(prediction, sample: "RecallSample") -> float:
+    """1.0 when the first answer (``first_answer``) is the asked value, else 0.0."""
+    return float(first_answer(prediction) == sample.answers[0].lower())
+
+
+def names_distractor(prediction, sample: "RecallSample") -> bool:
+    """Whether the first answer is another needle's value (the wrong key was found)."""
+    return first_answer(prediction) in {v.lower() for v in sample.distractors}
 
 
 @dataclass

@@ -111,15 +111,19 @@ def newest_intact_checkpoint(out_dir: str | Path, log=print) -> Path | None:
     found = list_checkpoints(out_dir)
     latest = latest_checkpoint(out_dir)
     order = sorted(found, key=lambda p: (p == latest, p.name), reverse=True)
-    problems = []
+    problems, damaged = [], []
     for path in order:
         try:
             verify_checkpoint(path)
         except CheckpointError as err:
             problems.append(str(err))
+            damaged.append(path)
             continue
+        for bad in damaged:  # set aside (kept for inspection), so pruning never keeps them over new ones
+            bad.rename(bad.with_name(f".damaged-{bad.name}"))
         if problems:
-            log(f"resuming from {path.name}: newer checkpoint(s) are damaged ({'; '.join(problems)})")
+            log(f"resuming from {path.name}: newer checkpoint(s) are damaged and were set aside as "
+                f"{', '.join('.damaged-' + p.name for p in damaged)} ({'; '.join(problems)})")  # fmt: skip
         return path
     if problems:
         raise CheckpointError(f"no intact checkpoint in {checkpoint_root(out_dir)}: {'; '.join(problems)}")
