@@ -22,8 +22,8 @@ def register(sub) -> None:
     p.add_argument("--lengths", default="1K,4K,16K,64K", help="niah: haystack lengths in tokens (default 1K,4K,16K,64K)")
     p.add_argument("--samples", type=int, default=4,
                    help="niah: prompts per length, the (asked) needle at evenly spaced depths (default 4)")
-    p.add_argument("--needles", type=int, default=4,
-                   help="niah: needles per multi-key prompt, the asked one and its distractors (default 4)")
+    p.add_argument("--needles", type=int, default=None,
+                   help="niah: needles per multi-key (mk-) prompt, the asked one and its distractors (default 4)")
     p.add_argument("--models", default=None,
                    help="niah: comma-separated subset of titans-mac,titans-mag,titans-lmm,swa (default all)")
     p.add_argument("--out", default="demo-out", help="niah: directory for the heatmap and results (default demo-out)")
@@ -61,6 +61,9 @@ def run(args) -> int:
         unknown = [v for v in args.variants if v not in NIAH_VARIANTS]
         if unknown or not args.variants:
             raise UserError(f"--variants: unknown {unknown}; choose from {sorted(NIAH_VARIANTS)}")
+        if args.needles is not None and not any(v.startswith("mk-") for v in args.variants):
+            raise UserError("--needles sets the needles of a multi-key (mk-) prompt; prompts per length is --samples")
+        args.needles = 4 if args.needles is None else args.needles
         return niah_main(args)
     from ..recall_demo import main as demo_main
 
