@@ -99,25 +99,24 @@ def test_trainer_refuses_a_recipe_stage_name(tmp_path):
         train(run)
 
 
-def test_shipped_checkpoints_answer_a_short_haystack_needle():
-    """The package's checkpoints load and answer needles in a 1,024-token haystack at 11 depths:
-    the Titans models most of them (the shipped MAG and MAC: all 11; the LMM: all but the needle
-    at depth 0, the very first line, which training rows never start with), the sliding window
-    only the one inside its 64-token window."""
+def test_shipped_checkpoints_find_a_needle_by_its_key():
+    """The package's checkpoints load and, among four needles with different keys in 1,024 tokens
+    of Shakespeare (needles the demo does not use: seed 1), the Titans MAG answers the asked one
+    most of the time and never with another needle's value; the sliding window only when the
+    asked needle is inside its 64-token window."""
     from titans.eval.niah import run_niah
     from titans.train.checkpoint import load_pretrained
 
-    scores = {}
+    scores, distractors = {}, {}
     for name in niah_demo.DEMO_MODELS:
         model, tokenizer, info = load_pretrained(niah_demo.shipped_checkpoint(name))
         assert info["step"] > 0, f"{name}: the shipped checkpoint is untrained"
-        result = run_niah(model, tokenizer, [1024], [niah_demo.DEFAULT_VARIANTS[0]], samples=11, depths=11, seed=1,
-                          batch_size=11, progress=False, model_name=name)  # fmt: skip
+        result = run_niah(model, tokenizer, [1024], ["mk-n"], samples=11, depths=11, seed=1, batch_size=11,
+                          progress=False, model_name=name, needles=4)  # fmt: skip
         scores[name] = {round(r["depth"], 1): r["score"] for r in result.records}
-    assert sum(scores["titans-mac"].values()) >= 10, scores
-    assert sum(scores["titans-mag"].values()) >= 10, scores
-    assert sum(scores["titans-lmm"].values()) >= 9, scores
-    assert scores["swa"][1.0] == 1.0 and sum(scores["swa"].values()) <= 2, scores
+        distractors[name] = sum(r["distractor"] for r in result.records)
+    assert sum(scores["titans-mag"].values()) >= 5 and distractors["titans-mag"] <= 1, (scores, distractors)  # 7, 0
+    assert sum(scores["swa"].values()) <= 2, scores
 
 
 def test_shipped_checkpoints_carry_their_checkpoint_settings():

@@ -1,8 +1,8 @@
 """``titans demo``: the README's main job.
 
-``titans demo`` (= ``titans demo niah``) streams needles-in-haystacks from 1K to 64K tokens
-through the shipped tiny Titans and sliding-window checkpoints (``--retrain`` trains them again);
-``--variants mk-n,mk-pk`` asks one of several needles by its key.
+``titans demo`` (= ``titans demo niah``) writes four needles with different keys into Shakespeare
+and into RULER's noise and asks one by its key, from 1K to 16K tokens, through the shipped tiny
+Titans and sliding-window checkpoints (``--retrain`` trains them again).
 ``titans demo recall`` streams key/value pairs through an untrained neural memory layer and
 recalls them (no training needed).
 """
@@ -19,18 +19,17 @@ def register(sub) -> None:
                    help="niah: needle-in-a-haystack demonstration with the shipped checkpoints (default); "
                         "recall: memory layer key/value recall")
     p.add_argument("--head-dim", type=int, default=64, help="recall: width of keys and values (default 64)")
-    p.add_argument("--lengths", default="1K,4K,16K,64K", help="niah: haystack lengths in tokens (default 1K,4K,16K,64K)")
-    p.add_argument("--samples", type=int, default=4,
-                   help="niah: prompts per length, the (asked) needle at evenly spaced depths (default 4)")
+    p.add_argument("--lengths", default="1K,4K,16K", help="niah: haystack lengths in tokens (default 1K,4K,16K)")
+    p.add_argument("--samples", type=int, default=16,
+                   help="niah: prompts per length, the (asked) needle at evenly spaced depths (default 16)")
     p.add_argument("--needles", type=int, default=None,
                    help="niah: needles per multi-key (mk-) prompt, the asked one and its distractors (default 4)")
     p.add_argument("--models", default=None,
-                   help="niah: comma-separated subset of titans-mac,titans-mag,titans-lmm,swa (default all)")
+                   help="niah: comma-separated subset of titans-mag,swa (default all)")
     p.add_argument("--out", default="demo-out", help="niah: directory for the heatmap and results (default demo-out)")
-    p.add_argument("--variants", default="pair-pk",
-                   help="niah: needle tests, variants of `titans eval niah` (default pair-pk, what the shipped "
-                        "checkpoints were trained on; mk-n,mk-pk: four needles in Shakespeare / in noise, one "
-                        "asked by its key)")
+    p.add_argument("--variants", default="mk-n,mk-pk",
+                   help="niah: needle tests, variants of `titans eval niah` (default mk-n,mk-pk: four needles in "
+                        "Shakespeare / in noise, one asked by its key)")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="niah: tokens per streaming call (default 4096)")
     p.add_argument("--retrain", action="store_true", help="niah: train the checkpoints again from titans/recipes first")
     p.add_argument("--work-dir", default="runs/demo", help="niah --retrain: training directory (default runs/demo)")
