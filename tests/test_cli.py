@@ -77,5 +77,5 @@ def test_user_mistakes_exit_2_with_a_message(tmp_path, capsys):
         main(["generate", "--checkpoint", "x", "--bogus=1"])  # overrides only where a command takes them
     assert main(["demo", "niah", "--variants", "pair-xx"]) == 2
     assert "--variants: unknown ['pair-xx']" in capsys.readouterr().err
-    assert main(["demo", "niah", "--needles", "8"]) == 2  # was prompts per length: now --samples
+    assert main(["demo", "niah", "--variants", "pair-pk", "--needles", "8"]) == 2  # was prompts per length
     assert "prompts per length is --samples" in capsys.readouterr().err

@@ -42,8 +42,8 @@ DEFAULT_SAMPLES = 16  # prompts per length: the asked needle at 16 evenly spaced
 DEFAULT_NEEDLES = 4  # needles per multi-key prompt
 NIAH_TITLES = {
     "pair-pk": "One pair needle in noise (PAIR-NIAH-PK)",
-    "mk-n": "Four needles in Shakespeare, one asked by its key (MK-NIAH-N)",
-    "mk-pk": "Four needles in noise, one asked by its key (MK-NIAH-PK)",
+    "mk-n": "Needles in Shakespeare, one asked by its key (MK-NIAH-N)",
+    "mk-pk": "Needles in noise, one asked by its key (MK-NIAH-PK)",
 }
 
 
