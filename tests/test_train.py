@@ -102,7 +102,10 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_still_loads(tmp_path
     with pytest.raises(ckpt.CheckpointError, match=message):
         ckpt.load_pretrained(newest)
     with pytest.raises(ckpt.CheckpointError, match="model.safetensors"):
-        trainer_mod.train(run, resume="auto")
+        trainer_mod.train(run, resume=str(newest))  # named explicitly: refused
+    # --resume auto goes back to the newest intact one and sets the damaged one aside
+    assert trainer_mod.train(run, resume="auto")["step"] == 4
+    assert (ckpt.checkpoint_root(tmp_path) / ".damaged-step-0000004").is_dir()
     model, tokenizer, info = ckpt.load_pretrained(older)
     assert info["step"] == 2 and tokenizer.vocab_size == 257 and not model.training
     (newest / "MANIFEST.json").unlink()
