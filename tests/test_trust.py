@@ -443,3 +443,15 @@ def test_pruning_after_a_damaged_checkpoint_keeps_the_new_ones(tmp_path):
     trainer_mod.train(tiny_run(out, max_steps=3, checkpoint_every=1, keep_checkpoints=1), resume="auto")
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-0000003"]
     ckpt.verify_checkpoint(ckpt.latest_checkpoint(out))
+
+
+def test_tree_metadata_that_lies_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    lies = [json.dumps({"format": 1, "tree": {"ndarray": "0", "dtype": "bogus"}}),  # no such dtype
+            json.dumps({"format": 1, "tree": {"ndarray": "0", "dtype": "<u4"}}),  # a bf16 tensor called an array
+            '{"format": 1, "tree": ' + "[" * 5000 + "]" * 5000 + "}"]  # deeper than any parser's recursion
+    for meta in lies:
+        save_file({"0": torch.ones(2, dtype=torch.bfloat16)}, str(tmp_path / "t.safetensors"), metadata={"titans.tree": meta})
+        with pytest.raises(TreeError):
+            load_tree(tmp_path / "t.safetensors")

@@ -117,8 +117,13 @@ def load_tree(path: str | Path, device: str | torch.device = "cpu") -> Any:
         raise TreeError(f"{path} holds no stored state (no {_META_KEY!r} metadata)")
     try:
         record = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise TreeError(f"{path}: the stored structure is not valid JSON ({err})") from err
     if not isinstance(record, dict) or record.get("format") != _FORMAT or "tree" not in record:
         raise TreeError(f"{path}: unknown state format {record.get('format') if isinstance(record, dict) else record!r}")
-    return _decode(record["tree"], tensors, "state")
+    try:
+        return _decode(record["tree"], tensors, "state")
+    except TreeError:
+        raise
+    except (TypeError, ValueError, KeyError, RecursionError) as err:  # hostile or damaged metadata
+        raise TreeError(f"{path}: the stored structure is malformed ({type(err).__name__}: {err})") from None
