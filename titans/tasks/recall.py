@@ -119,10 +119,14 @@ def _keys() -> tuple[str, ...]:
     return tuple(k for k in _pair_lists()[0] if k not in template_words)
 
 
+def _values(kind: str) -> list[str]:
+    """The values a needle may hold: adjectives ("words") or the 3-digit numbers ("numbers")."""
+    return _pair_lists()[1] if kind == "words" else [str(v) for v in range(100, 1000)]
+
+
 def _draw(rng: np.random.Generator, n: int, values: str, templates: str) -> list[tuple[str, str, RecallTemplate]]:
     """``n`` needles ``(key, value, template)`` with distinct keys and distinct values."""
-    keys, adjectives = _keys(), _pair_lists()[1]
-    pool = adjectives if values == "words" else [str(v) for v in range(100, 1000)]
+    keys, pool = _keys(), _values(values)
     if n > min(len(keys), len(pool)):
         raise ValueError(f"{n} needles need as many distinct keys and values; there are {min(len(keys), len(pool))}")
     chosen_keys = rng.choice(len(keys), size=n, replace=False)
@@ -135,8 +139,7 @@ def worst_case_tokens(tokenizer, needles: int, questions: int, templates: str, v
     """Tokens that ``needles`` needles and ``questions`` questions with answers can take at most
     (the longest phrasing with the longest key and value): a training row shorter than this plus
     some haystack could fail to hold a draw."""
-    keys, adjectives = _keys(), _pair_lists()[1]
-    pool = adjectives if values == "words" else [str(v) for v in range(100, 1000)]
+    keys, pool = _keys(), _values(values)
 
     def longest(texts):
         return max(map(len, encode_pieces(tokenizer, texts)))
