@@ -41,6 +41,21 @@ def make_inputs(
     return kwargs, leaves
 
 
+def step_tokens(kw: dict, **opts):
+    """``step_memory`` over ``kw``'s tokens one at a time from its initial weights (per-token
+    tensors: q, k, v and the gates present): ``(y [B, T, H, D], final state)``."""
+    from titans.ops.memory import step_memory
+
+    per_token = {n: kw[n] for n in ("q", "k", "v", "theta", "eta", "alpha", "delta") if kw.get(n) is not None}
+    state, ys = None, []
+    for t in range(kw["q"].shape[1]):
+        token = {n: x[:, t : t + 1] for n, x in per_token.items()}
+        start = dict(weights=kw["weights"]) if state is None else dict(state=state)
+        y, state = step_memory(**token, **start, **opts)
+        ys.append(y)
+    return torch.cat(ys, 1), state
+
+
 def probe_loss(y: torch.Tensor) -> torch.Tensor:
     """A fixed, non-symmetric scalar function of the output, so every gradient is exercised."""
     w = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=y.device).view_as(y) * 0.37)

@@ -36,9 +36,9 @@ def _reference(layer: Attention, x, h):
     """Explicit masked softmax over [persistent || memory tokens || tokens] with a full mask."""
     B, T, _ = x.shape
     pos = torch.arange(T)
-    q = apply_rotary(layer._heads(layer.to_q(x)), pos)
-    k = apply_rotary(layer._heads(layer.to_k(x)), pos)
-    v = layer._heads(layer.to_v(x))
+    q = apply_rotary(layer.split_heads(layer.to_q(x)), pos)
+    k = apply_rotary(layer.split_heads(layer.to_k(x)), pos)
+    v = layer.split_heads(layer.to_v(x))
     i, j = pos[:, None], pos[None, :]
     if layer.kind == "full":
         vis = j <= i
@@ -48,11 +48,11 @@ def _reference(layer: Attention, x, h):
         vis = (j <= i) & (j // layer.segment == i // layer.segment)
     keys, vals, masks = [k], [v], [vis]
     if layer.kind == "segment":
-        keys.insert(0, apply_rotary(layer._heads(layer.to_k(h)), pos))
-        vals.insert(0, layer._heads(layer.to_v(h)))
+        keys.insert(0, apply_rotary(layer.split_heads(layer.to_k(h)), pos))
+        vals.insert(0, layer.split_heads(layer.to_v(h)))
         masks.insert(0, vis)
     if layer.persistent is not None:
-        pk, pv = layer._prefix(x.dtype)
+        pk, pv = layer.prefix_keys(x.dtype)
         keys.insert(0, pk.expand(B, -1, -1, -1))
         vals.insert(0, pv.expand(B, -1, -1, -1))
         masks.insert(0, torch.ones(T, pk.shape[1], dtype=torch.bool))
@@ -162,8 +162,8 @@ def test_fresh_segment_path_matches_general_path(name, T):
     x, h = (t.requires_grad_() for t in _inputs(T=T))
     y, cache = layer(x, memory_tokens=h)
     q, k, v = layer.project(x, 0)
-    hk, hv = layer._keys(h, torch.arange(T))
-    pk, pv = layer._prefix(x.dtype)
+    hk, hv = layer.keys(h, torch.arange(T))
+    pk, pv = layer.prefix_keys(x.dtype)
     out = segment_attention(q, k, v, hk, hv, segment=layer.segment, prefix_k=pk, prefix_v=pv)
     ref = layer.to_out(out.reshape(2, T, -1))
     assert rel_rms(y, ref) < 1e-13

@@ -15,6 +15,7 @@ from _helpers import (
     probe_loss,
     rel_rms,
     state_tensors,
+    step_tokens,
 )
 
 from titans.ops.memory import chunk_memory, naive_memory, step_memory
@@ -170,13 +171,8 @@ def test_one_token_at_a_time_equals_one_call():
     kw, _ = make_inputs(T=40, depth=3, seed=5)
     with torch.no_grad():
         y_full, s_full = chunk_memory(**kw, chunk_size=7, residual=True)
-        state, ys = None, []
-        for t in range(40):
-            part = {k: kw[k][:, t : t + 1] for k in ("q", "k", "v", "theta", "eta", "alpha")}
-            start = dict(weights=kw["weights"]) if state is None else dict(state=state)
-            y, state = step_memory(**part, **start, chunk_size=7, residual=True)
-            ys.append(y)
-    _assert_close(torch.cat(ys, 1), y_full, 1e-12, "token-by-token step")
+        y, state = step_tokens(kw, chunk_size=7, residual=True)
+    _assert_close(y, y_full, 1e-12, "token-by-token step")
     for u, w in zip(state_tensors(state), state_tensors(s_full)):
         _assert_close(u, w, 1e-12, "state after token-by-token step")
 
@@ -401,7 +397,7 @@ def test_chunk_forward_and_backward_trace_as_one_graph(shared):
     fwd_args = (q, k, v, *gates, W0, S0, Wg, "silu", False, 1.0)
     explained = torch._dynamo.explain(_chunk_forward)(*fwd_args, keep=True)
     assert explained.graph_break_count == 0, explained.break_reasons
-    y, W_end, S_end, (dzs, dhs, zs, proj) = _chunk_forward(*fwd_args, keep=True)
+    y, W_end, S_end, (dzs, dhs, zs, proj, _) = _chunk_forward(*fwd_args, keep=True)
     gWe, gSe = [torch.randn_like(w) for w in W_end], [torch.randn_like(s) for s in S_end]
     bwd_args = (torch.randn_like(y), gWe, gSe, q, k, v, *gates, W0, S0, Wg, shared, "silu", False, 1.0,
                 dzs, dhs, zs, proj)  # fmt: skip

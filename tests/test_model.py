@@ -447,7 +447,7 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
     calls = []
 
     def eager_step(block, *args):
-        calls.append(args[0].shape)
+        calls.append(args[0].q.shape)  # the segment's queries
         return mac_mod.MACBlock._segment_step(block, *args)
 
     monkeypatch.setattr(mac_mod, "_segment_step_compiled", eager_step)

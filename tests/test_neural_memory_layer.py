@@ -236,7 +236,7 @@ def _recall_at_init(associative: bool, qk_activation: str = "silu") -> tuple[flo
         ids[100 + 6 * i] = keys[(i * 3) % 8]
     x = vocab[ids][None]  # (1, T, dim)
     with torch.no_grad():
-        y, _ = layer._memorise_raw(x, None)  # (1, T, H, D)
+        y, _ = layer.memorize(x)  # (1, T, H, D)
         qkv, _ = layer._conv(layer.to_qkv(x), None)
         v = torch.nn.functional.silu(qkv)[..., 128:].view(1, -1, 2, 32)
     true, other = [], []

@@ -55,20 +55,25 @@ def test_templates_keep_key_before_value_and_refuse_other_shapes():
             assert "{key} {value}" in t.needle and t.question.endswith("{key}")
     with pytest.raises(ValueError, match="key right before its value"):
         RecallTemplate("The {key} is {value}.", "What is {key}")
-    unseen, trained = _template_words("unseen"), _template_words("train")
-    # the held-out phrasings share only function words with the training ones
-    assert unseen & trained <= {"the", "from", "in", "to", "a", "on", "this", "about"}
+    unseen = _template_words("unseen")
+    for family in ("train", "varied"):
+        # the held-out phrasings share only function words with the training ones
+        assert unseen & _template_words(family) <= {"the", "from", "in", "to", "a", "on", "this", "about", "is"}
+    assert set(TEMPLATES["train"]) <= set(TEMPLATES["varied"])
+    needles, questions = {t.needle for t in TEMPLATES["varied"]}, {t.question for t in TEMPLATES["varied"]}
+    assert len(TEMPLATES["varied"]) == len(needles) * len(questions)  # every needle with every question
 
 
-@pytest.mark.parametrize("hay", ["noise", "shakespeare", "wikipedia"])
-def test_training_rows_ask_earlier_needles_by_key(words, hay):
-    needle_re = _needle_pattern("train")
-    question_res = [re.compile(re.escape(t.question).replace(r"\{key\}", r"(\w+)") + r" (\w+)\.")
-                    for t in TEMPLATES["train"]]  # fmt: skip
+@pytest.mark.parametrize(("hay", "family"), [("noise", "train"), ("shakespeare", "train"), ("wikipedia", "train"),
+                                             ("shakespeare", "varied"), ("wikipedia", "varied")])
+def test_training_rows_ask_earlier_needles_by_key(words, hay, family):
+    needle_re = _needle_pattern(family)
+    question_res = [re.compile(re.escape(q).replace(r"\{key\}", r"(\w+)") + r" (\w+)\.")
+                    for q in dict.fromkeys(t.question for t in TEMPLATES[family])]  # fmt: skip
     latest_asked, asked = 0, 0
     for seed in range(12):
         ids, mask = recall_row_ids(words, 2048, np.random.default_rng(seed), haystack_name=hay, needles=8,
-                                   questions=8, values="numbers", min_gap=64)  # fmt: skip
+                                   questions=8, values="numbers", min_gap=64, templates=family)  # fmt: skip
         assert ids.shape == mask.shape == (2048,)
         text = words.decode(ids.tolist())
         needles = [(m.start(), *_pairs(m)) for m in needle_re.finditer(text)]

@@ -229,7 +229,7 @@ class TitansLM(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         # Runtime choices, not config: the memory variants decode a token after a state through
-        # their blocks' one-token step (``_decode_step``; False = the general block forward, the
+        # their blocks' one-token ``step`` (``_decode_step``; False = the general block forward, the
         # reference the tests compare it with), compiled with ``set_memory_compile``.
         self.fast_decode = True
         self._compile_decode = False
@@ -359,34 +359,31 @@ class TitansLM(nn.Module):
             raise StateMismatchError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
 
     def _decode_step(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState] | None:
-        """One token ``[B, 1]`` after ``state`` through every block's ``decode_token`` (MAC, MAG,
+        """One token ``[B, 1]`` after ``state`` through every block's one-token ``step`` (MAC, MAG,
         MAL, LMM), or None when the state cannot continue that way (then ``forward`` takes the
         general path, which also explains a bad state).
         The general forward costs about a thousand small operations per token (segment
         bookkeeping, cache concatenations, checks); this runs the same math with fixed shapes, so
         that it also compiles into one graph for a whole stream (``set_memory_compile``)."""
         B, dtype = input_ids.shape[0], self.embed.weight.dtype
-        inputs = [block.decode_inputs(s, B, dtype) for block, s in zip(self.blocks, state.layers)]
-        if any(i is None for i in inputs):  # a state that does not fit: the general path explains
+        steps = [block.step_state(s, B, dtype) for block, s in zip(self.blocks, state.layers)]
+        if any(s is None for s in steps):  # a state that does not fit: the general path explains
             return None
-        pos = state.layers[0].position
-        position = torch.tensor(pos, device=input_ids.device)
-        slot = torch.tensor(pos % self.cfg.segment, device=input_ids.device)
         graph = _decode_graph_compiled if self._compile_decode else TitansLM._decode_graph
-        logits, outputs = graph(self, standard_strides(input_ids), position, slot, inputs)
+        logits, steps = graph(self, standard_strides(input_ids), steps)
         if not bool(torch.isfinite(logits).all()):
             return None  # the general path checks every block's input and names what is not finite
-        layers = [b.decode_state(s, i, o) for b, s, i, o in zip(self.blocks, state.layers, inputs, outputs)]
+        layers = [b.state_after_step(s, step) for b, s, step in zip(self.blocks, state.layers, steps)]
         return logits, ModelState(layers=layers, position=state.position + 1, fingerprint=self.state_fingerprint())
 
-    def _decode_graph(self, input_ids: Tensor, position: Tensor, slot: Tensor, inputs: list) -> tuple[Tensor, list]:
-        """The tensor math of ``_decode_step``: embedding, each block's ``decode_token``, head."""
+    def _decode_graph(self, input_ids: Tensor, steps: list) -> tuple[Tensor, list]:
+        """The tensor math of ``_decode_step``: embedding, each block's ``step``, head."""
         x = self.embed(input_ids)  # (B, 1, dim)
-        outputs = []
-        for block, args in zip(self.blocks, inputs):
-            x, *out = block.decode_token(x, position, slot, *args)
-            outputs.append(out)
-        return self.head(self.norm(x)), outputs
+        out = []
+        for block, step in zip(self.blocks, steps):
+            x, step = block.step(x, step)
+            out.append(step)
+        return self.head(self.norm(x)), out
 
     def set_memory_compile(self, enabled: bool = True) -> "TitansLM":
         """Run every neural memory's chunk computations (forward and analytic backward) through

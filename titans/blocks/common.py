@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..layers.attention import KVCache
-from ..layers.neural_memory import NeuralMemoryState, RMSNorm
+from ..layers.neural_memory import MemoryStep, NeuralMemoryState, RMSNorm
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -111,26 +111,41 @@ class BlockState:
         return replace(self, **out)
 
 
-class MemoryWindowDecode:
-    """``decode_inputs`` / ``decode_state`` of a block with a ``memory`` (NeuralMemory) and a
-    sliding-window ``attn`` (MAG, MAL), whose ``decode_token(x, position, slot, W, chunk_w, S,
-    conv, k, v)`` returns ``(x, W, S, conv, k, v)``. See ``MACBlock.decode_inputs``."""
+@dataclass
+class MemoryWindowStep:
+    """The one-token step state of a block with a neural memory and sliding-window attention
+    (MAG, MAL): plain tensors, so that one compiled graph serves every token of a stream.
 
-    def decode_inputs(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> tuple | None:
-        memory_inputs = self.memory._decode_inputs(state.memory, batch_size)
+    memory: the memory's step state. k, v: the window's keys and values ``[B, window - 1, H, D]``,
+    right-aligned (``Attention.window_buffers``). position: the token's position (0-dim tensor).
+    """
+
+    memory: MemoryStep
+    k: Tensor
+    v: Tensor
+    position: Tensor
+
+
+class MemoryWindowDecode:
+    """``step_state`` / ``state_after_step`` of a block with a ``memory`` (NeuralMemory) and a
+    sliding-window ``attn`` (MAG, MAL), whose ``step(x, state: MemoryWindowStep)`` returns
+    ``(x, MemoryWindowStep)``. See ``MACBlock.step_state``."""
+
+    def step_state(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> MemoryWindowStep | None:
+        memory = self.memory.step_state(state.memory, batch_size)
         cache, n = state.attn, min(state.position, self.attn.window - 1)
         shape = (batch_size, n, self.attn.heads, self.attn.head_dim)
-        if memory_inputs is None or not isinstance(cache, KVCache) or any(
+        if memory is None or not isinstance(cache, KVCache) or any(
             t.shape != shape or t.dtype != dtype for t in (cache.k, cache.v)
         ):
             return None  # the general path explains
-        return (*memory_inputs, *self.attn._window_buffers(cache))
+        k, v = self.attn.window_buffers(cache)
+        return MemoryWindowStep(memory, k, v, torch.tensor(state.position, device=k.device))
 
-    def decode_state(self, state: BlockState, inputs: tuple, outputs: tuple) -> BlockState:
-        W, S, conv, k, v = outputs
+    def state_after_step(self, state: BlockState, step: MemoryWindowStep) -> BlockState:
         pos = state.position + 1
-        memory = self.memory._decode_state(state.memory, inputs[1], W, S, conv)
-        return BlockState(memory=memory, attn=self.attn._window_cache(k, v, pos), position=pos)
+        memory = self.memory.state_after_step(state.memory, step.memory)
+        return BlockState(memory=memory, attn=self.attn.window_cache(step.k, step.v, pos), position=pos)
 
 
 def memorise_persistent(memory, attn, batch_size: int, dtype: torch.dtype) -> NeuralMemoryState | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers.neural_memory import NeuralMemory
+from ..layers.neural_memory import MemoryStep, NeuralMemory
 from .common import BlockState, RMSNorm, SwiGLU
 
 
@@ -24,17 +24,18 @@ class LMMBlock(nn.Module):
         x = x + self.ffn(self.ffn_norm(x))
         return x, BlockState(memory=mem, position=state.position + x.shape[1])
 
-    # ---- one-token decoding (see MACBlock.decode_inputs) --------------------------------------
+    # ---- one-token decoding (see MACBlock.step_state) -----------------------------------------
 
-    def decode_inputs(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> tuple | None:
-        return self.memory._decode_inputs(state.memory, batch_size)
+    def step_state(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> MemoryStep | None:
+        """``state`` as ``step`` takes it (the memory's step state), or None (see MACBlock)."""
+        return self.memory.step_state(state.memory, batch_size)
 
-    def decode_token(self, x, position, slot, W, chunk_w, S, conv):
-        """``forward`` for one token x ``[B, 1, dim]`` on the tensors of ``decode_inputs``."""
-        m, W, S, conv = self.memory._token_forward(self.mem_norm(x), W, chunk_w, S, conv)
+    def step(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:
+        """``forward`` for one token x ``[B, 1, dim]`` after ``state`` (from ``step_state``)."""
+        m, state = self.memory.step(self.mem_norm(x), state)
         x = x + m
-        return x + self.ffn(self.ffn_norm(x)), W, S, conv
+        return x + self.ffn(self.ffn_norm(x)), state
 
-    def decode_state(self, state: BlockState, inputs: tuple, outputs: tuple) -> BlockState:
-        memory = self.memory._decode_state(state.memory, inputs[1], *outputs)
+    def state_after_step(self, state: BlockState, step: MemoryStep) -> BlockState:
+        memory = self.memory.state_after_step(state.memory, step)
         return BlockState(memory=memory, position=state.position + 1)

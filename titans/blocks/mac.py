@@ -8,21 +8,21 @@ Segments are a loop; inside one, everything is parallel. The state carries the m
 weights at the segment start, the query convolution tail and the open segment's KV cache, so
 any split of the sequence (one token at a time included) gives one call's outputs.
 
-Decoding one token after a state takes ``decode_token`` instead (``TitansLM._decode_step``): the
+Decoding one token after a state takes ``step`` instead (``TitansLM._decode_step``): the
 same math with the open segment's keys in fixed-size buffers and no Python branch on the state,
 so that one compiled graph serves every token of a stream.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.attention import Attention, KVCache
-from ..layers.neural_memory import NeuralMemory
+from ..layers.neural_memory import MemoryQueries, MemoryStep, NeuralMemory
 from ..ops.attention import apply_rotary
 from ..utils import distinct, standard_strides
 from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU
@@ -53,15 +53,15 @@ class MACBlock(nn.Module):
         u = self.norm(x)
         # Validate once here; the segment loop then uses the memory's unchecked entry points (its
         # per-call checks were a full isfinite pass and a host sync per segment, twice).
-        self.memory._check_input(u, state.memory)
+        self.memory.check_input(u, state.memory)
         # The read side's and the attention's projections depend on u alone: computed for all of
         # it at once; each segment then only reads with its own weights, attends and memorises.
-        queries, read_gate, qconv = self.memory._read_inputs(u, state.query_conv)
+        queries = self.memory.read_queries(u, state.query_conv)
         mem, cache, seg_w = state.memory, state.attn, state.segment_weights
         if cache is None:
             cache = self.attn.empty_cache(B, u.device, u.dtype)
         aq, ak, av = self.attn.project(u, cache.position)
-        prefix = self.attn._prefix(u.dtype)
+        prefix = self.attn.prefix_keys(u.dtype)
         # Spans up to each segment end. Split, not sliced in the loop: a slice's backward
         # zero-fills a gradient the size of the whole input, once per segment (quadratic in T);
         # one split node gathers every span's gradient at once.
@@ -70,26 +70,26 @@ class MACBlock(nn.Module):
             sizes.append(min(self.segment - pos % self.segment, T - t))
             t, pos = t + sizes[-1], pos + sizes[-1]
         pos, ys, attended, answers = state.position, [], [], []
-        spans = zip(sizes, *(z.split(sizes, dim=1) for z in (queries, read_gate, aq, ak, av, x, u)))
-        for n, q_s, gate_s, aq_s, ak_s, av_s, x_s, u_s in spans:
+        spans = zip(sizes, queries.split(sizes), *(z.split(sizes, dim=1) for z in (aq, ak, av, x, u)))
+        for n, q_s, aq_s, ak_s, av_s, x_s, u_s in spans:
             if pos % self.segment == 0:  # a new segment reads the memory as it is now
                 seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
             if self._compiled_segment_applies(n, mem):
                 # the whole segment as one compiled graph; it leaves no open segment to cache
                 y, a, answer, mem = _segment_step_compiled(
-                    self, q_s, gate_s, aq_s, ak_s, av_s, x_s, u_s, torch.arange(pos, pos + n, device=u.device),
-                    mem, prefix, self.attn._segment_mask(n, 0 if prefix[0] is None else prefix[0].shape[1], u.device),
+                    self, q_s, aq_s, ak_s, av_s, x_s, u_s, torch.arange(pos, pos + n, device=u.device),
+                    mem, prefix, self.attn.segment_mask(n, 0 if prefix[0] is None else prefix[0].shape[1], u.device),
                     u.dtype,
                 )  # fmt: skip
                 cache = replace(self.attn.empty_cache(B, u.device, u.dtype), position=pos + n)
                 ys.append(y), attended.append(a), answers.append(answer)
                 pos += n
                 continue
-            h = self.memory._read(q_s, gate_s, seg_w, u.dtype)
+            h = self.memory.read(q_s, seg_w, u.dtype)
             a, cache = self.attn.attend(aq_s, ak_s, av_s, cache, h, prefix)
             y = self._write_input(x_s, u_s, a)
             # The op checks the caller's state on the first segment; later ones carry its own.
-            answer, mem = self.memory._memorise_raw(y, mem, check_op=pos == state.position)
+            answer, mem = self.memory.memorize(y, mem, check_state=pos == state.position)
             ys.append(y)
             attended.append(a)
             answers.append(answer)
@@ -98,9 +98,9 @@ class MACBlock(nn.Module):
         # state: once over the whole input, not per segment.
         y = torch.cat(ys, dim=1)
         gate_y = torch.cat(attended, dim=1) if self.gate_takes_attention else y
-        x = x + self.gate(gate_y, self.memory._output(torch.cat(answers, dim=1), y))
+        x = x + self.gate(gate_y, self.memory.output(torch.cat(answers, dim=1), y))
         x = x + self.ffn(self.ffn_norm(x))
-        return x, BlockState(memory=mem, attn=cache, query_conv=qconv, segment_weights=seg_w, position=pos)
+        return x, BlockState(memory=mem, attn=cache, query_conv=queries.conv, segment_weights=seg_w, position=pos)
 
     def _compiled_segment_applies(self, n: int, mem) -> bool:
         """Whether this span runs as ``_segment_step`` through ``torch.compile``: inference with
@@ -124,7 +124,7 @@ class MACBlock(nn.Module):
             return self.write_norm(x + a)
         return u if self.memory_input == "input" else a
 
-    def _segment_step(self, q_s, gate_s, aq_s, ak_s, av_s, x_s, u_s, positions, mem, prefix, mask, dtype):
+    def _segment_step(self, q_s: MemoryQueries, aq_s, ak_s, av_s, x_s, u_s, positions, mem, prefix, mask, dtype):
         """One whole segment from its start, the loop body of ``forward`` for a fresh segment with
         no Python number that changes from segment to segment (positions come as a tensor), so
         that ``torch.compile`` traces it once and replays it for every segment of a stream:
@@ -133,31 +133,30 @@ class MACBlock(nn.Module):
         Why: a single stream of 4-token memory chunks is bound by per-operation overhead (a few
         hundred small ops per segment); as one graph, the NIAH demo's MAC streams one row about
         1.8x faster than eager (README, "Speed and memory")."""
-        h = self.memory._read(q_s, gate_s, mem.memory.weights, dtype)
-        hk, hv = self.attn._keys(h, positions)
-        a = self.attn._segment_block(aq_s, ak_s, av_s, hk, hv, prefix, mask)
+        h = self.memory.read(q_s, mem.memory.weights, dtype)
+        hk, hv = self.attn.keys(h, positions)
+        a = self.attn.segment_block(aq_s, ak_s, av_s, hk, hv, prefix, mask)
         y = self._write_input(x_s, u_s, a)
         # compile_group=False: the chunk loop is traced into this graph, not compiled on its own
-        answer, mem = self.memory._memorise_raw(y, mem, check_op=False, compile_group=False)
+        answer, mem = self.memory.memorize(y, mem, check_state=False, compile_chunks=False)
         return y, a, answer, mem
 
     # ---- one-token decoding ------------------------------------------------------------------
 
-    def decode_inputs(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> tuple | None:
-        """The tensors ``decode_token`` takes for the next token after ``state``, or None when
-        the state cannot continue by the one-token step (no memory yet: the stream's first call;
-        or a state that does not fit this block, which the general path then explains).
-        The Python part of a decode step: which weights the token reads (a new segment reads the
-        memory as it is now) and where its gradient is taken (a new memory chunk takes it at the
-        current weights); the open segment's keys padded to ``segment`` slots, so that every
-        token of a stream has the same shapes."""
-        mem, cache = state.memory, state.attn
+    def step_state(self, state: BlockState, batch_size: int, dtype: torch.dtype) -> "MACStep | None":
+        """``state`` as ``step`` takes it, or None when the state cannot continue by the one-token
+        step (no memory yet: the stream's first call; or a state that does not fit this block,
+        which the general path then explains). The Python part of a decode step: which weights
+        the token reads (a new segment reads the memory as it is now) and where its gradient is
+        taken (a new memory chunk takes it at the current weights); the open segment's keys
+        padded to ``segment`` slots, so that every token of a stream has the same shapes."""
+        cache = state.attn
         slot = state.position % self.segment
-        memory_inputs = self.memory._decode_inputs(mem, batch_size)
+        memory = self.memory.step_state(state.memory, batch_size)
         inner = self.memory.heads * self.memory.head_dim
         qtail = None if not self.memory.conv_kernel else (batch_size, self.memory.conv_kernel - 1, inner)
         if (
-            memory_inputs is None
+            memory is None
             or not isinstance(cache, KVCache)
             or (None if state.query_conv is None else tuple(state.query_conv.shape)) != qtail
             or (slot and state.segment_weights is None)
@@ -167,16 +166,17 @@ class MACBlock(nn.Module):
             )
         ):
             return None
-        W, chunk_w, S, mem_conv = memory_inputs
         # a new segment reads the memory as it is now (a copy: see ``distinct``)
-        seg_w = distinct(W if slot == 0 else state.segment_weights, W + chunk_w)
+        seg_w = distinct(memory.weights if slot == 0 else state.segment_weights, memory.weights + memory.chunk_weights)
         kv = (cache.k, cache.v, cache.mem_k, cache.mem_v) if slot else (cache.k[:, :0],) * 4
-        return (W, chunk_w, S, mem_conv, standard_strides(state.query_conv), seg_w, *(self._padded(t) for t in kv))
+        k, v, mem_k, mem_v = (self._padded(t) for t in kv)
+        position = torch.tensor(state.position, device=k.device)
+        return MACStep(memory, standard_strides(state.query_conv), seg_w, k, v, mem_k, mem_v, position)
 
     def _padded(self, t: Tensor) -> Tensor:
         """The open segment's keys or values ``[B, n, H, D]`` in ``segment`` slots: the buffer
-        ``decode_state`` sliced them from when they are such a slice (its later slots hold stale
-        keys, which ``decode_token`` masks), else a zero-padded copy."""
+        ``state_after_step`` sliced them from when they are such a slice (its later slots hold
+        stale keys, which ``step`` masks), else a zero-padded copy."""
         base = t._base
         if (
             base is not None
@@ -187,39 +187,60 @@ class MACBlock(nn.Module):
             return base
         return F.pad(t, (0, 0, 0, 0, 0, self.segment - t.shape[1]))
 
-    def decode_state(self, state: BlockState, inputs: tuple, outputs: tuple) -> BlockState:
-        """The state after ``decode_token``: its ``outputs`` (all but x) back in BlockState form."""
-        W, S, mem_conv, query_conv, *bufs = outputs
+    def state_after_step(self, state: BlockState, step: "MACStep") -> BlockState:
+        """The state after ``step`` continued ``state``."""
         pos = state.position + 1
-        memory = self.memory._decode_state(state.memory, inputs[1], W, S, mem_conv)
+        memory = self.memory.state_after_step(state.memory, step.memory)
         keep = pos % self.segment  # tokens of the open segment after this one (0: it closed)
-        k, v, mem_k, mem_v = (b[:, :keep] for b in bufs)
+        k, v, mem_k, mem_v = (b[:, :keep] for b in (step.k, step.v, step.mem_k, step.mem_v))
         cache = KVCache(k, v, position=pos, mem_k=mem_k, mem_v=mem_v)
-        return BlockState(memory=memory, attn=cache, query_conv=query_conv, segment_weights=inputs[5], position=pos)
+        return BlockState(memory=memory, attn=cache, query_conv=step.query_conv,
+                          segment_weights=step.segment_weights, position=pos)  # fmt: skip
 
-    def decode_token(self, x, position, slot, W, chunk_w, S, mem_conv, query_conv, seg_w, k, v, mem_k, mem_v):
-        """One token x ``[B, 1, dim]`` at absolute ``position`` and ``slot`` = its index in its
-        segment (0-dim integer tensors: no Python number changes from token to token, so one
-        compiled graph serves a whole stream). ``forward`` for T = 1 on the tensors of
-        ``decode_inputs``; the keys of the segment so far sit in slots ``< slot`` of the padded
-        caches ``[B, segment, H, D]``. Returns ``(x, W, S, mem_conv, query_conv, k, v, mem_k,
-        mem_v)``, this token's keys written at ``slot``."""
+    def step(self, x: Tensor, state: "MACStep") -> tuple[Tensor, "MACStep"]:
+        """``forward`` for one token x ``[B, 1, dim]`` after ``state`` (from ``step_state``), with
+        no Python number that changes from token to token, so one compiled graph serves a whole
+        stream. The keys of the segment so far sit in slots ``< slot`` of the padded caches
+        ``[B, segment, H, D]``; this token's are written at ``slot``."""
         attn, mem = self.attn, self.memory
+        slot = state.position % self.segment
         u = self.norm(x)
-        flat_q, read_gate, query_conv = mem._token_read_inputs(u, query_conv)
-        h = mem._read(flat_q, read_gate, seg_w, u.dtype)  # (B, 1, dim): read, no write
-        positions = position.reshape(1)
-        q = apply_rotary(attn._heads(attn.to_q(u)), positions, attn.rope_base)
-        new = (*attn._keys(u, positions), *attn._keys(h, positions))  # k, v, hk, hv: (B, 1, H, D)
+        queries = mem.step_read_queries(u, state.query_conv)
+        h = mem.read(queries, state.segment_weights, u.dtype)  # (B, 1, dim): read, no write
+        positions = state.position.reshape(1)
+        q = apply_rotary(attn.split_heads(attn.to_q(u)), positions, attn.rope_base)
+        new = (*attn.keys(u, positions), *attn.keys(h, positions))  # k, v, hk, hv: (B, 1, H, D)
         at = slot.reshape(1)
-        k, v, mem_k, mem_v = (buf.index_copy(1, at, t) for buf, t in zip((k, v, mem_k, mem_v), new))
+        bufs = (state.k, state.v, state.mem_k, state.mem_v)
+        k, v, mem_k, mem_v = (buf.index_copy(1, at, t) for buf, t in zip(bufs, new))
         seen = torch.arange(self.segment, device=x.device) <= slot  # the segment so far and itself
-        a = attn._attend_one(q, [mem_k, k], [mem_v, v], [seen, seen])
+        a = attn.attend_one(q, [mem_k, k], [mem_v, v], [seen, seen])
         y = self._write_input(x, u, a)
-        answer, W, S, mem_conv = mem._token_memorise(y, W, chunk_w, S, mem_conv)
-        x = x + self.gate(a if self.gate_takes_attention else y, mem._output(answer, y))
+        answer, memory = mem.step_memorize(y, state.memory)
+        x = x + self.gate(a if self.gate_takes_attention else y, mem.output(answer, y))
         x = x + self.ffn(self.ffn_norm(x))
-        return x, W, S, mem_conv, query_conv, k, v, mem_k, mem_v
+        return x, MACStep(memory, queries.conv, state.segment_weights, k, v, mem_k, mem_v, state.position)
+
+
+@dataclass
+class MACStep:
+    """MAC's one-token step state: plain tensors (see ``MACBlock.step``).
+
+    memory: the memory's step state. query_conv: the query stream's convolution tail.
+    segment_weights: the memory's weights at the segment's start (what h reads).
+    k, v, mem_k, mem_v: the open segment's keys and values of x and of h in ``segment`` slots
+    ``[B, segment, H, D]``, the first ``position % segment`` of them real.
+    position: the token's position (0-dim tensor).
+    """
+
+    memory: MemoryStep
+    query_conv: Tensor | None
+    segment_weights: tuple[Tensor, ...]
+    k: Tensor
+    v: Tensor
+    mem_k: Tensor
+    mem_v: Tensor
+    position: Tensor
 
 
 _COMPILED_STEP: list = []

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..layers.attention import Attention
 from ..layers.neural_memory import NeuralMemory
-from .common import BlockState, MemoryWindowDecode, RMSNorm, SwiGLU, memorise_persistent
+from .common import BlockState, MemoryWindowDecode, MemoryWindowStep, RMSNorm, SwiGLU, memorise_persistent
 
 
 class MALBlock(MemoryWindowDecode, nn.Module):
@@ -33,12 +33,12 @@ class MALBlock(MemoryWindowDecode, nn.Module):
         x = x + self.ffn(self.ffn_norm(x))
         return x, BlockState(memory=mem, attn=cache, position=state.position + x.shape[1])
 
-    # ---- one-token decoding (decode_inputs / decode_state: MemoryWindowDecode) ---------------
+    # ---- one-token decoding (step_state / state_after_step: MemoryWindowDecode) --------------
 
-    def decode_token(self, x, position, slot, W, chunk_w, S, conv, k, v):
-        """``forward`` for one token x ``[B, 1, dim]`` on the tensors of ``decode_inputs``."""
-        m, W, S, conv = self.memory._token_forward(self.mem_norm(x), W, chunk_w, S, conv)
+    def step(self, x: Tensor, state: MemoryWindowStep) -> tuple[Tensor, MemoryWindowStep]:
+        """``forward`` for one token x ``[B, 1, dim]`` after ``state`` (from ``step_state``)."""
+        m, memory = self.memory.step(self.mem_norm(x), state.memory)
         x = x + m
-        a, k, v = self.attn._token_window(self.attn_norm(x), position, k, v)
+        a, k, v = self.attn.step_window(self.attn_norm(x), state.position, state.k, state.v)
         x = x + a
-        return x + self.ffn(self.ffn_norm(x)), W, S, conv, k, v
+        return x + self.ffn(self.ffn_norm(x)), MemoryWindowStep(memory, k, v, state.position)

@@ -107,18 +107,21 @@ class Attention(nn.Module):
         self.persistent = PersistentMemory(persistent_tokens, dim) if persistent_tokens else None
         self._masks: dict = {}  # segment masks by (T, prefix, device): built once, reused
 
-    def _heads(self, x: Tensor) -> Tensor:
+    def split_heads(self, x: Tensor) -> Tensor:
+        """``[..., heads * head_dim]`` -> ``[..., heads, head_dim]``."""
         return x.reshape(*x.shape[:-1], self.heads, self.head_dim)  # (B, T, H, D)
 
-    def _keys(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        k = apply_rotary(self._heads(self.to_k(x)), positions, self.rope_base)
-        return k, self._heads(self.to_v(x))
+    def keys(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (rotated to ``positions`` ``[T]``) and values of x ``[B, T, dim]``: ``[B, T, H, D]`` each."""
+        k = apply_rotary(self.split_heads(self.to_k(x)), positions, self.rope_base)
+        return k, self.split_heads(self.to_v(x))
 
-    def _prefix(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    def prefix_keys(self, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        """The persistent tokens' keys and values ``[1, N_p, H, D]`` (no rotation), or (None, None)."""
         if self.persistent is None:
             return None, None
         p = self.persistent().to(dtype).unsqueeze(0)  # (1, Np, dim): no position, no rotation
-        return self._heads(self.to_k(p)), self._heads(self.to_v(p))
+        return self.split_heads(self.to_k(p)), self.split_heads(self.to_v(p))
 
     def empty_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
         shape = (batch_size, 0, self.heads, self.head_dim)
@@ -145,15 +148,15 @@ class Attention(nn.Module):
         elif cache.k.shape[0] != B:
             raise ValueError(f"cache was made for batch size {cache.k.shape[0]}, x has {B}")
         q, k, v = self.project(x, cache.position)
-        return self.attend(q, k, v, cache, memory_tokens, self._prefix(x.dtype))
+        return self.attend(q, k, v, cache, memory_tokens, self.prefix_keys(x.dtype))
 
     def project(self, x: Tensor, position: int) -> tuple[Tensor, Tensor, Tensor]:
         """Queries and keys (RoPE at positions ``position, position + 1, ...``) and values of x
         ``[B, T, dim]``, each ``[B, T, H, D]``. MAC projects its whole input once with this and
         then attends segment by segment (``attend``), instead of projecting every segment."""
         positions = torch.arange(position, position + x.shape[1], device=x.device)
-        q = apply_rotary(self._heads(self.to_q(x)), positions, self.rope_base)
-        k, v = self._keys(x, positions)
+        q = apply_rotary(self.split_heads(self.to_q(x)), positions, self.rope_base)
+        k, v = self.keys(x, positions)
         return q, k, v
 
     def attend(
@@ -166,7 +169,7 @@ class Attention(nn.Module):
         prefix: tuple[Tensor | None, Tensor | None],
     ) -> tuple[Tensor, KVCache]:
         """``forward`` after the projections: q, k, v ``[B, T, H, D]`` from ``project`` at
-        ``cache.position``; ``prefix`` the persistent tokens' keys and values (``_prefix``).
+        ``cache.position``; ``prefix`` the persistent tokens' keys and values (``prefix``).
         Unchecked: ``forward`` validates, MAC builds these from one validated input."""
         B, T = q.shape[:2]
         pos = cache.position
@@ -187,7 +190,7 @@ class Attention(nn.Module):
             keep = self.window - 1
         else:
             positions = torch.arange(pos, pos + T, device=q.device)
-            hk, hv = self._keys(memory_tokens, positions)
+            hk, hv = self.keys(memory_tokens, positions)
             mk_all, mv_all = torch.cat([cache.mem_k, hk], 1), torch.cat([cache.mem_v, hv], 1)
             offset = pos % self.segment
             out = segment_attention(
@@ -206,18 +209,18 @@ class Attention(nn.Module):
         instead of ``segment_attention``'s padding and cache concatenations (the general path,
         which gives the same outputs; the tests compare them)."""
         B, T = q.shape[:2]
-        hk, hv = self._keys(memory_tokens, torch.arange(pos, pos + T, device=q.device))
-        mask = self._segment_mask(T, 0 if prefix[0] is None else prefix[0].shape[1], q.device)
-        y = self._segment_block(q, k, v, hk, hv, prefix, mask)
+        hk, hv = self.keys(memory_tokens, torch.arange(pos, pos + T, device=q.device))
+        mask = self.segment_mask(T, 0 if prefix[0] is None else prefix[0].shape[1], q.device)
+        y = self.segment_block(q, k, v, hk, hv, prefix, mask)
         # the open segment's keys: copies, so that a state kept between calls does not pin a
         # projection of the whole input (MAC passes slices of one)
         keep = (pos + T) % self.segment
         kept = [t[:, T - keep :].clone() for t in (k, v, hk, hv)]
         return y, KVCache(k=kept[0], v=kept[1], position=pos + T, mem_k=kept[2], mem_v=kept[3])
 
-    def _segment_block(self, q, k, v, hk, hv, prefix, mask) -> Tensor:
+    def segment_block(self, q, k, v, hk, hv, prefix, mask) -> Tensor:
         """Attention of a fresh segment's queries over ``[P || h || x]`` (keys hk, k; values hv, v)
-        with ``mask`` (``_segment_mask``), projected out: ``[B, T, dim]``."""
+        with ``mask`` (``segment_mask``), projected out: ``[B, T, dim]``."""
         B, T = q.shape[:2]
         pk, pv = prefix
         ks, vs = [hk, k], [hv, v]
@@ -229,48 +232,48 @@ class Attention(nn.Module):
 
     # ---- one token, for the decode graphs ---------------------------------------------------
 
-    def _attend_one(self, q: Tensor, keys: list[Tensor], values: list[Tensor], visible: list[Tensor]) -> Tensor:
+    def attend_one(self, q: Tensor, keys: list[Tensor], values: list[Tensor], visible: list[Tensor]) -> Tensor:
         """Attention of one query ``[B, 1, H, D]`` over the persistent prefix and the given keys
         and values (lists of ``[B, n_i, H, D]``, each with its ``visible`` ``[n_i]`` bool mask),
         projected out: ``[B, 1, dim]``. Fixed shapes, no Python branch on values."""
         B = q.shape[0]
-        pk, pv = self._prefix(q.dtype)
+        pk, pv = self.prefix_keys(q.dtype)
         if pk is not None:
             keys, values = [pk.expand(B, -1, -1, -1), *keys], [pv.expand(B, -1, -1, -1), *values]
             visible = [torch.ones(pk.shape[1], dtype=torch.bool, device=q.device), *visible]
         out = _sdpa(q, torch.cat(keys, 1), torch.cat(values, 1), torch.cat(visible)[None])  # (B, 1, H, D)
         return self.to_out(out.reshape(B, 1, -1))
 
-    def _window_buffers(self, cache: KVCache) -> tuple[Tensor, Tensor]:
+    def window_buffers(self, cache: KVCache) -> tuple[Tensor, Tensor]:
         """A sliding window's cached keys and values in ``window - 1`` slots, right-aligned (a
-        stream's first tokens leave zeros in front), as ``_token_window`` takes them."""
+        stream's first tokens leave zeros in front), as ``step_window`` takes them."""
         n = self.window - 1
         pad = lambda t: standard_strides(t) if t.shape[1] == n else F.pad(t, (0, 0, 0, 0, n - t.shape[1], 0))  # noqa: E731
         return pad(cache.k), pad(cache.v)
 
-    def _token_window(self, u: Tensor, position: Tensor, k_buf: Tensor, v_buf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step_window(self, u: Tensor, position: Tensor, k_buf: Tensor, v_buf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Sliding-window attention ('swa') of one token u ``[B, 1, dim]`` at ``position`` (0-dim
-        integer tensor) after ``_window_buffers``: slot i holds the key of token position - n + i
+        integer tensor) after ``window_buffers``: slot i holds the key of token position - n + i
         (n = window - 1; a real token when that is >= 0). Returns ``(y [B, 1, dim], k_buf,
         v_buf)``, the buffers moved on by this token."""
         positions = position.reshape(1)
-        q = apply_rotary(self._heads(self.to_q(u)), positions, self.rope_base)
-        k, v = self._keys(u, positions)
+        q = apply_rotary(self.split_heads(self.to_q(u)), positions, self.rope_base)
+        k, v = self.keys(u, positions)
         n = self.window - 1
         real = torch.arange(n, device=u.device) >= n - position
         itself = torch.ones(1, dtype=torch.bool, device=u.device)
-        y = self._attend_one(q, [k_buf, k], [v_buf, v], [real, itself])
+        y = self.attend_one(q, [k_buf, k], [v_buf, v], [real, itself])
         # contiguous: the next token's inputs keep one stride pattern (window 1: n = 0 slots)
         return y, torch.cat([k_buf, k], 1)[:, 1:].contiguous(), torch.cat([v_buf, v], 1)[:, 1:].contiguous()
 
-    def _window_cache(self, k_buf: Tensor, v_buf: Tensor, position: int) -> KVCache:
-        """The KVCache after ``_token_window`` at a stream's ``position`` (tokens seen): the real
+    def window_cache(self, k_buf: Tensor, v_buf: Tensor, position: int) -> KVCache:
+        """The KVCache after ``step_window`` at a stream's ``position`` (tokens seen): the real
         tokens of the buffers, as the general path keeps them."""
         keep = min(position, self.window - 1)
         n = k_buf.shape[1]
         return KVCache(k=k_buf[:, n - keep :], v=v_buf[:, n - keep :], position=position)
 
-    def _segment_mask(self, T: int, n_prefix: int, device) -> Tensor:
+    def segment_mask(self, T: int, n_prefix: int, device) -> Tensor:
         """``[T, n_prefix + 2T]``: every query sees the prefix, and h_i and x_i for i <= j."""
         key = (T, n_prefix, str(device))
         mask = self._masks.get(key)

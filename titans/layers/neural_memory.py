@@ -29,7 +29,7 @@ from ..ops.memory.state import check_max_grad_norm, compute_dtype
 from ..ops.memory.step import step_flat
 from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
 
-__all__ = ["NeuralMemory", "NeuralMemoryState", "RMSNorm"]
+__all__ = ["MemoryQueries", "MemoryStep", "NeuralMemory", "NeuralMemoryState", "RMSNorm"]
 
 
 @dataclass
@@ -52,6 +52,43 @@ class NeuralMemoryState:
     def num_bytes(self) -> int:
         conv = 0 if self.conv is None else self.conv.numel() * self.conv.element_size()
         return self.memory.num_bytes() + conv
+
+
+@dataclass
+class MemoryQueries:
+    """What reading the memory takes from a layer input (``NeuralMemory.read_queries``).
+
+    q: the queries ``[B * heads, T, head_dim]`` in the compute dtype (l2-normalised).
+    gate: the output gate ``silu(x W_gate)`` ``[B, T, heads * head_dim]``.
+    conv: the query stream's convolution tail after x (None without a convolution).
+    """
+
+    q: Tensor
+    gate: Tensor
+    conv: Tensor | None = None
+
+    def split(self, sizes: list[int]) -> list["MemoryQueries"]:
+        """The queries of consecutive spans of ``sizes`` tokens (one split node each for q and the
+        gate: slicing in a loop would zero-fill a full-size gradient once per span)."""
+        return [MemoryQueries(q, g) for q, g in zip(self.q.split(sizes, dim=1), self.gate.split(sizes, dim=1))]
+
+
+@dataclass
+class MemoryStep:
+    """A ``NeuralMemoryState`` as the one-token step takes and returns it (``NeuralMemory.step``):
+    tensors only, no Python number, so that one compiled graph serves every token of a stream.
+
+    weights: the running weights ``[B, H, out, in]`` per layer.
+    chunk_weights: the weights at the open chunk's start, where its tokens take their gradients
+        (at a chunk start a copy of ``weights``); the step passes them through unchanged.
+    momentum: the momentum buffers (None without momentum).
+    conv: the convolution tail ``[B, K-1, 3 * heads * head_dim]`` (None without a convolution).
+    """
+
+    weights: tuple[Tensor, ...]
+    chunk_weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...] | None
+    conv: Tensor | None
 
 
 def _causal_depthwise(u: Tensor, tail: Tensor | None, weight: Tensor) -> Tensor:
@@ -432,7 +469,10 @@ class NeuralMemory(nn.Module):
 
     # ---- state ------------------------------------------------------------------------------
 
-    def _check_input(self, x: Tensor, state: NeuralMemoryState | None) -> None:
+    def check_input(self, x: Tensor, state: NeuralMemoryState | None) -> None:
+        """Refuse, with a message naming the problem, an input ``[B, T, dim]`` or a state this layer
+        cannot take. ``forward`` and ``retrieve`` check; a block that calls ``memorize`` many
+        times on parts of one input checks that input once with this."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError("x must be a floating-point tensor [batch, time, dim]")
         if x.dim() != 3 or x.shape[-1] != self.dim:
@@ -486,27 +526,21 @@ class NeuralMemory(nn.Module):
     ) -> tuple[Tensor, NeuralMemoryState]:
         """x ``[B, T, dim]`` -> ``(y [B, T, dim], state)``. Memorises every token of x and returns
         for each token the memory's answer to its query, with the weights as of that token."""
-        self._check_input(x, state)
-        return self._memorise(x, state)
+        self.check_input(x, state)
+        y, state = self.memorize(x, state)
+        return self.output(y, x), state
 
-    def _memorise(
-        self, x: Tensor, state: NeuralMemoryState | None, check_op: bool = True
+    def memorize(
+        self, x: Tensor, state: NeuralMemoryState | None = None, *, check_state: bool = True, compile_chunks: bool = True
     ) -> tuple[Tensor, NeuralMemoryState]:
-        """``forward`` without the layer-input checks, for callers that validated their input once
-        and call the layer many times on parts of it (MAC, once per segment). The memory op still
-        checks its q, k, v, gates and state unless ``check_op`` is False (MAC's later segments,
-        whose state the op itself produced)."""
-        y, state = self._memorise_raw(x, state, check_op)
-        return self._output(y, x), state
-
-    def _memorise_raw(
-        self, x: Tensor, state: NeuralMemoryState | None, check_op: bool = True, compile_group: bool = True
-    ) -> tuple[Tensor, NeuralMemoryState]:
-        """``_memorise`` before the output path: the memory's answers ``[B, T, heads, head_dim]``
-        and the new state. MAC memorises segment by segment and then runs ``_output`` once on the
-        whole block input (the output path needs no memory state). ``compile_group=False``: no
-        compiled chunk groups even with the compile switch on (MAC's compiled segment step traces
-        this call into its own graph)."""
+        """Write every token of x ``[B, T, dim]`` (unchecked: see ``check_input``) and return the
+        memory's raw answers ``[B, T, heads, head_dim]`` (each token's query read with the weights
+        as of that token) and the new state; ``output`` turns answers into the layer's output.
+        MAC memorises segment by segment and runs ``output`` once on the whole block input.
+        ``check_state=False`` skips the memory op's checks of its q, k, v, gates and state (for a
+        state the op itself produced); ``compile_chunks=False`` runs no compiled chunk group even
+        with the compile switch on (MAC's compiled segment step traces this call into its own
+        graph)."""
         qkv, conv_tail = self._conv(self.to_qkv(x), None if state is None else state.conv)
         qkv = self._activate(qkv)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
@@ -524,13 +558,13 @@ class NeuralMemory(nn.Module):
         if x.shape[1] == 1:
             y, mem = step_memory(**kwargs)
         else:
-            op = chunk_memory if check_op else chunk_memory_unchecked
+            op = chunk_memory if check_state else chunk_memory_unchecked
             if self.product_dtype is not None:
                 warn_if_cpu_bf16_is_slow(
                     x.device, "NeuralMemory product_dtype=bfloat16 (TitansConfig.memory_product_dtype)",
                     instead='product_dtype=None (memory_product_dtype="float32") here',
                 )  # fmt: skip
-            y, mem = op(**kwargs, compile=self.use_compile and compile_group, product_dtype=self.product_dtype)
+            y, mem = op(**kwargs, compile=self.use_compile and compile_chunks, product_dtype=self.product_dtype)
         if not torch.compiler.is_compiling() and nonfinite({"y": y}):
             self._raise_diverged(y, theta)
         return y, NeuralMemoryState(memory=mem, conv=conv_tail)
@@ -551,6 +585,8 @@ class NeuralMemory(nn.Module):
         )
 
     # ---- one token, for the decode graph ---------------------------------------------------
+    # ``step_state`` (Python: is the state one the step can continue?) -> ``step`` (tensor math,
+    # the same in every token of a stream) -> ``state_after_step`` (Python again).
 
     def _token_conv(self, u: Tensor, tail: Tensor, channels: slice) -> tuple[Tensor, Tensor]:
         """The causal convolution of one token u ``[B, 1, C]`` after ``tail`` ``[B, K-1, C]``
@@ -561,20 +597,13 @@ class NeuralMemory(nn.Module):
         # contiguous: the next token's tail then keeps one stride pattern (no copy per token)
         return (full * w).sum(1, keepdim=True), full[:, 1:].contiguous()
 
-    def _token_memorise(
-        self,
-        x: Tensor,
-        weights: tuple[Tensor, ...],
-        chunk_weights: tuple[Tensor, ...],
-        momentum: tuple[Tensor, ...] | None,
-        conv_tail: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...] | None, Tensor | None]:
-        """``_memorise_raw`` for one token x ``[B, 1, dim]`` on the state's tensors (weights
-        ``[B, H, out, in]``; ``chunk_weights`` the pending chunk's start, ``weights`` itself at a
-        chunk start): unchecked, and with no Python branch on the state, so that ``TitansLM``'s
-        decode step can run it inside one compiled graph. Returns ``(answer [B, 1, H, D],
-        weights, momentum, conv tail)``. Checked against ``_memorise_raw`` by the tests."""
+    def step_memorize(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:
+        """``memorize`` for one token x ``[B, 1, dim]`` after ``state`` (from ``step_state``):
+        unchecked, and with no Python branch on the state, so that ``TitansLM``'s decode step can
+        run it inside one compiled graph. Returns ``(answer [B, 1, H, D], state)``. Checked
+        against ``memorize`` by the tests."""
         B, H, D = x.shape[0], self.heads, self.head_dim
+        conv_tail = state.conv
         u = self.to_qkv(x)
         if self.conv_kernel:
             u, conv_tail = self._token_conv(u, conv_tail, slice(None))
@@ -585,19 +614,18 @@ class NeuralMemory(nn.Module):
         gate = lambda g: None if g is None else g.to(cd).reshape(B * H, 1, 1)  # noqa: E731  (B, 1, H) -> (B*H, 1, 1)
         theta, eta, alpha = self.gates(x)
         y, W, S = step_flat(
-            flat(weights), flat(chunk_weights), flat(momentum), q.to(cd), k.to(cd), v.to(cd),
+            flat(state.weights), flat(state.chunk_weights), flat(state.momentum), q.to(cd), k.to(cd), v.to(cd),
             gate(theta), gate(eta), gate(alpha), self.activation, self.residual, self.max_grad_norm,
         )  # fmt: skip
         unflat = lambda ws: None if ws is None else tuple(w.reshape(B, H, *w.shape[1:]) for w in ws)  # noqa: E731
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
-        return answer, unflat(W), unflat(S), conv_tail
+        return answer, MemoryStep(unflat(W), state.chunk_weights, unflat(S), conv_tail)
 
-    def _decode_inputs(self, state: NeuralMemoryState | None, batch_size: int) -> tuple | None:
-        """The state's tensors as ``_token_memorise`` takes them: ``(weights, chunk_weights,
-        momentum, conv tail)``; at a chunk start the chunk's weights are the running weights (as
-        a copy, see ``titans.utils.distinct``). None when the state does not fit this layer (none
-        yet, another batch size, chunk size, head layout or convolution setting): the caller then
-        takes the general path, whose checks name the problem."""
+    def step_state(self, state: NeuralMemoryState | None, batch_size: int) -> MemoryStep | None:
+        """``state`` as ``step`` takes it; at a chunk start the chunk's weights are the running
+        weights (as a copy, see ``titans.utils.distinct``). None when the state does not fit this
+        layer (none yet, another batch size, chunk size, head layout or convolution setting): the
+        caller then takes the general path, whose checks name the problem."""
         if not isinstance(state, NeuralMemoryState) or not isinstance(state.memory, MemoryState):
             return None
         m = state.memory
@@ -612,30 +640,30 @@ class NeuralMemory(nn.Module):
         ):
             return None
         chunk_w = distinct(m.weights if m.position == 0 else m.chunk_weights, m.weights)
-        return m.weights, chunk_w, m.momentum, standard_strides(state.conv)
+        return MemoryStep(m.weights, chunk_w, m.momentum, standard_strides(state.conv))
 
-    def _decode_state(self, state: NeuralMemoryState, chunk_weights, weights, momentum, conv) -> NeuralMemoryState:
-        """The state after ``_token_memorise`` continued ``state``, from its outputs and the
-        ``chunk_weights`` it was given."""
-        pos = (state.memory.position + 1) % self.chunk_size
-        return NeuralMemoryState(MemoryState(weights, momentum, weights if pos == 0 else chunk_weights, pos), conv)
+    def state_after_step(self, before: NeuralMemoryState, step: MemoryStep) -> NeuralMemoryState:
+        """The state after one ``step`` (or ``step_memorize``) continued ``before``."""
+        pos = (before.memory.position + 1) % self.chunk_size
+        chunk_weights = step.weights if pos == 0 else step.chunk_weights
+        return NeuralMemoryState(MemoryState(step.weights, step.momentum, chunk_weights, pos), step.conv)
 
-    def _token_forward(self, x: Tensor, weights, chunk_weights, momentum, conv_tail) -> tuple:
-        """``forward`` for one token x ``[B, 1, dim]`` on the state's tensors (see
-        ``_token_memorise``): ``(y [B, 1, dim], weights, momentum, conv tail)``."""
-        answer, weights, momentum, conv_tail = self._token_memorise(x, weights, chunk_weights, momentum, conv_tail)
-        return self._output(answer, x), weights, momentum, conv_tail
+    def step(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:
+        """``forward`` for one token x ``[B, 1, dim]`` after ``state`` (see ``step_memorize``):
+        ``(y [B, 1, dim], state)``."""
+        answer, state = self.step_memorize(x, state)
+        return self.output(answer, x), state
 
-    def _token_read_inputs(self, x: Tensor, conv_tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``_read_inputs`` for one token x ``[B, 1, dim]``, as plain tensor math (see
-        ``_token_memorise``)."""
+    def step_read_queries(self, x: Tensor, conv_tail: Tensor | None) -> MemoryQueries:
+        """``read_queries`` for one token x ``[B, 1, dim]``, as plain tensor math (no autograd node
+        of its own, no Python branch on the state: see ``step_memorize``)."""
         inner = self.heads * self.head_dim
         u = F.linear(x, self.to_qkv.weight[:inner])
         if self.conv_kernel:
             u, conv_tail = self._token_conv(u, conv_tail, slice(0, inner))
         q = l2_normalize(self._activate(u).reshape(x.shape[0], self.heads, self.head_dim))  # (B, H, D)
         flat_q = q.to(compute_dtype(q.dtype)).reshape(-1, 1, self.head_dim)  # (B*H, 1, D)
-        return flat_q, F.silu(self.to_gate(x)), conv_tail
+        return MemoryQueries(flat_q, F.silu(self.to_gate(x)), conv_tail)
 
     def _activate(self, u: Tensor) -> Tensor:
         """The activation of the projected (and convolved) q | k | v channels, or of q alone:
@@ -647,12 +675,14 @@ class NeuralMemory(nn.Module):
             return u
         return torch.cat([u[..., :qk], F.silu(u[..., qk:])], dim=-1)
 
-    def _output(self, y: Tensor, x: Tensor) -> Tensor:
-        """Per-head RMSNorm, SiLU output gate from the layer input, projection back to dim."""
+    def output(self, y: Tensor, x: Tensor) -> Tensor:
+        """The layer's output for the memory's answers y ``[B, T, heads, head_dim]`` to the layer
+        input x ``[B, T, dim]``: per-head RMSNorm, SiLU output gate from x, projection back to
+        dim. Holds no state."""
         return self._gated_output(y, F.silu(self.to_gate(x)), x.dtype)
 
     def _gated_output(self, y: Tensor, gate: Tensor, dtype: torch.dtype) -> Tensor:
-        """``_output`` with the gate ``silu(x W_gate)`` ``[B, T, heads * head_dim]`` given."""
+        """``output`` with the gate ``silu(x W_gate)`` ``[B, T, heads * head_dim]`` given."""
         y = self.out_norm(y.to(dtype))  # (B, T, H, D)
         return self.to_out(rearrange(y, "b t h d -> b t (h d)") * gate)
 
@@ -668,21 +698,14 @@ class NeuralMemory(nn.Module):
         query projection and its own causal-convolution stream, continued from ``conv_tail``
         (the last ``kernel - 1`` query projections ``[B, K-1, heads * head_dim]``).
         Returns ``(y [B, T, dim], new conv tail)``."""
-        self._check_input(x, None)
-        return self._retrieve(x, weights, conv_tail)
+        self.check_input(x, None)
+        queries = self.read_queries(x, conv_tail)
+        return self.read(queries, weights, x.dtype), queries.conv
 
-    def _retrieve(
-        self, x: Tensor, weights: tuple[Tensor, ...], conv_tail: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """``retrieve`` without the input checks (see ``_memorise``)."""
-        flat_q, gate, conv_tail = self._read_inputs(x, conv_tail)
-        return self._read(flat_q, gate, weights, x.dtype), conv_tail
-
-    def _read_inputs(self, x: Tensor, conv_tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """What ``retrieve`` computes from x alone, for all of x at once: the queries
-        ``[B*heads, T, head_dim]`` (compute dtype, the layout of ``_read``), the output gate
-        ``[B, T, heads * head_dim]`` and the new conv tail. MAC calls this once per block call and
-        ``_read`` once per segment, instead of projecting every segment separately."""
+    def read_queries(self, x: Tensor, conv_tail: Tensor | None = None) -> MemoryQueries:
+        """What reading the memory computes from x ``[B, T, dim]`` alone, for all of x at once (the
+        query stream continued from ``conv_tail``). MAC calls this once per block call and ``read``
+        once per segment, instead of projecting every segment separately."""
         inner = self.heads * self.head_dim
         u = F.linear(x, self.to_qkv.weight[:inner])
         if self.conv_kernel:
@@ -691,11 +714,12 @@ class NeuralMemory(nn.Module):
         q = l2_normalize(self._activate(u).reshape(*u.shape[:2], self.heads, self.head_dim))
         B, T, H, D = q.shape
         flat_q = q.to(compute_dtype(q.dtype)).transpose(1, 2).reshape(B * H, T, D)
-        return flat_q, F.silu(self.to_gate(x)), conv_tail
+        return MemoryQueries(flat_q, F.silu(self.to_gate(x)), conv_tail)
 
-    def _read(self, flat_q: Tensor, gate: Tensor, weights: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
-        """``y = M(q)`` with the fixed ``weights`` (``[B, H, out, in]`` per layer) for a span of
-        ``_read_inputs``' queries ``[B*H, t, D]`` and gate ``[B, t, inner]`` -> ``[B, t, dim]``."""
+    def read(self, queries: MemoryQueries, weights: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        """Read without writing, the paper's M*: ``y = M(q)`` with the fixed ``weights``
+        (``[B, H, out, in]`` per layer) for ``queries`` (of t tokens) -> ``[B, t, dim]`` in ``dtype``."""
+        flat_q, gate = queries.q, queries.gate
         B, (BH, T, D) = gate.shape[0], flat_q.shape
         flat_w = [w.to(flat_q.dtype).reshape(BH, *w.shape[2:]) for w in weights]
         y = mlp_read(flat_w, flat_q, self.activation, self.residual)  # saves q and weights only

@@ -12,6 +12,8 @@ Templates (``TEMPLATES``; every one keeps the key right before its value and end
 the key, so with the ``words`` tokenizer the key and the value are one token each):
 
 - ``"train"``: what the training rows use, the pair template among them;
+- ``"varied"``: twelve needle phrasings crossed with twelve question phrasings (the six of
+  ``"train"`` among them), a question's phrasing independent of its needle's;
 - ``"pair"``: the pair template alone (results compare with the ``pair-`` variants of ``niah``);
 - ``"unseen"``: phrasings no training row uses, for evaluation only.
 
@@ -69,6 +71,38 @@ class RecallTemplate:
 
 PAIR_TEMPLATE = RecallTemplate("Remember the pair: {key} {value}.", "Recall the pair: {key}")
 
+# The "varied" family pairs every needle phrasing with every question phrasing, so that a question
+# need not echo the words its needle was written with; its words are those of "train" plus words
+# that are not key nouns, so the key list (and every row of the "train" recipes) stays the same.
+_VARIED_NEEDLES = (
+    "Remember the pair: {key} {value}.",
+    "Note this down: {key} {value}.",
+    "Keep in mind the entry {key} {value}.",
+    "For later: {key} {value}.",
+    "Store the record {key} {value} in memory.",
+    "Memorize this: {key} {value}.",
+    "Save this for later, {key} {value}.",
+    "Remember that {key} {value} go together.",
+    "Keep this pair in memory: {key} {value}.",
+    "The entry to remember is {key} {value}.",
+    "Memorize the record {key} {value} now.",
+    "{key} {value}, remember that.",
+)
+_VARIED_QUESTIONS = (
+    "Recall the pair: {key}",
+    "What was noted for {key}",
+    "The entry {key}",
+    "Tell me again: {key}",
+    "Retrieve the record {key}",
+    "From memory: {key}",
+    "What goes with {key}",
+    "Now recall {key}",
+    "Say what was stored with {key}",
+    "Recite the entry for {key}",
+    "What was saved for {key}",
+    "Give the record for {key}",
+)
+
 TEMPLATES: dict[str, tuple[RecallTemplate, ...]] = {
     "pair": (PAIR_TEMPLATE,),
     "train": (
@@ -79,6 +113,7 @@ TEMPLATES: dict[str, tuple[RecallTemplate, ...]] = {
         RecallTemplate("Store the record {key} {value} in memory.", "Retrieve the record {key}"),
         RecallTemplate("Memorize this: {key} {value}.", "From memory: {key}"),
     ),
+    "varied": tuple(RecallTemplate(n, q) for n in _VARIED_NEEDLES for q in _VARIED_QUESTIONS),
     "unseen": (
         RecallTemplate("Write in the ledger: {key} {value}.", "Read from the ledger: {key}"),
         RecallTemplate("Here is a fact to hold on to, {key} {value}.", "The fact about {key}"),

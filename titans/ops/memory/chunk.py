@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .mlp import activation as act_fn
 from .mlp import activation_with_grads, clip_scale
+from .objectives import L2, Objective, as_objective
 from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate, state_from_flat
 
 __all__ = ["chunk_memory", "chunk_memory_unchecked"]
@@ -89,10 +90,11 @@ def _chunk_coefficients(sizes: list[int], theta: Tensor, log_a: Tensor | None, l
     return out
 
 
-def _key_side(Wg, k, v, act: str, residual: bool, back=None):
+def _key_side(Wg, k, v, act: str, residual: bool, back=None, objective: Objective = L2, delta=None):
     """``key_gradients`` (the per-token gradients in factored form, at Wg) plus
     ``dhs[l] = dz_{l+1} Wg_{l+1}``, the loss gradient at each hidden activation before act' is
-    applied: the backward pass needs it and would otherwise redo that product.
+    applied: the backward pass needs it and would otherwise redo that product; and the error
+    ``M(k) - v`` when the objective is not l2 (its backward needs it; l2's needs only dz).
     ``back``: Wg in the dtype of the low-precision products, for the ``dz Wg`` products (the
     forward products and ``M(k) - v`` stay in Wg's dtype: see ``_chunk_forward``)."""
     mT = lambda x: x.transpose(-1, -2)  # noqa: E731
@@ -103,14 +105,19 @@ def _key_side(Wg, k, v, act: str, residual: bool, back=None):
         h, d1, _ = activation_with_grads(act, hs[-1] @ mT(Wg[l]))
         hs.append(h), d1s.append(d1)
     out = hs[-1] @ mT(Wg[-1])
-    dz = torch.sub(out + k if residual else out, v).mul_(2)
+    err = None
+    if objective.name == "l2":
+        dz = torch.sub(out + k if residual else out, v).mul_(2)
+    else:
+        err = torch.sub(out + k if residual else out, v)
+        dz = objective.grad(err, delta)
     dzs, dhs = [dz], []
     for l in range(L - 1, 0, -1):
         dh = dz.to(back[l].dtype) @ back[l]
         dz = dh * d1s[l - 1]
         dzs.append(dz), dhs.append(dh)
     dzs.reverse(), dhs.reverse()
-    return hs, dzs, dhs
+    return hs, dzs, dhs, err
 
 
 def _caster(dtype: torch.dtype):
@@ -162,10 +169,13 @@ def _outer_factors(dz: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return c.unsqueeze(-1) * dz, h
 
 
-def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_norm=None, keep=False):
+def _chunk_forward(
+    q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_norm=None, keep=False, objective=L2, delta=None
+):
     """One chunk of n tokens for N independent memories (differentiable by autograd, too).
 
-    q, k, v ``[N, n, D]``; A, B ``[N, n]``; C ``[N, n, n]``; e_end ``[N]``; m ``[N, n]``.
+    q, k, v ``[N, n, D]``; A, B ``[N, n]``; C ``[N, n, n]``; e_end ``[N]``; m ``[N, n]``;
+    ``objective`` the loss of each token's error, with its threshold ``delta`` ``[N, n]`` if any.
     W0, S0: weights and momentum before the chunk's first token (S0 None without momentum);
     Wg: the weights every token of the chunk takes its gradient at, or None for W0 (a fresh
     chunk; Wg differs only when the chunk was entered mid-way by a state). ``max_norm``: clip
@@ -173,8 +183,8 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_no
     and entry i of m (they carry theta_i).
     Returns ``(y, W_end, S_end)``, plus, when ``keep``, the
     intermediates the backward pass keeps: the factored gradients, the hidden-activation
-    gradients, the retrieval pre-activations and, for layers that do not widen, the retrieval's
-    ``r W0^T`` and ``r S0^T`` (``[N, n, out]``, small there). The key-side pre-activations and
+    gradients, the retrieval pre-activations, the error (objectives other than l2) and, for
+    layers that do not widen, the retrieval's ``r W0^T`` and ``r S0^T`` (``[N, n, out]``, small there). The key-side pre-activations and
     the n x n scores are one small product each, recomputed in the backward instead.
 
     Per-token scalings (A, B, the end-state's c and m) go on the narrower operand of each
@@ -196,7 +206,7 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_no
     # and compile=True ran this function eagerly).
     Wg, Wgl = (W0, W0l) if Wg is None else (Wg, lo(Wg))
     # Per-token gradients at Wg in factored form: u_i(l) = dz_i(l) h_i(l-1)^T.
-    hs, dzs, dhs = _key_side(Wg, k, v, act, residual, back=Wgl)
+    hs, dzs, dhs, err = _key_side(Wg, k, v, act, residual, back=Wgl, objective=objective, delta=delta)
     if max_norm is not None:
         scale, _ = clip_scale(dzs, hs, max_norm)
         C = C * scale.unsqueeze(-2)
@@ -238,7 +248,7 @@ def _chunk_forward(q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_no
         a, b = _outer_factors(dzs[l], hs[l], c)
         W_end.append(_sub_product(w, mT(a), b, fresh=w is not W0[l]))
     if keep:
-        return y, W_end, S_end, (dzs, dhs, zs[:-1], [t for p in proj for t in p])
+        return y, W_end, S_end, (dzs, dhs, zs[:-1], [t for p in proj for t in p], err)
     return y, W_end, S_end
 
 
@@ -258,7 +268,7 @@ def _fresh(tensors):
     return tuple(t.clone() for t in tensors)
 
 
-def _chunk_group_forward(q, k, v, A, B, C, e_end, m, W0, S0, act, residual, max_norm=None):
+def _chunk_group_forward(q, k, v, A, B, C, e_end, m, W0, S0, act, residual, max_norm=None, objective=L2, delta=None):
     """``_chunk_forward`` over g fresh chunks in a row (inputs with a chunk dim at 1: q
     ``[N, g, n, D]``, C ``[N, g, n, n]``, ...), each chunk's gradients at its own start weights.
     Only for compiled inference: traced as one graph, the g chunks cost one call's overhead
@@ -268,7 +278,8 @@ def _chunk_group_forward(q, k, v, A, B, C, e_end, m, W0, S0, act, residual, max_
     W, S, ys = W0, S0, []
     for j in range(q.shape[1]):
         y, W, S = _chunk_forward(q[:, j], k[:, j], v[:, j], pick(A, j), pick(B, j), C[:, j], pick(e_end, j),
-                                 pick(m, j), W, S, None, act, residual, max_norm)  # fmt: skip
+                                 pick(m, j), W, S, None, act, residual, max_norm,
+                                 objective=objective, delta=pick(delta, j))  # fmt: skip
         ys.append(y)
     return torch.stack(ys, 1), W, S
 
@@ -283,21 +294,21 @@ class _ChunkFunction(torch.autograd.Function):
     pass (one small product each), which keeps the training peak down."""
 
     @staticmethod
-    def forward(ctx, cfg, q, k, v, A, B, C, e_end, m, *states):
-        L, has_mom, shared, act, residual, max_norm, compiled = cfg
+    def forward(ctx, cfg, q, k, v, delta, A, B, C, e_end, m, *states):
+        L, has_mom, shared, act, residual, max_norm, compiled, objective = cfg
         W0, S0, Wg = _split_states(states, L, has_mom, shared)
-        y, W_end, S_end, (dzs, dhs, zs, proj) = _maybe_compiled(_chunk_forward, compiled)(
-            q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_norm, keep=True
+        y, W_end, S_end, (dzs, dhs, zs, proj, err) = _maybe_compiled(_chunk_forward, compiled)(
+            q, k, v, A, B, C, e_end, m, W0, S0, Wg, act, residual, max_norm, keep=True, objective=objective, delta=delta
         )
         ctx.cfg = cfg
-        ctx.save_for_backward(q, k, v, A, B, C, e_end, m, *states, *dzs, *dhs, *zs, *proj)
+        ctx.save_for_backward(q, k, v, delta, err, A, B, C, e_end, m, *states, *dzs, *dhs, *zs, *proj)
         return (y, *W_end, *(S_end or ()))
 
     @staticmethod
     @once_differentiable  # double backward raises instead of being silently wrong: use "autograd"
     def backward(ctx, gy, *g_end):
-        L, has_mom, shared, act, residual, max_norm, compiled = ctx.cfg
-        q, k, v, A, B, C, e_end, m, *rest = ctx.saved_tensors
+        L, has_mom, shared, act, residual, max_norm, compiled, objective = ctx.cfg
+        q, k, v, delta, err, A, B, C, e_end, m, *rest = ctx.saved_tensors
         n_states = L * (1 + has_mom + (not shared))
         states, rest = rest[:n_states], rest[n_states:]
         dzs, dhs, zs, proj = rest[:L], rest[L : 2 * L - 1], rest[2 * L - 1 : 3 * L - 2], rest[3 * L - 2 :]
@@ -305,8 +316,9 @@ class _ChunkFunction(torch.autograd.Function):
         gWe = g_end[:L]
         gSe = g_end[L:] if has_mom else (None,) * L
         return (None,) + _maybe_compiled(_chunk_backward, compiled)(
-            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, max_norm, dzs, dhs, zs, proj
-        )
+            gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, max_norm, dzs, dhs, zs, proj,
+            objective, delta, err,
+        )  # fmt: skip
 
 
 _COMPILED: dict = {}
@@ -344,7 +356,8 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _chunk_backward(
-    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, max_norm, dzs, dhs, zs, proj
+    gy, gWe, gSe, q, k, v, A, B, C, e_end, m, W0, S0, Wg, shared, act, residual, max_norm, dzs, dhs, zs, proj,
+    objective=L2, delta=None, err=None,
 ):
     """Reverse mode of ``_chunk_forward``; names as there, ``g*`` = gradient of the loss.
 
@@ -457,7 +470,8 @@ def _chunk_backward(
             gm.mul_(scale)
         _clip_backward(gscale, scale, sq, max_norm, dzs, hs, gdz, gh)
 
-    # Per-token gradients: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), dz_{L-1} = 2 (zk_{L-1} (+k) - v),
+    # Per-token gradients: zk_l = h_l Wg_l^T, h_{l+1} = act(zk_l), dz_{L-1} = g(zk_{L-1} (+k) - v)
+    # (g(e) = 2e for l2: see objectives.py),
     # dz_{l-1} = dh_l * act'(zk_{l-1}) with dh_l = dz_l Wg_l (kept). First back along the dz chain.
     gWg = [None] * L
     gzk = [None] * L
@@ -467,7 +481,12 @@ def _chunk_backward(
         gzk[l - 1] = torch.mul(dhs[l - 1], g).mul_(dk2[l - 1])  # g * dh * act''
         _add_product(gdz[l], gdh, mT(Wgl[l]))
         gWg[l] = mT(dzs[l]) @ gdh
-    gout = gdz[L - 1].mul_(2)
+    gdelta = None
+    if objective.name == "l2":
+        gout = gdz[L - 1].mul_(2)
+    else:  # the objective's own second derivative, in the error's (full) precision
+        gout, gdelta = objective.grad_backward(err, delta, gdz[L - 1].to(err.dtype))
+        gout = lo(gout)
     gv = -gout
     gzk[L - 1] = gout
     for l in reversed(range(L)):
@@ -485,7 +504,7 @@ def _chunk_backward(
         g_states = tuple(a.add_(b) for a, b in zip(gW0, gWg)) + (tuple(gS0) if S0 is not None else ())
     else:
         g_states = tuple(gW0) + (tuple(gS0) if S0 is not None else ()) + tuple(full(gWg))
-    return (gq, gk, gv, gA, gB, gC, ge_end, gm) + g_states
+    return (gq, gk, gv, gdelta, gA, gB, gC, ge_end, gm) + g_states
 
 
 def _clip_backward(gscale, scale, sq, max_norm, dzs, hs, gdz, gh) -> None:
@@ -550,6 +569,8 @@ def chunk_memory(
     backward: str = "analytic",
     compile: bool = False,
     product_dtype: torch.dtype | None = None,
+    objective: Objective | str | None = None,
+    delta: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunk-parallel neural memory; same signature and results as ``naive_memory``.
 
@@ -566,11 +587,13 @@ def chunk_memory(
     updates within ~1e-2 of the float64 loop (tests/test_memory_product_dtype.py). None
     (default): float32 throughout.
     """
-    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm)
+    objective = as_objective(objective)
+    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
+                 objective=objective, delta=delta)  # fmt: skip
     return chunk_memory_unchecked(
         q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, state=state,
         chunk_size=chunk_size, activation=activation, residual=residual, max_grad_norm=max_grad_norm,
-        backward=backward, compile=compile, product_dtype=product_dtype,
+        backward=backward, compile=compile, product_dtype=product_dtype, objective=objective, delta=delta,
     )  # fmt: skip
 
 
@@ -592,6 +615,8 @@ def chunk_memory_unchecked(
     backward: str = "analytic",
     compile: bool = False,
     product_dtype: torch.dtype | None = None,
+    objective: Objective | str | None = None,
+    delta: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """``chunk_memory`` without ``check_inputs``, for callers that build q, k, v and the gates
     themselves from an input they validated once and then call the op many times (MAC, once
@@ -600,6 +625,7 @@ def chunk_memory_unchecked(
         raise ValueError(f"backward must be 'analytic' or 'autograd', got {backward!r}")
     if compile and backward != "analytic":
         raise ValueError("compile=True needs backward='analytic' (the autograd mode is the plain reference)")
+    objective = as_objective(objective)
     dtype = q.dtype
     cd = compute_dtype(dtype)
     pd = check_product_dtype(product_dtype, cd)
@@ -617,6 +643,7 @@ def chunk_memory_unchecked(
         return w.to(cd).reshape(N, *w.shape[2:])
 
     qf, kf, vf, thf = flat(q, pd), flat(k), flat(v), flat(theta)  # k, v: see _chunk_forward
+    delta_f = None if delta is None else flat(delta)  # (N, T)
     log_a = None if alpha is None else log_gate(1 - flat(alpha))
     log_eta = None if eta is None else log_gate(flat(eta))
     W = tuple(flat_w(w) for w in state.weights)
@@ -642,10 +669,10 @@ def chunk_memory_unchecked(
     group_forward = _maybe_compiled(_chunk_group_forward, True) if compile and not torch.is_grad_enabled() else None
     ys, pos = [], state.position
     coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
-    spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients))
+    spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients, split(delta_f)))
     i = 0
     while i < len(spans):
-        n, q_c, k_c, v_c, gates = spans[i]
+        n, q_c, k_c, v_c, gates, d_c = spans[i]
         fresh = pos == 0
         if fresh:
             Wg = W
@@ -654,22 +681,24 @@ def chunk_memory_unchecked(
             group = spans[i : i + g]
             qkv = [torch.stack(x, 1) for x in zip(*(span[1:4] for span in group))]  # (N, g, n, D)
             coefs = [None if c[0] is None else torch.stack(c, 1) for c in zip(*(span[4] for span in group))]
+            d_g = None if delta_f is None else torch.stack([span[5] for span in group], 1)  # (N, g, n)
             # Fresh copies: under inference_mode the state a previous call returned and the
             # weights a first call starts from differ in dispatch keys, which recompiles the graph.
             W_in, S_in = _fresh(W), (_fresh(S) if has_mom else None)
-            y, W, S = group_forward(*qkv, *coefs, W_in, S_in, activation, residual, max_grad_norm)
+            y, W, S = group_forward(*qkv, *coefs, W_in, S_in, activation, residual, max_grad_norm, objective, d_g)
             ys.extend(y.unbind(1))
             W, S = tuple(W), (tuple(S) if has_mom else None)
             i += g  # whole chunks: pos stays 0, the next span is fresh
             continue
         if use_fn:
             states = W + (S if has_mom else ()) + (() if fresh else Wg)
-            cfg = (L, has_mom, fresh, activation, residual, max_grad_norm, compile)
-            out = _ChunkFunction.apply(cfg, q_c, k_c, v_c, *gates, *states)
+            cfg = (L, has_mom, fresh, activation, residual, max_grad_norm, compile, objective)
+            out = _ChunkFunction.apply(cfg, q_c, k_c, v_c, d_c, *gates, *states)
             y, W, S = out[0], tuple(out[1 : 1 + L]), (tuple(out[1 + L :]) if has_mom else None)
         else:
             forward = _maybe_compiled(_chunk_forward, compile and not torch.is_grad_enabled())
-            y, W, S = forward(q_c, k_c, v_c, *gates, W, S, None if fresh else Wg, activation, residual, max_grad_norm)
+            y, W, S = forward(q_c, k_c, v_c, *gates, W, S, None if fresh else Wg, activation, residual, max_grad_norm,
+                              objective=objective, delta=d_c)  # fmt: skip
             W, S = tuple(W), (tuple(S) if has_mom else None)
         ys.append(y)
         pos = (pos + n) % chunk_size

@@ -110,9 +110,10 @@ def mlp_read(weights: Sequence[Tensor], x: Tensor, act: str, residual: bool) -> 
 
 
 def key_gradients(
-    weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str, residual: bool
+    weights: Sequence[Tensor], k: Tensor, v: Tensor, act: str, residual: bool, objective=None, delta=None
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """Per-token gradients of ``||M_W(k_i) - v_i||^2`` at ``weights``, in factored form.
+    """Per-token gradients of ``||M_W(k_i) - v_i||^2`` at ``weights``, in factored form (or of
+    another ``objective``'s loss, with its per-token ``delta`` ``[N, n]``: see objectives.py).
 
     Returns ``(hs, zs, dzs)`` with ``hs[l]`` the input of layer l (``[N, n, in_l]``), ``zs[l]`` its
     pre-activation and ``dzs[l]`` the loss gradient there (``[N, n, out_l]``): token i's gradient
@@ -130,7 +131,7 @@ def key_gradients(
             h, d1, _ = activation_with_grads(act, z)
             hs.append(h), d1s.append(d1)
     out = zs[-1] + k if residual else zs[-1]
-    dz = torch.sub(out, v).mul_(2)
+    dz = torch.sub(out, v).mul_(2) if objective is None or objective.name == "l2" else objective.grad(out - v, delta)
     dzs = [dz]
     for i in range(len(weights) - 1, 0, -1):
         dz = (dz @ weights[i]).mul_(d1s[i - 1])

@@ -2,7 +2,7 @@
 
 Per token t (gradients at the chunk-start weights M_c, everything else token by token):
 
-    u_t = grad_W ||M_c(k_t) - v_t||^2
+    u_t = grad_W loss(M_c(k_t) - v_t)      (the paper: ||.||^2; objectives.py for others)
     S_t = eta_t * S_{t-1} - theta_t * u_t
     M_t = (1 - alpha_t) * M_{t-1} + S_t
     y_t = M_t(q_t)
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .mlp import activation
+from .objectives import Objective, as_objective
 from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state
 
 __all__ = ["naive_memory"]
@@ -49,13 +50,19 @@ def naive_memory(
     activation: str = "silu",
     residual: bool = False,
     max_grad_norm: float | None = None,
+    objective: Objective | str | None = None,
+    delta: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Token loop. q, k, v ``[B, T, H, D]``; theta, eta, alpha ``[B, T, H]`` (eta / alpha = None:
     no momentum / no forgetting). Start from ``weights`` (M_0, per layer ``[H, out, in]`` or
     ``[B, H, out, in]``) or continue from ``state``. ``max_grad_norm``: scale a token's learning
     rate by ``min(1, max_grad_norm / |u_t|)``, ``|u_t|`` the norm of its whole gradient (all layers).
+    ``objective``: the loss of the memory's error (objectives.py; default the paper's l2), with
+    its per-token threshold ``delta`` ``[B, T, H]`` when it takes one.
     Returns ``(y [B, T, H, D], final state)``."""
-    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm)
+    objective = as_objective(objective)
+    check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
+                 objective=objective, delta=delta)  # fmt: skip
     dtype = q.dtype
     cd = compute_dtype(dtype)
     if state is None:
@@ -66,15 +73,15 @@ def naive_memory(
         S = tuple(torch.zeros_like(w) for w in W)
     q, k, v, theta = q.to(cd), k.to(cd), v.to(cd), theta.to(cd)
 
-    def loss(ws, k_t, v_t):  # summed over batch and heads: each memory gets its own gradient
-        return (_mlp(ws, k_t, activation, residual) - v_t).pow(2).sum()
+    def loss(ws, k_t, v_t, d_t):  # summed over batch and heads: each memory gets its own gradient
+        return objective.loss(_mlp(ws, k_t, activation, residual) - v_t, d_t).sum()
 
     grad_fn = torch.func.grad(loss)
     ys = []
     for t in range(q.shape[1]):
         if pos == 0:
             Wc = W
-        u = grad_fn(tuple(Wc), k[:, t], v[:, t])
+        u = grad_fn(tuple(Wc), k[:, t], v[:, t], None if delta is None else delta[:, t].to(cd))
         th = theta[:, t, :, None, None]
         if max_grad_norm is not None:
             sq = sum(g.square().sum((-1, -2)) for g in u)  # (B, H): |u_t|^2

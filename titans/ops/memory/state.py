@@ -172,9 +172,18 @@ def check_inputs(
     activation: str,
     single_token: bool = False,
     max_grad_norm: float | None = None,
+    objective=None,
+    delta: Tensor | None = None,
 ) -> None:
-    """Raise a ValueError/TypeError that names the bad argument."""
+    """Raise a ValueError/TypeError that names the bad argument. ``objective`` (an
+    ``objectives.Objective``; None is the paper's l2) decides whether ``delta`` is required."""
     check_max_grad_norm(max_grad_norm)
+    needs_delta = objective is not None and objective.needs_delta
+    if needs_delta and delta is None:
+        raise ValueError(f"the {objective.name} objective needs delta, its per-token threshold [B, T, H]")
+    if delta is not None and not needs_delta:
+        raise ValueError(f"delta is the threshold of the huber objective; the {getattr(objective, 'name', 'l2')} "
+                         f"objective takes none")  # fmt: skip
     _check_tensor("q", q, 4, None)
     _check_tensor("k", k, 4, q)
     _check_tensor("v", v, 4, q)
@@ -190,7 +199,7 @@ def check_inputs(
         raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)} (expected [B, T, H, D])")
     if single_token and T != 1:
         raise ValueError(f"step takes exactly one token: q must have T = 1, got T = {T}")
-    gates = {"theta": theta, "eta": eta, "alpha": alpha}
+    gates = {"theta": theta, "eta": eta, "alpha": alpha, "delta": delta}
     for name, g in gates.items():
         if g is None:
             if name == "theta":
@@ -267,7 +276,11 @@ def check_inputs(
         named["eta"] = eta
     if alpha is not None:
         named["alpha"] = alpha
+    if delta is not None:
+        named["delta"] = delta
     _check_finite(named)
+    if delta is not None and bool((delta <= 0).any()):
+        raise ValueError("delta (the huber threshold) must be > 0")
     if bool((theta < 0).any()):
         raise ValueError("theta (learning rate) must be >= 0")
     for name, g in (("eta", eta), ("alpha", alpha)):

@@ -11,6 +11,7 @@ from typing import Sequence
 from torch import Tensor
 
 from .mlp import clip_scale, key_gradients, mlp_forward
+from .objectives import L2, Objective, as_objective
 from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, state_from_flat
 
 __all__ = ["step_memory", "step_flat"]
@@ -29,13 +30,15 @@ def step_flat(
     activation: str,
     residual: bool,
     max_grad_norm: float | None,
+    objective: Objective = L2,
+    delta: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...] | None]:
     """The update itself, unchecked, on flat memories: weights ``[N, out, in]`` (N = batch x
     heads; ``Wc`` the pending chunk's start weights, where the gradient is taken), tokens
     ``[N, 1, D]``, gates ``[N, 1, 1]``, ``S`` None for a zero momentum (or without momentum, when
-    ``eta`` is None). Returns ``(y [N, 1, D], W, S)``; no Python branch depends on values, so
+    ``eta`` is None); ``delta`` ``[N, 1]`` the objective's threshold (when it takes one). Returns ``(y [N, 1, D], W, S)``; no Python branch depends on values, so
     the one-token decode graph of ``TitansLM`` traces it as it is."""
-    hs, _, dzs = key_gradients(Wc, k, v, activation, residual)
+    hs, _, dzs = key_gradients(Wc, k, v, activation, residual, objective, delta)
     th = theta
     if max_grad_norm is not None:
         th = th * clip_scale(dzs, hs, max_grad_norm)[0].unsqueeze(-1)  # (N, 1) -> (N, 1, 1)
@@ -65,11 +68,16 @@ def step_memory(
     activation: str = "silu",
     residual: bool = False,
     max_grad_norm: float | None = None,
+    objective: Objective | str | None = None,
+    delta: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
-    """One token: q, k, v ``[B, 1, H, D]``, gates ``[B, 1, H]``. Returns ``(y [B, 1, H, D], state)``."""
+    """One token: q, k, v ``[B, 1, H, D]``, gates (and ``delta``) ``[B, 1, H]``. Returns
+    ``(y [B, 1, H, D], state)``."""
+    objective = as_objective(objective)
     check_inputs(
-        q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True, max_grad_norm=max_grad_norm
-    )
+        q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True, max_grad_norm=max_grad_norm,
+        objective=objective, delta=delta,
+    )  # fmt: skip
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     B, _, H, D = q.shape
     N = B * H
@@ -93,7 +101,7 @@ def step_memory(
     y, W, S = step_flat(
         W, Wc, S_prev, tok(q), tok(k), tok(v), gate(theta),
         None if eta is None else gate(eta), None if alpha is None else gate(alpha),
-        activation, residual, max_grad_norm,
+        activation, residual, max_grad_norm, objective, None if delta is None else delta.to(cd).reshape(N, 1),
     )  # fmt: skip
     pos = (state.position + 1) % chunk_size
 

@@ -1,0 +1,129 @@
+"""Attentional biases other than the paper's l2 (ops/memory/objectives.py): each objective's error
+signal against autograd of its loss, and the chunk path and the one-token step against the token
+loop (values, final state and every gradient, the threshold delta's included), in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import (
+    assert_close,
+    check_analytic_backward_equals_autograd,
+    check_chunk_equals_naive,
+    make_inputs,
+    state_tensors,
+    step_tokens,
+)
+
+from titans.ops.memory import chunk_memory, naive_memory
+from titans.ops.memory.objectives import Objective
+
+OBJECTIVES = [Objective("lp", p=3.0), Objective("lp", p=4.0), Objective("lp", p=2.5), Objective("huber")]
+
+
+def _with_objective(kw, leaves, objective, seed=0, requires_grad=True):
+    """Add the objective (and, for huber, a threshold per token and head around the errors' size,
+    so that tokens fall on both sides of it) to ``make_inputs``' kwargs and leaves."""
+    kw = dict(kw, objective=objective)
+    if objective.name == "lp" and objective.p > 2.5:  # g grows like |e|^(p-1): a smaller rate stays bounded
+        theta = (kw["theta"].detach() * 0.1).requires_grad_(requires_grad)
+        leaves = [theta if t is kw["theta"] else t for t in leaves]
+        kw["theta"] = theta
+    if objective.needs_delta:
+        g = torch.Generator().manual_seed(seed)
+        delta = 0.5 + 2.5 * torch.rand(kw["theta"].shape, generator=g, dtype=kw["theta"].dtype)
+        delta.requires_grad_(requires_grad)
+        kw["delta"] = delta
+        leaves = [*leaves, delta]
+    return kw, leaves
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o.name}{o.p if o.name == 'lp' else ''}")
+def test_error_signal_is_the_gradient_of_the_loss(objective):
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(64, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    delta = (0.5 + 2 * torch.rand(64, dtype=torch.float64, generator=g)).requires_grad_(True)
+    d = delta if objective.needs_delta else None
+    (g_auto,) = torch.autograd.grad(objective.loss(e, d).sum(), e, create_graph=True)
+    signal = objective.grad(e, d)
+    assert_close(signal, g_auto, 1e-12, "g(e) against autograd of the loss")
+    # the vector-Jacobian product of g against autograd of g itself
+    gg = torch.randn(64, 5, dtype=torch.float64, generator=g)
+    leaves = [e, delta] if objective.needs_delta else [e]
+    want = torch.autograd.grad((signal * gg).sum(), leaves)
+    got = objective.grad_backward(e.detach(), None if d is None else delta.detach(), gg)
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-12, "grad_backward against autograd of g")
+    if objective.needs_delta:  # both branches were exercised
+        inside = e.detach().square().sum(-1) <= delta.detach().square()
+        assert 0 < int(inside.sum()) < 64
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o.name}{o.p if o.name == 'lp' else ''}")
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size", [1, 5, 16])
+def test_chunk_equals_naive_float64(objective, depth, chunk_size):
+    for momentum, forgetting, residual in [(True, True, False), (False, True, True), (True, False, False)]:
+        kw, leaves = make_inputs(T=37, depth=depth, momentum=momentum, forgetting=forgetting, requires_grad=True,
+                                 seed=depth * 10 + chunk_size)  # fmt: skip
+        kw, leaves = _with_objective(kw, leaves, objective, seed=chunk_size)
+        what = f"{objective} depth={depth} b={chunk_size} mom={momentum} forget={forgetting} res={residual}"
+        check_chunk_equals_naive(kw, leaves, dict(chunk_size=chunk_size, residual=residual), what)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o.name}{o.p if o.name == 'lp' else ''}")
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_analytic_backward_equals_autograd(objective, activation):
+    for momentum, forgetting, residual in [(True, True, False), (False, True, True)]:
+        kw, leaves = make_inputs(T=29, depth=2, momentum=momentum, forgetting=forgetting, requires_grad=True, seed=3)
+        kw, leaves = _with_objective(kw, leaves, objective, seed=4)
+        opts = dict(chunk_size=8, activation=activation, residual=residual, objective=kw.pop("objective"))
+        check_analytic_backward_equals_autograd(kw, leaves, opts, f"{objective} act={activation} mom={momentum}")
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: f"{o.name}{o.p if o.name == 'lp' else ''}")
+def test_one_token_steps_equal_the_token_loop(objective):
+    kw, _ = make_inputs(T=11, depth=2, seed=5)
+    kw, _ = _with_objective(kw, [], objective, seed=6, requires_grad=False)
+    y_ref, s_ref = naive_memory(**kw, chunk_size=4)
+    y, state = step_tokens({n: x for n, x in kw.items() if n != "objective"}, chunk_size=4, objective=objective)
+    assert_close(y, y_ref, 1e-12, "one-token steps")
+    for a, b in zip(state_tensors(state), state_tensors(s_ref)):
+        assert_close(a, b, 1e-12, "final state")
+
+
+def test_lp_with_p_2_is_the_papers_l2_and_a_wide_huber_is_half_of_it():
+    """Two exact identities that pin the objectives to the paper's rule: ||e||_2^2 = sum |e|^2,
+    and inside its threshold the huber loss is ||e||^2 / 2 (so twice the learning rate gives l2)."""
+    kw, _ = make_inputs(T=23, depth=2, seed=7)
+    y_l2, s_l2 = chunk_memory(**kw, chunk_size=8)
+    y_lp, _ = chunk_memory(**kw, chunk_size=8, objective=Objective("lp", p=2.0))
+    assert_close(y_lp, y_l2, 1e-12, "lp p=2 against l2")
+    wide = torch.full_like(kw["theta"], 1e6)
+    y_h, _ = chunk_memory(**dict(kw, theta=2 * kw["theta"]), chunk_size=8, objective="huber", delta=wide)
+    assert_close(y_h, y_l2, 1e-12, "huber with a wide threshold and twice the rate against l2")
+
+
+def test_objectives_change_what_is_written():
+    kw, _ = make_inputs(T=23, depth=2, seed=8)
+    y_l2, _ = chunk_memory(**kw, chunk_size=8)
+    y_l3, _ = chunk_memory(**kw, chunk_size=8, objective="lp")
+    assert (y_l3 - y_l2).abs().max() > 1e-3
+
+
+def test_bad_objective_arguments_are_named():
+    kw, _ = make_inputs(T=5, depth=1, seed=9)
+    with pytest.raises(ValueError, match="huber objective needs delta"):
+        chunk_memory(**kw, objective="huber")
+    with pytest.raises(ValueError, match="l2 objective takes none"):
+        chunk_memory(**kw, delta=torch.ones_like(kw["theta"]))
+    with pytest.raises(ValueError, match="delta .* must be > 0"):
+        naive_memory(**kw, objective="huber", delta=torch.zeros_like(kw["theta"]))
+    with pytest.raises(ValueError, match="delta must have 3 dimensions"):
+        chunk_memory(**kw, objective="huber", delta=torch.ones(2, 5, dtype=kw["theta"].dtype))
+    with pytest.raises(ValueError, match="p >= 2"):
+        Objective("lp", p=1.0)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        chunk_memory(**kw, objective="l1")
+    with pytest.raises(TypeError, match="objective must be an Objective"):
+        chunk_memory(**kw, objective=3)
