@@ -127,3 +127,48 @@ def test_bad_objective_arguments_are_named():
         chunk_memory(**kw, objective="l1")
     with pytest.raises(TypeError, match="objective must be an Objective"):
         chunk_memory(**kw, objective=3)
+
+
+# ---- the layer and the model ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["lp", "huber"])
+def test_layer_streams_in_pieces_like_one_call_and_trains_its_threshold(objective):
+    from titans.layers.neural_memory import NeuralMemory
+
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, heads=2, chunk_size=4, objective=objective, momentum=objective != "huber").double()
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    y, s = layer(x)
+    y1, s1 = layer(x[:, :7])
+    y2, s2 = layer(x[:, 7:], s1)
+    assert_close(torch.cat([y1, y2], 1), y, 1e-12, "two pieces against one call")
+    for a, b in zip(s2.memory.tensors(), s.memory.tensors()):
+        assert_close(a, b, 1e-12, "final state")
+    assert (layer.to_delta is not None) == (objective == "huber")
+    y.square().sum().backward()
+    if objective == "huber":  # the threshold is learned through the writes
+        assert layer.to_delta.weight.grad.abs().sum() > 0
+    l2 = NeuralMemory(32, heads=2, chunk_size=4, momentum=objective != "huber").double()
+    l2.load_state_dict({k: v for k, v in layer.state_dict().items() if "to_delta" not in k})
+    with torch.no_grad():  # the same weights, the paper's loss: other writes, other answers
+        assert (l2(x)[0] - y.detach()).abs().max() > 1e-4
+    assert "objective=" + objective in repr(layer)
+
+
+def test_config_names_a_bad_objective_and_states_do_not_cross_objectives():
+    from titans.errors import StateMismatchError
+    from titans.model import TitansConfig, TitansLM
+
+    with pytest.raises(ValueError, match="memory_objective must be one of"):
+        TitansConfig(memory_objective="l1")
+    with pytest.raises(ValueError, match="p >= 2"):
+        TitansConfig(memory_objective="lp", memory_objective_p=1.5)
+    with pytest.raises(ValueError, match="memory_objective_p must be a number"):
+        TitansConfig(memory_objective="lp", memory_objective_p="3")
+    assert TitansConfig(memory_objective_p=3).memory_objective_p == 3.0
+    small = dict(variant="lmm", dim=32, depth=1, heads=2, memory_chunk=4)
+    ids = torch.randint(0, 50, (1, 9))
+    _, _, state = TitansLM(TitansConfig(**small)).eval()(ids)
+    with pytest.raises(StateMismatchError, match="memory_objective: state l2, model huber"):
+        TitansLM(TitansConfig(**small, memory_objective="huber")).eval()(ids, state=state)

@@ -489,6 +489,8 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
         ("mag-clip", dict(memory_conv_kernel=0, persistent_tokens=0)),
         ("mal", dict(memory_momentum=False, window=1)),
         ("lmm", dict(memory_forgetting=False, memory_depth=1)),
+        ("mac", dict(memory_objective="huber", memory_momentum=False)),
+        ("mag", dict(memory_objective="lp")),
     ],
 )
 def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):

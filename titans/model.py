@@ -23,6 +23,7 @@ from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MA
 from .blocks.common import RMSNorm
 from .errors import MemoryDivergedError, StateMismatchError
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
+from .ops.memory.objectives import Objective
 from .ops.memory.state import check_max_grad_norm
 from .utils import standard_strides
 
@@ -56,6 +57,12 @@ class TitansConfig:
     memory_residual: bool = False
     memory_activation: str = "silu"
     memory_qk_activation: str = "silu"  # "identity": no SiLU before the q / k l2 norm (NeuralMemory)
+    # The loss each write descends (NeuralMemory objective): "l2" (the paper), "lp" (MIRAS's Moneta
+    # bias, exponent memory_objective_p) or "huber" (MIRAS's Yaad bias, a learned per-token threshold
+    # starting at memory_delta_init; with memory_momentum=False, Yaad's rule)
+    memory_objective: str = "l2"
+    memory_objective_p: float = 3.0
+    memory_delta_init: float = 1.0
     memory_theta_init: float = 1e-3
     # 'softplus' leaves the memory's learning rate unbounded; 'sigmoid' bounds it by
     # memory_max_lr, which keeps the test-time updates stable when training pushes theta up
@@ -129,6 +136,13 @@ class TitansConfig:
         self.memory_product_dtype = "float32" if dtype is None else "bfloat16"
         if self.persistent_tokens < 0:
             raise ValueError(f"persistent_tokens must be >= 0, got {self.persistent_tokens}")
+        if isinstance(self.memory_objective_p, bool) or not isinstance(self.memory_objective_p, (int, float)):
+            raise ValueError(f"memory_objective_p must be a number, got {self.memory_objective_p!r}")
+        self.memory_objective_p = float(self.memory_objective_p)  # one spelling: 3 and 3.0 resume each other
+        try:
+            Objective(self.memory_objective, p=self.memory_objective_p)
+        except ValueError as e:
+            raise ValueError(f"memory_{e}") from None
 
     @property
     def ffn_hidden(self) -> int:
@@ -145,6 +159,7 @@ class TitansConfig:
             eta_init=self.memory_eta_init, alpha_init=self.memory_alpha_init,
             associative_init=self.memory_associative_init, max_grad_norm=self.memory_max_grad_norm,
             product_dtype=self.memory_product_dtype, qk_activation=self.memory_qk_activation,
+            objective=self.memory_objective, objective_p=self.memory_objective_p, delta_init=self.memory_delta_init,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -193,7 +208,8 @@ class ModelState:
 # dtype, ...) and the vocabulary are not among them.
 _MEMORY_SETTINGS = (
     "memory_heads", "memory_depth", "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting",
-    "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation",
+    "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation", "memory_objective",
+    "memory_objective_p",
 )  # fmt: skip
 STATE_SETTINGS = {
     "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),

@@ -25,6 +25,7 @@ from ..errors import MemoryDivergedError, NonFiniteError, StateMismatchError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
+from ..ops.memory.objectives import OBJECTIVES, Objective
 from ..ops.memory.state import check_max_grad_norm, compute_dtype
 from ..ops.memory.step import step_flat
 from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
@@ -346,6 +347,14 @@ class NeuralMemory(nn.Module):
             other needles'); a memory trained by gradient steps on such keys reads back a blend
             dominated by the latest write. Without it, keys of unrelated tokens start near
             orthogonal. The values keep SiLU either way.
+        objective: the loss of each write, the attentional bias (``ops/memory/objectives.py``):
+            ``"l2"`` (the paper's ``||M(k) - v||^2``), ``"lp"`` (MIRAS eqs. 10-11, Moneta's
+            ``sum |e|^p`` with ``objective_p``) or ``"huber"`` (MIRAS eq. 16, Yaad's: squared
+            error inside a per-token, per-head threshold ``delta = softplus(x W_delta)``, l1
+            outside). With ``momentum=False`` and the forget gate, ``"huber"`` is Yaad's rule
+            (MIRAS eq. 26), the memory MLP this layer's own.
+        objective_p: the exponent of ``"lp"`` (>= 2; MIRAS's default 3).
+        delta_init: the huber threshold of an untrained layer (the bias of ``to_delta``).
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
         product_dtype: ``"bfloat16"`` (or ``torch.bfloat16``): the matrix products inside each
@@ -375,6 +384,9 @@ class NeuralMemory(nn.Module):
         associative_init: bool = False,
         max_grad_norm: float | None = None,
         qk_activation: str = "silu",
+        objective: str = "l2",
+        objective_p: float = 3.0,
+        delta_init: float = 1.0,
         compile: bool = False,
         product_dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -393,6 +405,10 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"theta_activation must be 'softplus' or 'sigmoid', got {theta_activation!r}")
         if qk_activation not in ("silu", "identity"):
             raise ValueError(f"qk_activation must be 'silu' or 'identity', got {qk_activation!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if not (isinstance(delta_init, (int, float)) and 0 < delta_init < math.inf):
+            raise ValueError(f"delta_init must be a positive number, got {delta_init!r}")
         if not 0 < theta_init < (max_lr if theta_activation == "sigmoid" else math.inf):
             raise ValueError(f"theta_init must be in (0, max_lr) for sigmoid / > 0, got {theta_init}")
         if not (0 < eta_init < 1 and 0 < alpha_init < 1):
@@ -406,6 +422,7 @@ class NeuralMemory(nn.Module):
         self.depth, self.expansion, self.chunk_size = depth, expansion, chunk_size
         self.activation, self.residual = activation, residual
         self.qk_activation = qk_activation
+        self.objective = Objective(objective, p=float(objective_p))
         self.momentum, self.forgetting = momentum, forgetting
         self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
         self.theta_activation, self.max_lr = theta_activation, max_lr
@@ -421,6 +438,7 @@ class NeuralMemory(nn.Module):
         self.to_theta = nn.Linear(dim, heads)
         self.to_eta = nn.Linear(dim, heads) if momentum else None
         self.to_alpha = nn.Linear(dim, heads) if forgetting else None
+        self.to_delta = nn.Linear(dim, heads) if self.objective.needs_delta else None
         # M_0: one MLP per head, learned through the test-time updates.
         self.initial_weights = nn.ParameterList(
             nn.Parameter(torch.empty(heads, o, i)) for o, i in memory_shapes(head_dim, depth, expansion)
@@ -429,6 +447,7 @@ class NeuralMemory(nn.Module):
         self.to_gate = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
         self._theta_init, self._eta_init, self._alpha_init = theta_init, eta_init, alpha_init
+        self._delta_init = float(delta_init)
         self.associative_init = associative_init
         self.reset_parameters()
 
@@ -439,6 +458,7 @@ class NeuralMemory(nn.Module):
             (self.to_theta, self._theta_bias()),
             (self.to_eta, None if self.to_eta is None else _logit(self._eta_init)),
             (self.to_alpha, None if self.to_alpha is None else _logit(self._alpha_init)),
+            (self.to_delta, math.log(math.expm1(self._delta_init))),  # softplus^-1
         ):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=0.02)
@@ -521,6 +541,11 @@ class NeuralMemory(nn.Module):
         alpha = None if self.to_alpha is None else torch.sigmoid(self.to_alpha(x))
         return theta, eta, alpha
 
+    def threshold(self, x: Tensor) -> Tensor | None:
+        """The huber objective's per-token, per-head threshold ``delta`` ``[B, T, H]`` (None for
+        objectives without one)."""
+        return None if self.to_delta is None else F.softplus(self.to_delta(x))
+
     def forward(
         self, x: Tensor, state: NeuralMemoryState | None = None
     ) -> tuple[Tensor, NeuralMemoryState]:
@@ -549,7 +574,7 @@ class NeuralMemory(nn.Module):
         kwargs = dict(
             q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
-            max_grad_norm=self.max_grad_norm,
+            max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(x),
         )  # fmt: skip
         if state is None:
             kwargs["weights"] = tuple(self.initial_weights)
@@ -613,9 +638,11 @@ class NeuralMemory(nn.Module):
         flat = lambda ws: None if ws is None else tuple(w.to(cd).reshape(B * H, *w.shape[2:]) for w in ws)  # noqa: E731
         gate = lambda g: None if g is None else g.to(cd).reshape(B * H, 1, 1)  # noqa: E731  (B, 1, H) -> (B*H, 1, 1)
         theta, eta, alpha = self.gates(x)
+        delta = self.threshold(x)
         y, W, S = step_flat(
             flat(state.weights), flat(state.chunk_weights), flat(state.momentum), q.to(cd), k.to(cd), v.to(cd),
             gate(theta), gate(eta), gate(alpha), self.activation, self.residual, self.max_grad_norm,
+            self.objective, None if delta is None else delta.to(cd).reshape(B * H, 1),
         )  # fmt: skip
         unflat = lambda ws: None if ws is None else tuple(w.reshape(B, H, *w.shape[1:]) for w in ws)  # noqa: E731
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
@@ -730,5 +757,5 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, chunk_size={self.chunk_size}, momentum={self.momentum}, "
-            f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}"
+            f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}"
         )
