@@ -459,6 +459,8 @@ def test_cli_prepare_and_info(corpus, tmp_path, capsys):
     manifest = load_manifest(out)
     assert manifest["shard_tokens"] == 16 and manifest["splits"]["train"]["documents"] + \
         manifest["splits"]["val"]["documents"] == 4  # fmt: skip
+    assert manifest["skipped"] == {"files": {".csv": 1, "hidden": 1}, "blank_documents": 2}
+    assert "left out: 1 .csv file, 1 hidden file, 2 blank documents" in capsys.readouterr().out
     assert main(["data", "info", str(out), "--verify", "--entropy"]) == 0
     printed = capsys.readouterr().out
     assert "tokenizer bytes (vocab 257, eos 256)" in printed and "checksums match" in printed

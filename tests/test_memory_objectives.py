@@ -132,12 +132,13 @@ def test_bad_objective_arguments_are_named():
 # ---- the layer and the model ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("objective", ["lp", "huber"])
-def test_layer_streams_in_pieces_like_one_call_and_trains_its_threshold(objective):
+@pytest.mark.parametrize("objective, retention_q", [("lp", None), ("huber", None), ("lp", 4.0)])
+def test_layer_streams_in_pieces_like_one_call_and_trains_its_threshold(objective, retention_q):
     from titans.layers.neural_memory import NeuralMemory
 
     torch.manual_seed(0)
-    layer = NeuralMemory(32, heads=2, chunk_size=4, objective=objective, momentum=objective != "huber").double()
+    layer = NeuralMemory(32, heads=2, chunk_size=4, objective=objective, momentum=objective != "huber",
+                         retention_q=retention_q).double()  # fmt: skip
     x = torch.randn(2, 19, 32, dtype=torch.float64)
     y, s = layer(x)
     y1, s1 = layer(x[:, :7])
@@ -164,6 +165,8 @@ def test_config_names_a_bad_objective_and_states_do_not_cross_objectives():
         TitansConfig(memory_objective="l1")
     with pytest.raises(ValueError, match="p >= 2"):
         TitansConfig(memory_objective="lp", memory_objective_p=1.5)
+    with pytest.raises(ValueError, match="memory_retention_q must be None or a number >= 2"):
+        TitansConfig(memory_retention_q=1)
     with pytest.raises(ValueError, match="memory_objective_p must be a number"):
         TitansConfig(memory_objective="lp", memory_objective_p="3")
     assert TitansConfig(memory_objective_p=3).memory_objective_p == 3.0
@@ -172,3 +175,41 @@ def test_config_names_a_bad_objective_and_states_do_not_cross_objectives():
     _, _, state = TitansLM(TitansConfig(**small)).eval()(ids)
     with pytest.raises(StateMismatchError, match="memory_objective: state l2, model huber"):
         TitansLM(TitansConfig(**small, memory_objective="huber")).eval()(ids, state=state)
+
+
+# ---- Moneta's l_q retention -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [3.0, 4.0])
+@pytest.mark.parametrize("chunk_size", [1, 5, 16])
+def test_lq_retention_chunk_equals_naive_float64(q, chunk_size):
+    """Moneta (lp objective, l_q retention, no momentum) and the retention under Titans' own
+    momentum and l2 loss: chunk path = token loop, values, state and every gradient."""
+    for objective, momentum in [(Objective("lp", p=3.0), False), (Objective("l2"), True)]:
+        kw, leaves = make_inputs(T=37, depth=2, momentum=momentum, forgetting=True, requires_grad=True,
+                                 seed=int(q) * 10 + chunk_size)  # fmt: skip
+        kw, leaves = _with_objective(kw, leaves, objective)
+        what = f"retention_q={q} {objective} b={chunk_size} mom={momentum}"
+        check_chunk_equals_naive(kw, leaves, dict(chunk_size=chunk_size, retention_q=q), what)
+
+
+def test_lq_retention_analytic_backward_steps_and_q2():
+    kw, leaves = make_inputs(T=29, depth=2, momentum=False, requires_grad=True, seed=11)
+    kw, leaves = _with_objective(kw, leaves, Objective("lp", p=3.0))
+    opts = dict(chunk_size=8, retention_q=4.0, objective=kw.pop("objective"))
+    check_analytic_backward_equals_autograd(kw, leaves, opts, "moneta")
+    with torch.no_grad():
+        kw2 = {n: (x.detach() if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
+        kw2["weights"] = [w.detach() for w in kw["weights"]]
+        y_ref, s_ref = naive_memory(**kw2, **opts)
+        y, s = step_tokens(kw2, **opts)
+        assert_close(y, y_ref, 1e-12, "one-token steps with the l_q retention")
+        for a, b in zip(state_tensors(s), state_tensors(s_ref)):
+            assert_close(a, b, 1e-12, "final accumulator")
+        # q = 2: ||A||_2^0 = 1, the plain rule
+        y2, _ = chunk_memory(**kw2, chunk_size=8, objective=opts["objective"], retention_q=2.0)
+        y0, _ = chunk_memory(**kw2, chunk_size=8, objective=opts["objective"])
+        assert_close(y2, y0, 1e-14, "retention_q=2 against none")
+        assert (y - y0).abs().max() > 1e-3  # q = 4 reads a rescaled memory
+    with pytest.raises(ValueError, match="retention_q must be None or a number >= 2"):
+        chunk_memory(**kw2, chunk_size=8, retention_q=1.5, objective=opts["objective"])

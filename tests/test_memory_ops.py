@@ -1,5 +1,5 @@
-"""The chunk-parallel form and the one-token step against the token-loop reference (SPEC section 1,
-properties 1, 2, 4, 5), in float64 for exactness and float32 for tolerance."""
+"""The chunk-parallel form and the one-token step against the token-loop reference (docs/design.md,
+§1 and §6), in float64 for exactness and float32 for tolerance."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_analytic_backward_equals_autograd(activation, depth):
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_chunk_float32_within_tolerance(depth, chunk_size):
-    """float32 chunk path against the float64 reference: ~1e-4 relative (SPEC property 1)."""
+    """float32 chunk path against the float64 reference: ~1e-4 relative (docs/design.md §6)."""
     kw64, _ = make_inputs(B=2, T=200, H=2, D=16, depth=depth, seed=7)
     kw32 = {k: (v.float() if torch.is_tensor(v) else [w.float() for w in v]) for k, v in kw64.items()}
     y_ref, s_ref = naive_memory(**kw64, chunk_size=chunk_size)
@@ -71,7 +71,7 @@ def test_chunk_float32_within_tolerance(depth, chunk_size):
 
 
 def test_gradcheck_small_float64():
-    """SPEC property 4: gradients through the parallel form are the true derivatives."""
+    """docs/design.md §6: gradients through the parallel form are the true derivatives."""
     for depth, residual in [(1, False), (2, True)]:
         kw, leaves = make_inputs(B=1, T=5, H=1, D=3, depth=depth, expansion=1.0, requires_grad=True, seed=depth)
         names = ["q", "k", "v", "theta", "eta", "alpha"]
@@ -191,7 +191,7 @@ def test_streaming_keeps_gradients():
 
 
 def test_state_size_is_constant():
-    """SPEC property 5: the state does not grow with the tokens seen."""
+    """docs/design.md §6: the state does not grow with the tokens seen."""
     sizes = []
     for T in (10, 1000):
         kw, _ = make_inputs(T=T, seed=1)

@@ -1,4 +1,4 @@
-"""Peer checks against rules nobody here wrote (SPEC section 1).
+"""Peer checks against rules nobody here wrote (docs/design.md §1).
 
 With depth 1, no momentum, no forgetting and chunk size 1 our rule is exactly the delta rule
 with write strength beta = 2 theta: compared with flash-linear-attention's pure-PyTorch

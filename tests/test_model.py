@@ -491,6 +491,7 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
         ("lmm", dict(memory_forgetting=False, memory_depth=1)),
         ("mac", dict(memory_objective="huber", memory_momentum=False)),
         ("mag", dict(memory_objective="lp")),
+        ("mal", dict(memory_objective="lp", memory_retention_q=4.0, memory_momentum=False)),
     ],
 )
 def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):

@@ -225,6 +225,34 @@ def test_repeated_interruptions_keep_the_checkpoint_count(tmp_path):
     assert not list((out / "checkpoints").glob(".step-*"))
 
 
+def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, capsys):
+    """A run killed while appending to metrics.jsonl leaves half a line: the resume leaves it out
+    with a warning, keeps the records up to its checkpoint and logs on."""
+    out = tmp_path / "run"
+    trainer_mod.train(tiny_run(out, max_steps=4), stop_at_step=2)
+    metrics = out / "metrics.jsonl"
+    with open(metrics, "ab") as f:
+        f.write(b'{"step": 3, "loss": 1.2')  # the kill came mid-write
+    capsys.readouterr()
+    summary = trainer_mod.train(tiny_run(out, max_steps=4), resume="auto")
+    assert summary["step"] == 4
+    assert "metrics.jsonl: left out 1 unreadable line" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 4
+
+
+def test_timeseries_report_leaves_out_a_torn_row(tmp_path, capsys):
+    from titans.timeseries.report import append_result, read_results
+
+    path = tmp_path / "results.jsonl"
+    append_result(path, {"dataset": "ETTh1", "mse": 0.4})
+    with open(path, "ab") as f:
+        f.write(b'{"dataset": "ETT\xff')
+    append_result(path, {"dataset": "ETTh2", "mse": 0.3})  # a later run's row starts a line of its own
+    assert [r["dataset"] for r in read_results(path)] == ["ETTh1", "ETTh2"]
+    assert "left out 1 unreadable line (2;" in capsys.readouterr().err
+
+
 def test_the_default_run_config_fits_its_tokenizer():
     from titans.model import TitansConfig
     from titans.train.config import load_run_config

@@ -24,7 +24,7 @@ from .blocks.common import RMSNorm
 from .errors import MemoryDivergedError, StateMismatchError
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.objectives import Objective
-from .ops.memory.state import check_max_grad_norm
+from .ops.memory.state import check_max_grad_norm, check_retention_q
 from .utils import standard_strides
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
@@ -63,6 +63,9 @@ class TitansConfig:
     memory_objective: str = "l2"
     memory_objective_p: float = 3.0
     memory_delta_init: float = 1.0
+    # Moneta's l_q retention (NeuralMemory retention_q; None: off). Moneta: memory_objective="lp",
+    # memory_retention_q=4, memory_momentum=False
+    memory_retention_q: float | None = None
     memory_theta_init: float = 1e-3
     # 'softplus' leaves the memory's learning rate unbounded; 'sigmoid' bounds it by
     # memory_max_lr, which keeps the test-time updates stable when training pushes theta up
@@ -141,8 +144,11 @@ class TitansConfig:
         self.memory_objective_p = float(self.memory_objective_p)  # one spelling: 3 and 3.0 resume each other
         try:
             Objective(self.memory_objective, p=self.memory_objective_p)
+            check_retention_q(self.memory_retention_q)
         except ValueError as e:
             raise ValueError(f"memory_{e}") from None
+        if self.memory_retention_q is not None:
+            self.memory_retention_q = float(self.memory_retention_q)
 
     @property
     def ffn_hidden(self) -> int:
@@ -160,6 +166,7 @@ class TitansConfig:
             associative_init=self.memory_associative_init, max_grad_norm=self.memory_max_grad_norm,
             product_dtype=self.memory_product_dtype, qk_activation=self.memory_qk_activation,
             objective=self.memory_objective, objective_p=self.memory_objective_p, delta_init=self.memory_delta_init,
+            retention_q=self.memory_retention_q,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -209,7 +216,7 @@ class ModelState:
 _MEMORY_SETTINGS = (
     "memory_heads", "memory_depth", "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting",
     "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation", "memory_objective",
-    "memory_objective_p",
+    "memory_objective_p", "memory_retention_q",
 )  # fmt: skip
 STATE_SETTINGS = {
     "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),

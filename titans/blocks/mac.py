@@ -1,4 +1,4 @@
-"""MAC: memory as context (paper section 4.1, SPEC section 3).
+"""MAC: memory as context (paper section 4.1, docs/design.md §4).
 
 For each segment of C tokens: read the memory as it was before the segment, h_t = M*_{s-1}(q_t)
 (per token, no write); attend over ``[P || h || segment]`` (causal in h and in the segment);

@@ -92,10 +92,26 @@ def run_prepare(args) -> int:
         raise ConfigError(str(err)) from None
     seconds = time.perf_counter() - start
     print(_summary(out, manifest))
+    skipped = _skipped(manifest)
+    if skipped:
+        print(f"left out: {skipped}")
     print(f"prepared in {seconds:.1f} s")
     if manifest["splits"]["val"]["tokens"] == 0:
         print("note: the val split is empty (one document, or --val-fraction 0)")
     return 0
+
+
+def _skipped(manifest: dict) -> str:
+    """What ``prepare`` left out, in words ("2 .pdf files, 1 hidden file, 3 blank documents")."""
+    info = manifest.get("skipped", {})
+    words = []
+    for reason, n in info.get("files", {}).items():
+        kind = "hidden" if reason == "hidden" else f"{reason}" if reason.startswith(".") else "suffix-less"
+        words.append(f"{n} {kind} file{'s' * (n != 1)}")
+    blank = info.get("blank_documents", 0)
+    if blank:
+        words.append(f"{blank} blank document{'s' * (blank != 1)}")
+    return ", ".join(words)
 
 
 def _summary(path: Path, manifest: dict) -> str:

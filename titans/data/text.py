@@ -66,20 +66,27 @@ class DataError(UserError, ValueError):
 # --------------------------------------------------------------------------- reading documents
 
 
-def input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+def input_files(inputs: Sequence[str | os.PathLike], skipped: dict[str, int] | None = None) -> list[Path]:
     """The files ``inputs`` name: files as given, directories walked recursively in sorted order
-    (``.txt``, ``.md``, ``.jsonl``; hidden entries and other suffixes skipped). Duplicates once."""
+    (``.txt``, ``.md``, ``.jsonl``; hidden entries and other suffixes skipped, and counted into
+    ``skipped`` by reason when given: ``"hidden"`` or the suffix). Duplicates once."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     files: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = [
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (JSONL_SUFFIX,)
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ]  # fmt: skip
+            found = []
+            for p in (p for p in path.rglob("*") if p.is_file()):
+                if any(part.startswith(".") for part in p.relative_to(path).parts):
+                    reason = "hidden"
+                elif p.suffix.lower() not in TEXT_SUFFIXES + (JSONL_SUFFIX,):
+                    reason = p.suffix.lower() or "no suffix"
+                else:
+                    found.append(p)
+                    continue
+                if skipped is not None:
+                    skipped[reason] = skipped.get(reason, 0) + 1
             if not found:
                 raise DataError(f"directory {path} holds no .txt, .md or .jsonl files")
             files.extend(sorted(found, key=lambda p: p.relative_to(path).parts))
@@ -100,15 +107,16 @@ def input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return unique
 
 
-def _file_documents(path: Path, text_field: str, hasher) -> Iterator[tuple[str, int]]:
-    """(document text, bytes consumed) of one file; ``hasher`` sees every byte of the file."""
+def _file_documents(path: Path, text_field: str, hasher) -> Iterator[tuple[str | None, int]]:
+    """(document text, bytes consumed) of one file (text None for a blank line of a ``.jsonl``
+    file, which is no document); ``hasher`` sees every byte of the file."""
     if path.suffix.lower() == JSONL_SUFFIX:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 hasher.update(raw)
                 line = raw.strip()
                 if not line:
-                    yield "", len(raw)
+                    yield None, len(raw)
                     continue
                 try:
                     record = json.loads(line)
@@ -139,6 +147,7 @@ class _Documents:
     def __init__(self, files: list[Path], text_field: str, progress=None):
         self.files, self.text_field, self.progress = files, text_field, progress
         self.sha: dict[int, str] = {}
+        self.blank = 0  # documents left out for being blank
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         for index, path in enumerate(self.files):
@@ -146,8 +155,12 @@ class _Documents:
             for text, nbytes in _file_documents(path, self.text_field, hasher):
                 if self.progress is not None:
                     self.progress.update(nbytes)
+                if text is None:
+                    continue
                 if text.strip():
                     yield index, text
+                else:
+                    self.blank += 1
             self.sha[index] = hasher.hexdigest()
 
 
@@ -284,7 +297,8 @@ def prepare(
         tokenizer = load_tokenizer(tokenizer)
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise DataError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
-    files = input_files(inputs)
+    skipped: dict[str, int] = {}
+    files = input_files(inputs, skipped)
     plan = _plan(files, text_field, val_fraction, progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,6 +353,8 @@ def prepare(
         "text_field": text_field,
         "splits": {s: w.close() for s, w in writers.items()},
         "sources": plan.sources,
+        # what the directory walk and the documents left out, so that a user sees it was meant
+        "skipped": {"files": dict(sorted(skipped.items())), "blank_documents": docs.blank},
     }
     for split in SPLITS:
         manifest["splits"][split]["fingerprint"] = _fingerprint(manifest, split)

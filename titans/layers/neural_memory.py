@@ -26,7 +26,7 @@ from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
 from ..ops.memory.objectives import OBJECTIVES, Objective
-from ..ops.memory.state import check_max_grad_norm, compute_dtype
+from ..ops.memory.state import check_max_grad_norm, check_retention_q, compute_dtype
 from ..ops.memory.step import step_flat
 from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
 
@@ -354,6 +354,10 @@ class NeuralMemory(nn.Module):
             outside). With ``momentum=False`` and the forget gate, ``"huber"`` is Yaad's rule
             (MIRAS eq. 26), the memory MLP this layer's own.
         objective_p: the exponent of ``"lp"`` (>= 2; MIRAS's default 3).
+        retention_q: Moneta's l_q retention (MIRAS eq. 24; None: off): the memory's weights are an
+            accumulator ``A`` read and written as ``A / ||A||_q^(q-2)``, renormalised at chunk
+            starts (``ops/memory/README.md``); the forget gate then decays ``A``. Moneta is
+            ``objective="lp"``, ``retention_q=4``, ``momentum=False``.
         delta_init: the huber threshold of an untrained layer (the bias of ``to_delta``).
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
@@ -386,6 +390,7 @@ class NeuralMemory(nn.Module):
         qk_activation: str = "silu",
         objective: str = "l2",
         objective_p: float = 3.0,
+        retention_q: float | None = None,
         delta_init: float = 1.0,
         compile: bool = False,
         product_dtype: torch.dtype | str | None = None,
@@ -423,6 +428,8 @@ class NeuralMemory(nn.Module):
         self.activation, self.residual = activation, residual
         self.qk_activation = qk_activation
         self.objective = Objective(objective, p=float(objective_p))
+        check_retention_q(retention_q)
+        self.retention_q = None if retention_q is None else float(retention_q)
         self.momentum, self.forgetting = momentum, forgetting
         self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
         self.theta_activation, self.max_lr = theta_activation, max_lr
@@ -575,6 +582,7 @@ class NeuralMemory(nn.Module):
             q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
             max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(x),
+            retention_q=self.retention_q,
         )  # fmt: skip
         if state is None:
             kwargs["weights"] = tuple(self.initial_weights)
@@ -642,7 +650,7 @@ class NeuralMemory(nn.Module):
         y, W, S = step_flat(
             flat(state.weights), flat(state.chunk_weights), flat(state.momentum), q.to(cd), k.to(cd), v.to(cd),
             gate(theta), gate(eta), gate(alpha), self.activation, self.residual, self.max_grad_norm,
-            self.objective, None if delta is None else delta.to(cd).reshape(B * H, 1),
+            self.objective, None if delta is None else delta.to(cd).reshape(B * H, 1), self.retention_q,
         )  # fmt: skip
         unflat = lambda ws: None if ws is None else tuple(w.reshape(B, H, *w.shape[1:]) for w in ws)  # noqa: E731
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
@@ -757,5 +765,5 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, chunk_size={self.chunk_size}, momentum={self.momentum}, "
-            f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}"
+            f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}, retention_q={self.retention_q}"
         )

@@ -14,6 +14,8 @@ the key, so with the ``words`` tokenizer the key and the value are one token eac
 - ``"train"``: what the training rows use, the pair template among them;
 - ``"varied"``: twelve needle phrasings crossed with twelve question phrasings (the six of
   ``"train"`` among them), a question's phrasing independent of its needle's;
+- ``"open"``: ``"varied"`` with 120 more question phrasings of one to three random lead words
+  ("So then {key}", "Which: {key}"), so that a question is recognised by its key, not its words;
 - ``"pair"``: the pair template alone (results compare with the ``pair-`` variants of ``niah``);
 - ``"unseen"``: phrasings no training row uses, for evaluation only.
 
@@ -103,6 +105,30 @@ _VARIED_QUESTIONS = (
     "Give the record for {key}",
 )
 
+# Words of the "open" family's free-form question lead-ins: no key noun (the key list stays the
+# same) and no word of the held-out "unseen" phrasings.
+_LEAD_WORDS = (
+    "so and then now but yes also again tell me us what which was were of for with give say recall "
+    "recite find bring once more that there just only its their our my your next asked remembered kept "
+    "stored saved noted given told shown found did do you we it they who how when where why okay sure "
+    "ever never always before after earlier later"
+).split()
+
+
+def _open_questions(count: int = 120) -> tuple[str, ...]:
+    """``count`` question phrasings of one to three random lead words before the key (seeded, so
+    the family is the same everywhere): a question the model can only recognise by its key."""
+    words = _LEAD_WORDS
+    rng = np.random.default_rng(1234)
+    out = []
+    while len(out) < count:
+        lead = " ".join(words[i] for i in rng.choice(len(words), size=int(rng.integers(1, 4)), replace=False))
+        phrase = lead[0].upper() + lead[1:] + (":" if rng.random() < 0.3 else "") + " {key}"
+        if phrase not in out:
+            out.append(phrase)
+    return tuple(out)
+
+
 TEMPLATES: dict[str, tuple[RecallTemplate, ...]] = {
     "pair": (PAIR_TEMPLATE,),
     "train": (
@@ -114,6 +140,8 @@ TEMPLATES: dict[str, tuple[RecallTemplate, ...]] = {
         RecallTemplate("Memorize this: {key} {value}.", "From memory: {key}"),
     ),
     "varied": tuple(RecallTemplate(n, q) for n in _VARIED_NEEDLES for q in _VARIED_QUESTIONS),
+    # "varied" plus questions made of random lead words: recall cued by the key alone
+    "open": tuple(RecallTemplate(n, q) for n in _VARIED_NEEDLES for q in _VARIED_QUESTIONS + _open_questions()),
     "unseen": (
         RecallTemplate("Write in the ledger: {key} {value}.", "Read from the ledger: {key}"),
         RecallTemplate("Here is a fact to hold on to, {key} {value}.", "The fact about {key}"),

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+from ..train.records import describe_dropped, read_jsonl
 
 __all__ = ["PAPER_TITANS", "append_result", "plot_forecasts", "read_results", "write_tables"]
 
@@ -31,15 +34,25 @@ def canonical_dataset(name: str) -> str:
 def append_result(path: str | Path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    with path.open("ab") as f:
+        # after a torn last line (a run killed mid-append) start a new one, so this row stays whole
+        torn = f.tell() > 0 and not _ends_with_newline(path)
+        f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode("utf-8"))
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
 
 
 def read_results(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of ``results.jsonl``; unreadable lines (a run killed while appending its row) are
+    left out with a warning, so the other runs still report."""
+    rows, bad = read_jsonl(path)
+    if bad:
+        print(f"warning: {describe_dropped(path, bad)}", file=sys.stderr, flush=True)
+    return rows
 
 
 def _mean(xs: list[float]) -> float:

@@ -18,6 +18,7 @@ import random
 import os
 import re
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -32,6 +33,7 @@ from ..errors import NonFiniteError
 from ..model import TitansLM
 from ..utils import warn_if_cpu_bf16_is_slow
 from . import checkpoint as ckpt
+from .records import describe_dropped, read_jsonl
 from .config import RunConfig, write_penalty_form_problem, write_penalty_problem
 from .distributed import (
     World, all_reduce_sum, full_state_dicts, init_distributed, load_full_state_dicts,
@@ -134,8 +136,11 @@ class _Metrics:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # resuming: drop what the interrupted run logged after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            records, bad = read_jsonl(self.path)
+            if bad:
+                print(f"warning: {describe_dropped(self.path, bad)}", file=sys.stderr, flush=True)
+            kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -2,7 +2,7 @@
 
 Three paths with one keyword-only signature, each returning ``(output, final_state)``:
 
-- ``naive_memory``: the token-by-token loop of SPEC section 1 (ground truth, short sequences).
+- ``naive_memory``: the token-by-token loop of docs/design.md §1 (ground truth, short sequences).
 - ``chunk_memory``: the chunk-parallel form (training and prefill).
 - ``step_memory``: one token (decoding).
 """

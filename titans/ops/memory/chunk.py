@@ -1,4 +1,4 @@
-"""The chunk-parallel form of the neural memory (SPEC section 1, "Parallel form").
+"""The chunk-parallel form of the neural memory (docs/design.md §2).
 
 Inside a chunk every quantity is linear in the per-token gradients ``u_i`` (all taken at the
 chunk-start weights), so a chunk of n tokens is a handful of batched matrix products; the only
@@ -24,7 +24,16 @@ from torch.autograd.function import once_differentiable
 from .mlp import activation as act_fn
 from .mlp import activation_with_grads, clip_scale
 from .objectives import L2, Objective, as_objective
-from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, log_gate, state_from_flat
+from .state import (
+    full_precision,
+    MemoryState,
+    check_inputs,
+    compute_dtype,
+    initial_memory_state,
+    log_gate,
+    lq_scale,
+    state_from_flat,
+)
 
 __all__ = ["chunk_memory", "chunk_memory_unchecked"]
 
@@ -262,6 +271,14 @@ def _group_length(spans, i: int, chunk_size: int) -> int:
     while run < _GROUP and i + run < len(spans) and spans[i + run][0] == chunk_size:
         run += 1
     return run if run == _GROUP else 1
+
+
+def _divided(ws, s: Tensor):
+    return tuple(w / s[:, None, None] for w in ws)
+
+
+def _multiplied(ws, s: Tensor):
+    return tuple(w * s[:, None, None] for w in ws)
 
 
 def _fresh(tensors):
@@ -571,6 +588,7 @@ def chunk_memory(
     product_dtype: torch.dtype | None = None,
     objective: Objective | str | None = None,
     delta: Tensor | None = None,
+    retention_q: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunk-parallel neural memory; same signature and results as ``naive_memory``.
 
@@ -589,11 +607,12 @@ def chunk_memory(
     """
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
-                 objective=objective, delta=delta)  # fmt: skip
+                 objective=objective, delta=delta, retention_q=retention_q)  # fmt: skip
     return chunk_memory_unchecked(
         q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, state=state,
         chunk_size=chunk_size, activation=activation, residual=residual, max_grad_norm=max_grad_norm,
         backward=backward, compile=compile, product_dtype=product_dtype, objective=objective, delta=delta,
+        retention_q=retention_q,
     )  # fmt: skip
 
 
@@ -617,6 +636,7 @@ def chunk_memory_unchecked(
     product_dtype: torch.dtype | None = None,
     objective: Objective | str | None = None,
     delta: Tensor | None = None,
+    retention_q: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """``chunk_memory`` without ``check_inputs``, for callers that build q, k, v and the gates
     themselves from an input they validated once and then call the op many times (MAC, once
@@ -666,7 +686,10 @@ def chunk_memory_unchecked(
         return [None] * len(sizes) if x is None else x.split(sizes, dim=1)
 
     use_fn = backward == "analytic" and torch.is_grad_enabled()
-    group_forward = _maybe_compiled(_chunk_group_forward, True) if compile and not torch.is_grad_enabled() else None
+    # Groups of fresh chunks run as one compiled call in inference; Moneta's retention renormalises
+    # between chunks, so it runs chunk by chunk.
+    grouping = compile and not torch.is_grad_enabled() and retention_q is None
+    group_forward = _maybe_compiled(_chunk_group_forward, True) if grouping else None
     ys, pos = [], state.position
     coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
     spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients, split(delta_f)))
@@ -690,6 +713,13 @@ def chunk_memory_unchecked(
             W, S = tuple(W), (tuple(S) if has_mom else None)
             i += g  # whole chunks: pos stays 0, the next span is fresh
             continue
+        if retention_q is not None:  # the kernel is linear in the accumulators: scale in, scale back out
+            s = lq_scale(W if fresh else Wg, retention_q)  # (N,): the chunk-start accumulator's scale
+            A_c, B_c, C_c, e_c, m_c = gates
+            gates = (A_c, B_c, C_c / s[:, None, None], e_c, None if m_c is None else m_c / s[:, None])
+            start = Wg  # the chunk-start accumulator (the running one at a fresh chunk)
+            W, Wg = _divided(W, s), _divided(Wg, s)
+            S = _divided(S, s) if has_mom else None
         if use_fn:
             states = W + (S if has_mom else ()) + (() if fresh else Wg)
             cfg = (L, has_mom, fresh, activation, residual, max_grad_norm, compile, objective)
@@ -700,6 +730,8 @@ def chunk_memory_unchecked(
             y, W, S = forward(q_c, k_c, v_c, *gates, W, S, None if fresh else Wg, activation, residual, max_grad_norm,
                               objective=objective, delta=d_c)  # fmt: skip
             W, S = tuple(W), (tuple(S) if has_mom else None)
+        if retention_q is not None:
+            W, S, Wg = _multiplied(W, s), (_multiplied(S, s) if has_mom else None), start
         ys.append(y)
         pos = (pos + n) % chunk_size
         i += 1

@@ -1,4 +1,4 @@
-"""The token-by-token reference of SPEC section 1. Ground truth for every test; kept simple.
+"""The token-by-token reference of docs/design.md §1. Ground truth for every test; kept simple.
 
 Per token t (gradients at the chunk-start weights M_c, everything else token by token):
 
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .mlp import activation
 from .objectives import Objective, as_objective
-from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state
+from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, lq_scale
 
 __all__ = ["naive_memory"]
 
@@ -52,17 +52,21 @@ def naive_memory(
     max_grad_norm: float | None = None,
     objective: Objective | str | None = None,
     delta: Tensor | None = None,
+    retention_q: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Token loop. q, k, v ``[B, T, H, D]``; theta, eta, alpha ``[B, T, H]`` (eta / alpha = None:
     no momentum / no forgetting). Start from ``weights`` (M_0, per layer ``[H, out, in]`` or
     ``[B, H, out, in]``) or continue from ``state``. ``max_grad_norm``: scale a token's learning
     rate by ``min(1, max_grad_norm / |u_t|)``, ``|u_t|`` the norm of its whole gradient (all layers).
     ``objective``: the loss of the memory's error (objectives.py; default the paper's l2), with
-    its per-token threshold ``delta`` ``[B, T, H]`` when it takes one.
-    Returns ``(y [B, T, H, D], final state)``."""
+    its per-token threshold ``delta`` ``[B, T, H]`` when it takes one. ``retention_q``: Moneta's
+    l_q retention (MIRAS eq. 24): the state's weights are an accumulator ``A``, read and written
+    as ``A / ||A||_q^(q-2)`` with the norm of the chunk-start accumulator (the papers' chunk
+    approximation; at chunk_size 1 a token's gradient is exactly eq. 24's, its read uses the norm
+    before its own write). Returns ``(y [B, T, H, D], final state)``."""
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
-                 objective=objective, delta=delta)  # fmt: skip
+                 objective=objective, delta=delta, retention_q=retention_q)  # fmt: skip
     dtype = q.dtype
     cd = compute_dtype(dtype)
     if state is None:
@@ -81,7 +85,8 @@ def naive_memory(
     for t in range(q.shape[1]):
         if pos == 0:
             Wc = W
-        u = grad_fn(tuple(Wc), k[:, t], v[:, t], None if delta is None else delta[:, t].to(cd))
+        s = 1.0 if retention_q is None else lq_scale(Wc, retention_q)[:, :, None, None]  # (B, H, 1, 1)
+        u = grad_fn(tuple(w / s for w in Wc), k[:, t], v[:, t], None if delta is None else delta[:, t].to(cd))
         th = theta[:, t, :, None, None]
         if max_grad_norm is not None:
             sq = sum(g.square().sum((-1, -2)) for g in u)  # (B, H): |u_t|^2
@@ -99,7 +104,7 @@ def naive_memory(
             W = tuple(keep * w + s for w, s in zip(W, step))
         else:
             W = tuple(w + s for w, s in zip(W, step))
-        ys.append(_mlp(W, q[:, t], activation, residual))
+        ys.append(_mlp(tuple(w / s for w in W), q[:, t], activation, residual))
         pos = (pos + 1) % chunk_size
     y = torch.stack(ys, dim=1).to(dtype)
     final = MemoryState(

@@ -107,6 +107,22 @@ def initial_memory_state(
     return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0)
 
 
+def lq_scale(weights, q: float) -> Tensor:
+    """``||A||_q^(q-2)`` of the accumulator ``A`` (all layers of a memory together, entrywise):
+    Moneta's retention reads and writes with ``A / lq_scale(A)`` (MIRAS eq. 24). Weights
+    ``[..., out, in]`` -> ``[...]``; 1 for q = 2; floored away from 0 (an all-zero accumulator)."""
+    total = sum(w.abs().pow(q).sum((-1, -2)) for w in weights)
+    return total.clamp_min(torch.finfo(total.dtype).tiny).pow((q - 2) / q)
+
+
+def check_retention_q(retention_q) -> None:
+    """None (the Titans / Yaad weight decay only) or a number q >= 2 (Moneta's l_q retention)."""
+    if retention_q is None:
+        return
+    if isinstance(retention_q, bool) or not isinstance(retention_q, (int, float)) or not 2 <= retention_q < math.inf:
+        raise ValueError(f"retention_q must be None or a number >= 2 (Moneta's l_q retention), got {retention_q!r}")
+
+
 def state_from_flat(batch: int, heads: int, weights, momentum, chunk_weights, position: int) -> MemoryState:
     """Build a MemoryState from ``[B*H, out, in]`` tensors (the layout the fast paths compute in)."""
 
@@ -174,10 +190,12 @@ def check_inputs(
     max_grad_norm: float | None = None,
     objective=None,
     delta: Tensor | None = None,
+    retention_q: float | None = None,
 ) -> None:
     """Raise a ValueError/TypeError that names the bad argument. ``objective`` (an
     ``objectives.Objective``; None is the paper's l2) decides whether ``delta`` is required."""
     check_max_grad_norm(max_grad_norm)
+    check_retention_q(retention_q)
     needs_delta = objective is not None and objective.needs_delta
     if needs_delta and delta is None:
         raise ValueError(f"the {objective.name} objective needs delta, its per-token threshold [B, T, H]")

@@ -12,7 +12,15 @@ from torch import Tensor
 
 from .mlp import clip_scale, key_gradients, mlp_forward
 from .objectives import L2, Objective, as_objective
-from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, state_from_flat
+from .state import (
+    full_precision,
+    MemoryState,
+    check_inputs,
+    compute_dtype,
+    initial_memory_state,
+    lq_scale,
+    state_from_flat,
+)
 
 __all__ = ["step_memory", "step_flat"]
 
@@ -32,12 +40,21 @@ def step_flat(
     max_grad_norm: float | None,
     objective: Objective = L2,
     delta: Tensor | None = None,
+    retention_q: float | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...] | None]:
     """The update itself, unchecked, on flat memories: weights ``[N, out, in]`` (N = batch x
     heads; ``Wc`` the pending chunk's start weights, where the gradient is taken), tokens
     ``[N, 1, D]``, gates ``[N, 1, 1]``, ``S`` None for a zero momentum (or without momentum, when
-    ``eta`` is None); ``delta`` ``[N, 1]`` the objective's threshold (when it takes one). Returns ``(y [N, 1, D], W, S)``; no Python branch depends on values, so
+    ``eta`` is None); ``delta`` ``[N, 1]`` the objective's threshold (when it takes one);
+    ``retention_q``: W, Wc, S are Moneta's accumulators, used divided by ``lq_scale(Wc)``. Returns ``(y [N, 1, D], W, S)``; no Python branch depends on values, so
     the one-token decode graph of ``TitansLM`` traces it as it is."""
+    if retention_q is not None:  # everything below is linear in the accumulators: scale in, scale out
+        s = lq_scale(Wc, retention_q)[:, None, None]  # (N, 1, 1)
+        y, W, S = step_flat(
+            tuple(w / s for w in W), tuple(w / s for w in Wc), None if S is None else tuple(m / s for m in S),
+            q, k, v, theta / s, eta, alpha, activation, residual, max_grad_norm, objective, delta,
+        )  # fmt: skip
+        return y, tuple(w * s for w in W), None if S is None else tuple(m * s for m in S)
     hs, _, dzs = key_gradients(Wc, k, v, activation, residual, objective, delta)
     th = theta
     if max_grad_norm is not None:
@@ -70,13 +87,14 @@ def step_memory(
     max_grad_norm: float | None = None,
     objective: Objective | str | None = None,
     delta: Tensor | None = None,
+    retention_q: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """One token: q, k, v ``[B, 1, H, D]``, gates (and ``delta``) ``[B, 1, H]``. Returns
     ``(y [B, 1, H, D], state)``."""
     objective = as_objective(objective)
     check_inputs(
         q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True, max_grad_norm=max_grad_norm,
-        objective=objective, delta=delta,
+        objective=objective, delta=delta, retention_q=retention_q,
     )  # fmt: skip
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     B, _, H, D = q.shape
@@ -102,6 +120,7 @@ def step_memory(
         W, Wc, S_prev, tok(q), tok(k), tok(v), gate(theta),
         None if eta is None else gate(eta), None if alpha is None else gate(alpha),
         activation, residual, max_grad_norm, objective, None if delta is None else delta.to(cd).reshape(N, 1),
+        retention_q,
     )  # fmt: skip
     pos = (state.position + 1) % chunk_size
 
