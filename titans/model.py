@@ -81,8 +81,8 @@ class TitansConfig:
     # test-time step, which a deep memory whose weights grew needs to stay finite (NeuralMemory)
     memory_max_grad_norm: float | None = None
     # "bfloat16": the memory's chunk products run in bf16, its state in float32 (NeuralMemory's
-    # product_dtype: 1.1-1.3x the memory's training speed on README's machine A, which has bf16
-    # instructions; 6-8x slower on machine B, which has none: README "Speed and memory"); "float32": none
+    # product_dtype: faster where the hardware multiplies bf16 natively, far slower on CPUs without
+    # bf16 instructions: docs/speed.md); "float32": none
     memory_product_dtype: str = "float32"
     # MAC: what the memory writes and the output gate takes as y. "attention": the attention's
     # output (its sublayer alone); "residual": the residual stream after it, normalised,
@@ -412,7 +412,7 @@ class TitansLM(nn.Module):
         """Run every neural memory's chunk computations (forward and analytic backward) through
         ``torch.compile``, or back in eager mode. A runtime choice, not part of the config: the
         first calls compile (tens of seconds on CPU, again for a new chunk length or batch), later
-        ones are faster (docs: README "Speed"; ``benchmarks/model_throughput.py --compile``).
+        ones are faster (docs/speed.md; ``benchmarks/model_throughput.py --compile``).
         The attention variants have no memory and are unaffected. Returns the model."""
         for module in self.modules():
             if isinstance(module, NeuralMemory):
@@ -437,8 +437,8 @@ def _decode_graph_compiled(model: TitansLM, *args):
     if not _COMPILED_DECODE:
         # decompose_mm_pass: a product of up to 4 rows (every projection of one token, the
         # persistent keys, the memory's per-head products) becomes a fused multiply-and-sum kernel
-        # instead of a BLAS call; on CPU that took the tiny MAC's compiled step from 2.65 to about
-        # 1.4 ms a token (README, "Speed and memory")
+        # instead of a BLAS call, whose per-call overhead dominates products this small on CPU
+        # (docs/speed.md)
         options = {"post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_first_dimension_decomposition": 4}}}
         _COMPILED_DECODE.append(torch.compile(TitansLM._decode_graph, dynamic=False, options=options))
     return _COMPILED_DECODE[0](model, *args)

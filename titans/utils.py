@@ -193,10 +193,8 @@ _warned_bf16: set[str] = set()
 
 def warn_if_cpu_bf16_is_slow(device: torch.device, setting: str, instead: str) -> None:
     """Warn once per ``setting`` when bf16 matrix products would run through PyTorch's reference
-    fallback on this CPU (no bf16 instructions oneDNN can use). Measured on an AVX2-only AMD EPYC
-    (Zen 1; README "Speed and memory", machine B): a 2048^2 bf16 matmul 0.17 GFLOP/s against 68 in
-    float32, the memory layer's training step with bf16 products 613-632 tok/s against 4,008-4,648.
-    Only a warning: the setting stays the user's. Silent while torch.compile traces."""
+    fallback on this CPU (no bf16 instructions oneDNN can use), which is orders of magnitude
+    slower than float32 there (measured: docs/speed.md). Only a warning: the setting stays the user's. Silent while torch.compile traces."""
     if (
         device.type != "cpu"
         or setting in _warned_bf16

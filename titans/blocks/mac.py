@@ -131,8 +131,8 @@ class MACBlock(nn.Module):
         read the memory, attend over ``[P || h || x]``, memorise. Returns ``(y, a, answers, mem)``.
 
         Why: a single stream of 4-token memory chunks is bound by per-operation overhead (a few
-        hundred small ops per segment); as one graph, the NIAH demo's MAC streams one row about
-        1.8x faster than eager (README, "Speed and memory")."""
+        hundred small ops per segment); one graph per segment removes most of that overhead
+        (docs/speed.md)."""
         h = self.memory.read(q_s, mem.memory.weights, dtype)
         hk, hv = self.attn.keys(h, positions)
         a = self.attn.segment_block(aq_s, ak_s, av_s, hk, hv, prefix, mask)
