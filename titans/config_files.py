@@ -15,11 +15,23 @@ from pathlib import Path
 from typing import Any, Iterable
 from .errors import UserError
 
-__all__ = ["ConfigError", "load_config_file", "apply_overrides", "check_keys", "closest", "coerce_fields", "dataclass_from_dict"]
+__all__ = ["ConfigError", "check_range", "check_seed", "load_config_file", "apply_overrides", "check_keys", "closest", "coerce_fields", "dataclass_from_dict"]
 
 
 class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message says why and what to do."""
+
+
+def check_range(flag: str, value, low, high) -> None:
+    """Refuse ``value`` outside ``[low, high]`` (or NaN) as a ConfigError naming ``flag``: a count
+    or length far beyond what any run here could use would otherwise overflow deep inside."""
+    if value is not None and not low <= value <= high:
+        raise ConfigError(f"{flag} must lie in [{low:,}, {high:,}], got {value}")
+
+
+def check_seed(flag: str, value: int) -> None:
+    """A seed every generator here takes: an integer in [0, 2**63)."""
+    check_range(flag, value, 0, 2**63 - 1)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

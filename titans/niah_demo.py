@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config_files import check_range
 from .errors import UserError
 
 __all__ = ["DEMO_MODELS", "shipped_checkpoint", "retrain", "run_demo"]
@@ -170,19 +171,27 @@ def run_demo(
     return {"table": table, "rows": rows, "heatmap": heatmap}
 
 
+def _setting_error():
+    from .eval.report import EvalSettingError
+
+    return EvalSettingError
+
+
 def main(args) -> int:
     lengths = [int(x) for x in args.lengths]
     if any(n < 256 for n in lengths):
         raise UserError("--lengths must be at least 256 tokens (a RULER prompt needs room)")
-    if args.samples < 1:
-        raise UserError("--samples must be >= 1")
-    if args.needles < 1:
-        raise UserError("--needles must be >= 1")
+    check_range("--samples", args.samples, 1, 10**6)
+    check_range("--needles", args.needles, 1, 1000)
+    check_range("--chunk-tokens", args.chunk_tokens, 1, 1 << 32)
     models = args.models or list(DEMO_MODELS)
     if args.retrain:
         retrain(models, Path(args.work_dir))
-    result = run_demo(models, lengths, args.samples, Path(args.out), chunk_tokens=args.chunk_tokens,
-                      variants=args.variants, needles=args.needles, progress=not args.no_progress)  # fmt: skip
+    try:
+        result = run_demo(models, lengths, args.samples, Path(args.out), chunk_tokens=args.chunk_tokens,
+                          variants=args.variants, needles=args.needles, progress=not args.no_progress)  # fmt: skip
+    except _setting_error() as err:  # the user's settings (a chunk size the model cannot stream, ...)
+        raise UserError(str(err)) from None
     print(result["table"])
     print(f"heatmap: {result['heatmap']}")
     sys.stdout.flush()

@@ -32,11 +32,16 @@ def run(args) -> int:
 
     import torch
 
+    from ..config_files import check_range
     from ..model import TitansLM
     from ..train.checkpoint import load_pretrained
     from ..train.config import load_run_config
     from ..utils import tune_cpu_allocator
 
+    check_range("--batch", args.batch, 1, 4096)
+    check_range("--stream-tokens", args.stream_tokens, 1, 1 << 32)
+    check_range("--decode-tokens", args.decode_tokens, 1, 10**7)
+    check_range("--chunk-tokens", args.chunk_tokens, 1, 1 << 32)
     tune_cpu_allocator()
     run_cfg = load_run_config(args.config, args.overrides)
     if args.checkpoint:

@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("which", nargs="?", default="niah", choices=("niah", "recall"),
                    help="niah: needle-in-a-haystack demonstration with the shipped checkpoints (default); "
                         "recall: memory layer key/value recall")
-    p.add_argument("--head-dim", type=int, default=64, help="recall: width of keys and values (default 64)")
+    p.add_argument("--head-dim", type=int, default=None, help="recall: width of keys and values (default 64)")
     p.add_argument("--lengths", default="1K,4K,16K", help="niah: haystack lengths in tokens (default 1K,4K,16K)")
     p.add_argument("--samples", type=int, default=16,
                    help="niah: prompts per length, the (asked) needle at evenly spaced depths (default 16)")
@@ -63,8 +63,13 @@ def run(args) -> int:
         if args.needles is not None and not any(v.startswith("mk-") for v in args.variants):
             raise UserError("--needles sets the needles of a multi-key (mk-) prompt; prompts per length is --samples")
         args.needles = 4 if args.needles is None else args.needles
+        if args.head_dim is not None:
+            raise UserError("--head-dim sets the recall demo's width (titans demo recall); the needle demo's models are fixed")
         return niah_main(args)
+    from ..config_files import check_range
     from ..recall_demo import main as demo_main
 
-    demo_main(head_dim=args.head_dim)
+    head_dim = 64 if args.head_dim is None else args.head_dim
+    check_range("--head-dim", head_dim, 2, 4096)
+    demo_main(head_dim=head_dim)
     return 0

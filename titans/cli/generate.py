@@ -42,7 +42,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..config_files import ConfigError
+    from ..config_files import ConfigError, check_range, check_seed
     from ..train.checkpoint import load_pretrained
     from ..train.trainer import resolve_device
 
@@ -54,10 +54,11 @@ def run(args) -> int:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails this too
         raise ConfigError(f"--top-p must lie in (0, 1], got {args.top_p}")
-    if args.chunk_tokens < 1:
-        raise ConfigError(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    check_range("--chunk-tokens", args.chunk_tokens, 1, 1 << 32)
+    check_range("--max-new-tokens", args.max_new_tokens, 0, 10**7)
+    check_seed("--seed", args.seed)
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, tokenizer, info = load_pretrained(args.checkpoint, map_location=device)
     model.set_memory_compile(args.compile)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]  # eos = "a document starts here"

@@ -8,9 +8,10 @@ table in the paper's layout and write ``results.json``, ``results.csv`` and plot
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from ..config_files import ConfigError
+from ..config_files import ConfigError, check_range, check_seed
 
 __all__ = ["UNTRAINED", "load_model", "parse_lengths", "register", "run"]
 
@@ -30,8 +31,13 @@ def parse_lengths(text: str) -> list[int]:
         digits = item[:-1] if scale > 1 else item
         if not digits.isdigit() or int(digits) < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers like 1024,4K,1M")
+        if int(digits) * scale > MAX_LENGTH:
+            raise argparse.ArgumentTypeError(f"{item}: longer than {MAX_LENGTH:,} tokens (4G), beyond any run here")
         out.append(int(digits) * scale)
     return out
+
+
+MAX_LENGTH = 1 << 32  # tokens: a stream of 4G tokens already takes days on the fastest path here
 
 
 def parse_names(text: str) -> list[str]:
@@ -151,17 +157,9 @@ def register(sub) -> None:
 
 
 def _device(name: str):
-    import torch
+    from ..train.trainer import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {name!r}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    return resolve_device(name, "--device")
 
 
 def _untrained_config(args, variant: str, vocab_size: int):
@@ -332,13 +330,23 @@ def _name(args, i: int, sources: list[tuple[str, str]], variant: str, taken: lis
     return name if name not in taken else f"{name} #{i + 1}"
 
 
+# Upper bounds of the count arguments: far beyond any useful run, low enough that nothing
+# overflows or tries to allocate a buffer of that size.
+_UPPER = {"samples": 10**6, "depths": 10**4, "limit": 10**9, "max_new_tokens": 10**6, "batch_size": 4096,
+          "decode_tokens": 10**6, "max_tokens": MAX_LENGTH, "max_docs": 10**9, "repeats": 10**4,
+          "wiki_max_tokens": MAX_LENGTH}  # fmt: skip
+
+
 def _check_args(args, sources) -> None:
-    positive = ("samples", "depths", "limit", "max_new_tokens", "batch_size", "decode_tokens", "max_tokens",
-                "max_docs", "repeats", "wiki_max_tokens")
-    for flag in positive:
-        value = getattr(args, flag, None)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for flag, high in _UPPER.items():
+        check_range(f"--{flag.replace('_', '-')}", getattr(args, flag, None), 1, high)
+    check_seed("--seed", args.seed)
+    check_seed("--init-seed", args.init_seed)
+    if getattr(args, "vocab_size", None) is not None and args.vocab_size < 2:
+        raise ConfigError(f"--vocab-size must be >= 2 (keys and values are drawn from it), got {args.vocab_size}")
+    power_a = getattr(args, "power_a", None)
+    if power_a is not None and not 0 < power_a < math.inf:
+        raise ConfigError(f"--power-a must be a finite number > 0, got {power_a}")
     if args.name and len(args.name) != len(sources):
         raise ConfigError(f"--name gives {len(args.name)} name(s) for {len(sources)} model(s)")
     if args.name and len(set(args.name)) < len(args.name):

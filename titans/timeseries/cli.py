@@ -79,8 +79,8 @@ def register(sub) -> None:
 def _check_threads(threads: int) -> None:
     from ..config_files import ConfigError
 
-    if threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    if not 1 <= threads <= 4096:
+        raise ConfigError(f"--threads must be between 1 and 4096, got {threads}")
 
 
 def _load_config(args) -> dict:

@@ -53,12 +53,21 @@ _RESUMABLE_CHANGES = {
 }  # fmt: skip
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "train.device") -> torch.device:
+    """``"auto"`` (CUDA when there is one), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; anything else,
+    or CUDA where there is none, is a ConfigError naming ``what``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"{what} {name!r} is not a device (cpu, cuda, cuda:N or auto): {err}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what} {name!r}: only cpu, cuda, cuda:N and auto are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here")
+        raise ConfigError(f"{what} {name!r} but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{what} {name!r} but this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
