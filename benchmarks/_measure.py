@@ -113,7 +113,7 @@ def machine_name(device: str = "cpu") -> str:
     """What the numbers were measured on: the CUDA device's name, else the CPU model with its
     family and model numbers (a Zen 1 and a Zen 4 EPYC both call themselves "AMD EPYC" in a VM),
     the vector instructions torch uses, whether torch has a fast bf16 matmul here, and the torch
-    threads. Tables from different machines are not comparable (README "Speed and memory")."""
+    threads. Tables from different machines are not comparable (docs/speed.md)."""
     import torch
 
     from titans.utils import cpu_bf16_matmul_is_fast
