@@ -174,17 +174,19 @@ class MACBlock(nn.Module):
         return MACStep(memory, standard_strides(state.query_conv), seg_w, k, v, mem_k, mem_v, position)
 
     def _padded(self, t: Tensor) -> Tensor:
-        """The open segment's keys or values ``[B, n, H, D]`` in ``segment`` slots: the buffer
-        ``state_after_step`` sliced them from when they are such a slice (its later slots hold
-        stale keys, which ``step`` masks), else a zero-padded copy."""
-        base = t._base
+        """The open segment's keys or values ``[B, n, H, D]`` in ``segment`` slots: a view of the
+        buffer ``state_after_step`` sliced them from when they are the first slots of such a
+        contiguous buffer (its later slots hold stale keys, which ``step`` masks; ``step`` writes
+        out of place, so the buffer itself is never changed), else a zero-padded copy."""
+        B, _, H, D = t.shape
+        full = (B, self.segment, H, D)
+        strides = (self.segment * H * D, H * D, D, 1)
         if (
-            base is not None
-            and base.shape == (t.shape[0], self.segment, *t.shape[2:])
-            and base.data_ptr() == t.data_ptr()
-            and base.is_contiguous()
+            t.stride() == strides
+            and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() >= B * self.segment * H * D * t.element_size()
         ):
-            return base
+            return t.as_strided(full, strides)
         return F.pad(t, (0, 0, 0, 0, 0, self.segment - t.shape[1]))
 
     def state_after_step(self, state: BlockState, step: "MACStep") -> BlockState:

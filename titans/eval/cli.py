@@ -37,7 +37,7 @@ def parse_lengths(text: str) -> list[int]:
     return out
 
 
-MAX_LENGTH = 1 << 32  # tokens: a stream of 4G tokens already takes days on the fastest path here
+MAX_LENGTH = 1 << 32  # tokens: beyond any stream worth reading, and far below where counts overflow
 
 
 def parse_names(text: str) -> list[str]:
