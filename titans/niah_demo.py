@@ -171,13 +171,9 @@ def run_demo(
     return {"table": table, "rows": rows, "heatmap": heatmap}
 
 
-def _setting_error():
+def main(args) -> int:
     from .eval.report import EvalSettingError
 
-    return EvalSettingError
-
-
-def main(args) -> int:
     lengths = [int(x) for x in args.lengths]
     if any(n < 256 for n in lengths):
         raise UserError("--lengths must be at least 256 tokens (a RULER prompt needs room)")
@@ -190,7 +186,7 @@ def main(args) -> int:
     try:
         result = run_demo(models, lengths, args.samples, Path(args.out), chunk_tokens=args.chunk_tokens,
                           variants=args.variants, needles=args.needles, progress=not args.no_progress)  # fmt: skip
-    except _setting_error() as err:  # the user's settings (a chunk size the model cannot stream, ...)
+    except EvalSettingError as err:  # the user's settings (a chunk size the model cannot stream, ...)
         raise UserError(str(err)) from None
     print(result["table"])
     print(f"heatmap: {result['heatmap']}")

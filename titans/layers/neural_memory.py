@@ -25,7 +25,7 @@ from ..errors import MemoryDivergedError, NonFiniteError, StateMismatchError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
-from ..ops.memory.objectives import OBJECTIVES, Objective
+from ..ops.memory.objectives import Objective
 from ..ops.memory.state import check_max_grad_norm, check_retention_q, compute_dtype
 from ..ops.memory.step import step_flat
 from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
@@ -410,8 +410,6 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"theta_activation must be 'softplus' or 'sigmoid', got {theta_activation!r}")
         if qk_activation not in ("silu", "identity"):
             raise ValueError(f"qk_activation must be 'silu' or 'identity', got {qk_activation!r}")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if not (isinstance(delta_init, (int, float)) and 0 < delta_init < math.inf):
             raise ValueError(f"delta_init must be a positive number, got {delta_init!r}")
         if not 0 < theta_init < (max_lr if theta_activation == "sigmoid" else math.inf):
