@@ -1,4 +1,4 @@
-"""Probe a NIAH checkpoint trained on pair-pk needles (docs/niah_demo.md): recall against the
+"""Probe a NIAH checkpoint trained on pair-pk needles (docs/experiments/single-needle.md): recall against the
 stretch of noise haystack between a needle and its question, and the growth of the memory weights
 while the noise haystack streams.
 

@@ -8,7 +8,7 @@ MAG and SWA window) for nearly every pair. Every token is scored, answers ``--an
 times as much. The script trains each ``--configs`` entry with AdamW and prints the held-out
 answer accuracy every ``--eval-every`` steps (chance: 1 / values).
 
-What it showed (docs/niah_demo.md, "What made the memory learn to retrieve"; defaults, one thread):
+What it showed (docs/experiments/single-needle.md, "What made the memory learn to retrieve"; defaults, one thread):
 the LMM with ``memory_associative_init`` (and M_0's output at zero, as every config here) went
 2.2% / 64.8% / 93.4% / 99.8% answer accuracy at steps 100 / 125 / 150 / 250; the same LMM without
 the associative init stayed at chance (0.2-0.8%) for all 250 steps.

@@ -4,6 +4,7 @@ every runner gives the numbers a known model must get, reports and plots are wri
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -571,3 +572,13 @@ def test_package_exports_resolve_and_cli_imports_stay_light():
     code = "import sys, titans.eval.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `titans --help` must not pay for torch
+
+
+def test_ppl_bucket_edges_parse_as_documented():
+    from titans.eval.cli import parse_edges
+
+    assert parse_edges("0,256,1K,4K") == [0, 256, 1024, 4096]
+    assert parse_edges("0") == [0]
+    for bad, said in (("256,1K", "start at 0"), ("0,1K,256", "must increase"), ("0,-4", "positive integers")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            parse_edges(bad)

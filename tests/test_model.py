@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import json
+
 import pytest
 import torch
 from _helpers import rel_rms
@@ -569,3 +571,36 @@ def test_decode_step_leaves_states_that_do_not_fit_to_the_general_path(variant):
                 model.fast_decode = fast
                 results.append(model(ids[:, 6:7], state=half)[0])
             assert torch.equal(results[0], results[1])
+
+
+def test_lmm_reads_persistent_tokens_first_and_old_checkpoints_load_without_them(tmp_path):
+    from safetensors.torch import load_file
+
+    from titans.data.tokenizers import ByteTokenizer
+    from titans.train.checkpoint import load_pretrained, save_for_inference
+    from titans.utils import sha256_file
+
+    model, ids = _model("lmm"), _ids()
+    assert model.blocks[0].persistent.tokens.shape == (2, 32)
+    with torch.no_grad():
+        before = model(ids)[0]
+        model.blocks[0].persistent.tokens.add_(0.5)  # P reaches even the first token's output
+        assert not torch.allclose(model(ids)[0][:, 0], before[:, 0])
+    plain = _model("lmm", persistent_tokens=0)
+    assert all(b.persistent is None for b in plain.blocks) and "persistent" not in str(plain.state_dict().keys())
+    # a checkpoint written before the LMM read P: its config says 4 tokens, its weights hold none
+    path = save_for_inference(plain.float(), ByteTokenizer(), tmp_path / "old", note={"command": "test"})
+    run = json.loads((path / "run.json").read_text())
+    run["config"]["model"]["persistent_tokens"] = 4
+    (path / "run.json").write_text(json.dumps(run))
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    manifest["run.json"] = {"bytes": (path / "run.json").stat().st_size, "sha256": sha256_file(path / "run.json")}
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    loaded, _, info = load_pretrained(path)
+    assert loaded.cfg.persistent_tokens == 0 and info["config"]["model"]["persistent_tokens"] == 0
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], plain(ids)[0])
+    # a current LMM checkpoint keeps its persistent tokens
+    path = save_for_inference(model.float(), ByteTokenizer(), tmp_path / "new", note={"command": "test"})
+    assert load_pretrained(path)[0].cfg.persistent_tokens == 2
+    assert any(".persistent." in k for k in load_file(path / "model.safetensors"))

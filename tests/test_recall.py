@@ -137,6 +137,36 @@ def test_training_source_is_deterministic_and_resumes(words):
     assert torch.equal(torch.cat([h["input_ids"] for h in halves]), first[0]["input_ids"])
 
 
+def test_training_rows_of_several_episodes_answer_within_their_episode(words):
+    one = RecallTrainSource(words, 1023, 4, needles=4, questions=4, episodes=[1], answer_weight=10).next_batch(3)
+    four = RecallTrainSource(words, 1023, 4, needles=4, questions=4, episodes=[4], answer_weight=10).next_batch(3)
+    assert four["input_ids"].shape == one["input_ids"].shape == (3, 1024)
+    answers_one = (one["loss_weights"] == 10).sum(1)
+    answers_four = (four["loss_weights"] == 10).sum(1)
+    assert (answers_four >= 3 * answers_one.min()).all()  # four episodes of four questions each
+    for ids, weights in zip(four["input_ids"], four["loss_weights"]):
+        for start in range(0, 1024, 256):  # every answer's value was written earlier in its own episode
+            episode, answer = ids[start : start + 256], weights[start : start + 256] == 10
+            assert answer.any()
+            for t in torch.nonzero(answer).flatten().tolist():
+                assert (episode[:t] == episode[t]).any()
+    # a row count drawn per row: both kinds appear, the choice is part of the resumable state
+    mixed = RecallTrainSource(words, 1023, 4, needles=4, questions=4, episodes=[1, 4], answer_weight=10)
+    counts = {int((b == 10).sum()) > 16 for _ in range(4) for b in mixed.next_batch(4)["loss_weights"]}
+    assert counts == {True, False}
+    state = mixed.state_dict()
+    with pytest.raises(ValueError, match="episodes"):
+        RecallTrainSource(words, 1023, 4, needles=4, questions=4, answer_weight=10).load_state_dict(state)
+    old = {k: v for k, v in RecallTrainSource(words, 1023, 4, needles=4, questions=4).state_dict().items()
+           if k != "episodes"}  # fmt: skip
+    RecallTrainSource(words, 1023, 4, needles=4, questions=4).load_state_dict(old)  # saved before the option
+    for bad in ([], [0], [2.5], "4", [True]):
+        with pytest.raises(ValueError, match="episodes must be"):
+            RecallTrainSource(words, 1023, 4, episodes=bad)
+    with pytest.raises(ValueError, match="episodes of 128 tokens are too few"):
+        RecallTrainSource(words, 1023, 4, needles=8, questions=8, episodes=[1, 8])
+
+
 @pytest.mark.parametrize("variant", sorted(RECALL_VARIANTS))
 def test_mk_prompts_hold_distinct_needles_and_an_oracle_finds_every_answer(words, variant):
     setting = RECALL_VARIANTS[variant]

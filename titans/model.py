@@ -96,7 +96,7 @@ class TitansConfig:
     # that token's embedding, so norm(y) ⊙ σ(M*(y)) hands the head the memory's answer multiplied
     # by a token-specific vector; the attention output is averaged over context, as MAG's
     # attention branch is. On the needle rows this made the difference between a MAC that never
-    # recalled past its segment and one that does (docs/niah_demo.md).
+    # recalled past its segment and one that does (docs/experiments/single-needle.md).
     mac_gate_input: str = "memory_input"
     init_std: float = 0.02
 
@@ -222,7 +222,7 @@ STATE_SETTINGS = {
     "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),
     "mag": ("window", "persistent_tokens", *_MEMORY_SETTINGS),
     "mal": ("window", "persistent_tokens", *_MEMORY_SETTINGS),
-    "lmm": _MEMORY_SETTINGS,
+    "lmm": ("persistent_tokens", *_MEMORY_SETTINGS),
     "swa": ("window",),
     "transformer": (),
 }

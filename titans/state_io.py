@@ -32,9 +32,10 @@ def _state_classes() -> dict[str, type]:
     from .layers.attention import KVCache
     from .layers.neural_memory import NeuralMemoryState
     from .model import ModelState
-    from .ops.memory.state import MemoryState
+    from .ops.memory.state import MemoryState, MemoryWindow
 
-    return {c.__name__: c for c in (ModelState, BlockState, NeuralMemoryState, MemoryState, KVCache)}
+    classes = (ModelState, BlockState, NeuralMemoryState, MemoryState, MemoryWindow, KVCache)
+    return {c.__name__: c for c in classes}
 
 
 def _encode(obj, tensors: dict[str, Tensor], ids: dict[int, str]):

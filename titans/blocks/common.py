@@ -148,11 +148,12 @@ class MemoryWindowDecode:
         return BlockState(memory=memory, attn=self.attn.window_cache(step.k, step.v, pos), position=pos)
 
 
-def memorise_persistent(memory, attn, batch_size: int, dtype: torch.dtype) -> NeuralMemoryState | None:
-    """The memory's state after reading the persistent tokens P (MAG and MAL read ``[P || x]``):
-    P comes before the first token, once per sequence. None when there are no persistent tokens."""
-    if attn.persistent is None:
+def memorise_persistent(memory, persistent, batch_size: int, dtype: torch.dtype) -> NeuralMemoryState | None:
+    """The memory's state after reading the persistent tokens P (``persistent``: a
+    ``PersistentMemory`` or None): MAG, MAL and LMM read ``[P || x]``, P before the first token, once
+    per sequence. None when there are no persistent tokens."""
+    if persistent is None:
         return None
-    p = attn.persistent().to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
+    p = persistent().to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
     _, state = memory(p, None)
     return state

@@ -27,7 +27,7 @@ class MAGBlock(MemoryWindowDecode, nn.Module):
         a, cache = self.attn(u, state.attn)
         mem = state.memory
         if state.position == 0:
-            mem = memorise_persistent(self.memory, self.attn, x.shape[0], x.dtype)
+            mem = memorise_persistent(self.memory, self.attn.persistent, x.shape[0], x.dtype)
         m, mem = self.memory(u, mem)
         x = x + self.gate(a, m)
         x = x + self.ffn(self.ffn_norm(x))

@@ -25,7 +25,7 @@ class MALBlock(MemoryWindowDecode, nn.Module):
         state = state or BlockState()
         mem = state.memory
         if state.position == 0:  # the memory reads [P || x]: the persistent tokens come first
-            mem = memorise_persistent(self.memory, self.attn, x.shape[0], x.dtype)
+            mem = memorise_persistent(self.memory, self.attn.persistent, x.shape[0], x.dtype)
         m, mem = self.memory(self.mem_norm(x), mem)
         x = x + m
         a, cache = self.attn(self.attn_norm(x), state.attn)

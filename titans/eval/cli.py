@@ -37,6 +37,17 @@ def parse_lengths(text: str) -> list[int]:
     return out
 
 
+def parse_edges(text: str) -> list[int]:
+    """'0,256,1K,4K' -> [0, 256, 1024, 4096]: position bucket edges, from 0, increasing."""
+    items = [t.strip() for t in text.split(",")]
+    if items[0] != "0":
+        raise argparse.ArgumentTypeError(f"{text!r}: bucket edges start at 0, e.g. 0,256,1K,4K")
+    edges = [0, *parse_lengths(",".join(items[1:]))] if len(items) > 1 else [0]
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise argparse.ArgumentTypeError(f"{text!r}: bucket edges must increase")
+    return edges
+
+
 MAX_LENGTH = 1 << 32  # tokens: beyond any stream worth reading, and far below where counts overflow
 
 
@@ -122,7 +133,7 @@ def register(sub) -> None:
     t.add_argument("--split", default="val", help="split of --data to read (default val)")
     t.add_argument("--max-tokens", type=int, default=None, help="stop after scoring this many tokens")
     t.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    t.add_argument("--bucket-edges", type=parse_lengths, default=None,
+    t.add_argument("--bucket-edges", type=parse_edges, default=None,
                    help="position bucket edges starting at 0 (default 0,64,128,256,... doubling)")
 
     t = tasks.add_parser("zeroshot", help="zero-shot multiple choice + LAMBADA (Table 1)",

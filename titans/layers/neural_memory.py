@@ -331,7 +331,7 @@ class NeuralMemory(nn.Module):
             A token's write then stores ``k(previous token) -> v(token)``, and a later occurrence
             of that previous token reads back what followed it, before any training. Needs
             ``conv_kernel >= 2``. The architecture is unchanged (only the initial values of
-            ``to_qkv`` and ``conv``); see docs/niah_demo.md for why it matters: without it a tiny
+            ``to_qkv`` and ``conv``); see docs/experiments/single-needle.md for why it matters: without it a tiny
             model trained on key-value recall stayed at chance, with it the LMM reached 93% answer
             accuracy after 150 steps (``benchmarks/recall_learning.py``).
         max_grad_norm: clip each token's inner gradient (all layers, Frobenius norm) to this norm

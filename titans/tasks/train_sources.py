@@ -182,6 +182,13 @@ class RecallTrainSource(_RowSource):
     row). The held-out haystacks (``HELD_OUT_HAYSTACKS``: Milton) and template sets (``"unseen"``)
     are refused: they exist to measure what training never saw. ``score`` and ``answer_weight`` as
     in ``NiahTrainSource``.
+
+    ``episodes`` lists how many independent episodes a row may hold (drawn per row): a row of ``n``
+    episodes is ``n`` recall rows of about ``(seq_len + 1) / n`` tokens back to back, each with its own
+    haystack, needles and questions, so that one batch trains both short gaps (read back precisely
+    soon after writing) and long ones (kept over a long haystack), and the memory learns to carry
+    on after an episode it no longer needs. An episode's leading ``eos`` padding sits between
+    episodes like a document end and is scored with ``score="all"``.
     """
 
     def __init__(
@@ -198,6 +205,7 @@ class RecallTrainSource(_RowSource):
         min_gap: int = 0,
         score: str = "all",
         answer_weight: float = 1.0,
+        episodes: Sequence[int] = (1,),
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -219,9 +227,14 @@ class RecallTrainSource(_RowSource):
             raise ValueError(f"answer_weight must be a finite number >= 1, got {answer_weight}")
         if answer_weight != 1.0 and score != "all":
             raise ValueError("answer_weight needs score='all' (with score='answers' only answers are scored)")
+        if isinstance(episodes, (str, bytes)) or not isinstance(episodes, Sequence) or not episodes or any(
+            isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in episodes
+        ):
+            raise ValueError(f"episodes must be a non-empty list of integers >= 1, got {episodes!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.tokenizer, self.seq_len, self.seed = tokenizer, int(seq_len), int(seed)
+        self.episodes = tuple(int(n) for n in episodes)
         self.haystacks, self.needles, self.questions = tuple(haystacks), int(needles), int(questions)
         self.templates, self.values, self.min_gap = templates, values, int(min_gap)
         self.score, self.answer_weight = score, float(answer_weight)
@@ -229,18 +242,27 @@ class RecallTrainSource(_RowSource):
         self.step = 0
         kinds = VALUE_KINDS if values == "mixed" else (values,)
         worst = max(worst_case_tokens(tokenizer, self.needles, self.questions, templates, v) for v in kinds)
-        if worst > self.seq_len + 1 - 16:  # a row must never fail mid-training: refuse a config that could
-            raise ValueError(f"rows of {self.seq_len + 1} tokens are too few for {needles} needles and {questions} "
+        shortest = (self.seq_len + 1) // max(self.episodes)
+        if worst > shortest - 16:  # a row must never fail mid-training: refuse a config that could
+            what = f"rows of {self.seq_len + 1} tokens" if max(self.episodes) == 1 else f"episodes of {shortest} tokens"
+            raise ValueError(f"{what} are too few for {needles} needles and {questions} "
                              f"questions: they may take {worst} tokens, and the haystack needs some room")  # fmt: skip
         for h in self.haystacks:  # build the haystacks now
-            self._row(np.random.default_rng(0), h)
+            self._episode(np.random.default_rng(0), shortest, h)
 
-    def _row(self, rng: np.random.Generator, haystack_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        n = self.episodes[rng.integers(len(self.episodes))]
+        total = self.seq_len + 1
+        lengths = [total // n + (total % n if i == 0 else 0) for i in range(n)]
+        parts = [self._episode(rng, length) for length in lengths]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _episode(self, rng: np.random.Generator, total: int, haystack_name: str | None = None):
         if haystack_name is None:
             haystack_name = self.haystacks[rng.integers(len(self.haystacks))]
         values = VALUE_KINDS[rng.integers(len(VALUE_KINDS))] if self.values == "mixed" else self.values
         return recall_row_ids(
-            self.tokenizer, self.seq_len + 1, rng, haystack_name=haystack_name, needles=self.needles,
+            self.tokenizer, total, rng, haystack_name=haystack_name, needles=self.needles,
             questions=self.questions, templates=self.templates, values=values, min_gap=self.min_gap,
         )  # fmt: skip
 
@@ -249,10 +271,11 @@ class RecallTrainSource(_RowSource):
             "kind": "recall", "seed": self.seed, "seq_len": self.seq_len, "step": self.step,
             "haystacks": list(self.haystacks), "needles": self.needles, "questions": self.questions,
             "templates": self.templates, "values": self.values, "min_gap": self.min_gap, "score": self.score,
-            "answer_weight": self.answer_weight, "tokenizer": self.tokenizer.to_spec(),
+            "answer_weight": self.answer_weight, "episodes": list(self.episodes), "tokenizer": self.tokenizer.to_spec(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {"episodes": [1], **state}  # saved before this option
         _check_resume("RecallTrainSource", self.state_dict(), state)
         self.step = int(state["step"])
 

@@ -252,10 +252,15 @@ def load_pretrained(
     path = verify_checkpoint(path, required=INFERENCE_FILES)
     run = json.loads((path / "run.json").read_text())
     changed = apply_model_settings(run["config"], model_settings) if model_settings else None
-    cfg = TitansConfig.from_dict(run["config"]["model"])
+    weights = read_weights(path / "model.safetensors")
+    model_config = run["config"]["model"]
+    if model_config.get("variant") == "lmm" and not any(".persistent." in name for name in weights):
+        # saved before the LMM read persistent tokens: that model had none, whatever the field said
+        model_config = run["config"]["model"] = {**model_config, "persistent_tokens": 0}
+    cfg = TitansConfig.from_dict(model_config)
     model = TitansLM(cfg)
     try:
-        load_model_weights(model, read_weights(path / "model.safetensors"), str(path))
+        load_model_weights(model, weights, str(path))
     except CheckpointError as err:
         if not changed:
             raise

@@ -32,7 +32,10 @@ from .state import (
     initial_memory_state,
     log_gate,
     lq_scale,
+    next_window,
     state_from_flat,
+    window_tokens,
+    window_weights,
 )
 
 __all__ = ["chunk_memory", "chunk_memory_unchecked"]
@@ -589,6 +592,7 @@ def chunk_memory(
     objective: Objective | str | None = None,
     delta: Tensor | None = None,
     retention_q: float | None = None,
+    gamma: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunk-parallel neural memory; same signature and results as ``naive_memory``.
 
@@ -607,12 +611,12 @@ def chunk_memory(
     """
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
-                 objective=objective, delta=delta, retention_q=retention_q)  # fmt: skip
+                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma)  # fmt: skip
     return chunk_memory_unchecked(
         q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, state=state,
         chunk_size=chunk_size, activation=activation, residual=residual, max_grad_norm=max_grad_norm,
         backward=backward, compile=compile, product_dtype=product_dtype, objective=objective, delta=delta,
-        retention_q=retention_q,
+        retention_q=retention_q, gamma=gamma,
     )  # fmt: skip
 
 
@@ -637,6 +641,7 @@ def chunk_memory_unchecked(
     objective: Objective | str | None = None,
     delta: Tensor | None = None,
     retention_q: float | None = None,
+    gamma: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """``chunk_memory`` without ``check_inputs``, for callers that build q, k, v and the gates
     themselves from an input they validated once and then call the op many times (MAC, once
@@ -664,6 +669,12 @@ def chunk_memory_unchecked(
 
     qf, kf, vf, thf = flat(q, pd), flat(k), flat(v), flat(theta)  # k, v: see _chunk_forward
     delta_f = None if delta is None else flat(delta)  # (N, T)
+    # The Omega rule: a chunk's key side also holds the c - 1 tokens before it, whose gradients are
+    # taken at this chunk's start weights too, and C becomes C @ Gamma (README, "The Omega rule").
+    c = 1 if gamma is None else gamma.shape[-1]
+    if gamma is not None:
+        gamma_f = flat(gamma)  # (N, T, c)
+        kk, vv, dd, valid = window_tokens(state.window, c, kf, vf, delta_f)  # (N, c - 1 + T, ...)
     log_a = None if alpha is None else log_gate(1 - flat(alpha))
     log_eta = None if eta is None else log_gate(flat(eta))
     W = tuple(flat_w(w) for w in state.weights)
@@ -688,14 +699,22 @@ def chunk_memory_unchecked(
     use_fn = backward == "analytic" and torch.is_grad_enabled()
     # Groups of fresh chunks run as one compiled call in inference; Moneta's retention renormalises
     # between chunks, so it runs chunk by chunk.
-    grouping = compile and not torch.is_grad_enabled() and retention_q is None
+    grouping = compile and not torch.is_grad_enabled() and retention_q is None and gamma is None
     group_forward = _maybe_compiled(_chunk_group_forward, True) if grouping else None
     ys, pos = [], state.position
     coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
     spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients, split(delta_f)))
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
     i = 0
     while i < len(spans):
         n, q_c, k_c, v_c, gates, d_c = spans[i]
+        if gamma is not None:  # keys: the c - 1 tokens before the span, then its own
+            t0 = starts[i]
+            k_c, v_c = kk[:, t0 : t0 + c - 1 + n], vv[:, t0 : t0 + c - 1 + n]
+            d_c = None if dd is None else dd[:, t0 : t0 + c - 1 + n]
+            mix = window_weights(gamma_f, valid, t0, n).to(thf.dtype)  # (N, n, c - 1 + n)
+            A_c, B_c, C_c, e_c, m_c = gates
+            gates = (A_c, B_c, C_c @ mix, e_c, None if m_c is None else (m_c.unsqueeze(-2) @ mix).squeeze(-2))
         fresh = pos == 0
         if fresh:
             Wg = W
@@ -738,5 +757,6 @@ def chunk_memory_unchecked(
 
     y = torch.cat(ys, dim=1).reshape(B, H, T, D).transpose(1, 2).to(dtype)
 
-    final = state_from_flat(B, H, W, S, Wg, pos)
+    window = next_window(kk, vv, dd, valid, c) if gamma is not None else None
+    final = state_from_flat(B, H, W, S, Wg, pos, window)
     return y, final

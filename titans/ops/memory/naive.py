@@ -21,7 +21,10 @@ from torch import Tensor
 
 from .mlp import activation
 from .objectives import Objective, as_objective
-from .state import full_precision, MemoryState, check_inputs, compute_dtype, initial_memory_state, lq_scale
+from .state import (
+    MemoryState, MemoryWindow, check_inputs, compute_dtype, full_precision, initial_memory_state, lq_scale, next_window,
+    window_tokens,
+)  # fmt: skip
 
 __all__ = ["naive_memory"]
 
@@ -53,6 +56,7 @@ def naive_memory(
     objective: Objective | str | None = None,
     delta: Tensor | None = None,
     retention_q: float | None = None,
+    gamma: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Token loop. q, k, v ``[B, T, H, D]``; theta, eta, alpha ``[B, T, H]`` (eta / alpha = None:
     no momentum / no forgetting). Start from ``weights`` (M_0, per layer ``[H, out, in]`` or
@@ -63,10 +67,13 @@ def naive_memory(
     l_q retention (MIRAS eq. 24): the state's weights are an accumulator ``A``, read and written
     as ``A / ||A||_q^(q-2)`` with the norm of the chunk-start accumulator (the papers' chunk
     approximation; at chunk_size 1 a token's gradient is exactly eq. 24's, its read uses the norm
-    before its own write). Returns ``(y [B, T, H, D], final state)``."""
+    before its own write). ``gamma`` ``[B, T, H, c]``: the Omega rule (ATLAS eq. 9-10): token t's
+    update is ``sum_j gamma[t, j] u_{t-j}`` over the c latest tokens (j = 0 the token itself), each
+    ``u`` taken at the chunk-start weights and clipped on its own; the state keeps the last c - 1
+    tokens (``MemoryWindow``). Returns ``(y [B, T, H, D], final state)``."""
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
-                 objective=objective, delta=delta, retention_q=retention_q)  # fmt: skip
+                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma)  # fmt: skip
     dtype = q.dtype
     cd = compute_dtype(dtype)
     if state is None:
@@ -76,6 +83,14 @@ def naive_memory(
     if S is None and eta is not None:
         S = tuple(torch.zeros_like(w) for w in W)
     q, k, v, theta = q.to(cd), k.to(cd), v.to(cd), theta.to(cd)
+    B, T, H, D = q.shape
+    c = 1 if gamma is None else gamma.shape[-1]
+    d_cd = None if delta is None else delta.to(cd)
+    # the c - 1 tokens before the call, then the call's: kk[:, c - 1 + t] is token t ([B, c-1+T, H, ...])
+    flat = lambda x: None if x is None else x.transpose(1, 2).reshape(B * H, x.shape[1], *x.shape[3:])  # noqa: E731
+    kk, vv, dd, valid = window_tokens(state.window, c, flat(k), flat(v), flat(d_cd))
+    unflat = lambda x: None if x is None else x.reshape(B, H, *x.shape[1:]).transpose(1, 2)  # noqa: E731
+    kk, vv, dd = unflat(kk), unflat(vv), unflat(dd)
 
     def loss(ws, k_t, v_t, d_t):  # summed over batch and heads: each memory gets its own gradient
         return objective.loss(_mlp(ws, k_t, activation, residual) - v_t, d_t).sum()
@@ -86,13 +101,21 @@ def naive_memory(
         if pos == 0:
             Wc = W
         s = 1.0 if retention_q is None else lq_scale(Wc, retention_q)[:, :, None, None]  # (B, H, 1, 1)
-        u = grad_fn(tuple(w / s for w in Wc), k[:, t], v[:, t], None if delta is None else delta[:, t].to(cd))
+        u = None
+        for j in range(c):  # the window's tokens t - j, each gradient at Wc and clipped on its own
+            if t - j < -valid:
+                break  # before the stream began
+            i = c - 1 + t - j
+            g = grad_fn(tuple(w / s for w in Wc), kk[:, i], vv[:, i], None if dd is None else dd[:, i])
+            if max_grad_norm is not None:
+                sq = sum(x.square().sum((-1, -2)) for x in g)  # (B, H): |u|^2
+                c2 = max_grad_norm**2
+                clip = torch.where(sq > c2, max_grad_norm * sq.clamp_min(c2).rsqrt(), torch.ones_like(sq))
+                g = tuple(x * clip[:, :, None, None] for x in g)
+            if gamma is not None:
+                g = tuple(x * gamma[:, t, :, j, None, None].to(cd) for x in g)
+            u = g if u is None else tuple(a + b for a, b in zip(u, g))
         th = theta[:, t, :, None, None]
-        if max_grad_norm is not None:
-            sq = sum(g.square().sum((-1, -2)) for g in u)  # (B, H): |u_t|^2
-            c2 = max_grad_norm**2
-            clip = torch.where(sq > c2, max_grad_norm * sq.clamp_min(c2).rsqrt(), torch.ones_like(sq))
-            th = th * clip[:, :, None, None]
         if eta is not None:
             et = eta[:, t, :, None, None].to(cd)
             S = tuple(et * s - th * g for s, g in zip(S, u))
@@ -107,10 +130,15 @@ def naive_memory(
         ys.append(_mlp(tuple(w / s for w in W), q[:, t], activation, residual))
         pos = (pos + 1) % chunk_size
     y = torch.stack(ys, dim=1).to(dtype)
+    window = next_window(flat(kk), flat(vv), flat(dd), valid, c)
+    if window is not None:  # back to [B, H, c - 1, ...]
+        split = lambda x: None if x is None else x.reshape(B, H, *x.shape[1:])  # noqa: E731
+        window = MemoryWindow(split(window.k), split(window.v), split(window.delta), window.valid)
     final = MemoryState(
         weights=tuple(W),
         momentum=None if eta is None else tuple(S),
         chunk_weights=tuple(W) if pos == 0 else tuple(Wc),
         position=pos,
+        window=window,
     )
     return y, final

@@ -18,7 +18,7 @@ from torch import Tensor
 from ...errors import NonFiniteError
 from ...utils import nonfinite
 
-__all__ = ["MemoryState", "memory_shapes", "initial_memory_state", "check_inputs"]
+__all__ = ["MemoryState", "MemoryWindow", "memory_shapes", "initial_memory_state", "check_inputs"]
 
 
 def memory_shapes(head_dim: int, depth: int, expansion: float = 4.0) -> list[tuple[int, int]]:
@@ -35,6 +35,28 @@ def memory_shapes(head_dim: int, depth: int, expansion: float = 4.0) -> list[tup
 
 
 @dataclass
+class MemoryWindow:
+    """The Omega rule's last ``c - 1`` tokens (ATLAS eq. 9): a token's update sums the gradients of
+    the ``c`` latest tokens, every one taken at the pending chunk's start weights, so the tokens
+    before a call must be kept to continue it exactly.
+
+    k, v:   ``[B, H, c - 1, D]``, oldest first; zeros where ``valid`` says no token was seen yet.
+    delta:  ``[B, H, c - 1]``, their objective's threshold (huber), or None.
+    valid:  how many of the ``c - 1`` slots hold real tokens (the newest ``valid`` slots).
+    """
+
+    k: Tensor
+    v: Tensor
+    delta: Tensor | None
+    valid: int
+
+    @property
+    def size(self) -> int:
+        """c: the window's length, the current token included."""
+        return self.k.shape[2] + 1
+
+
+@dataclass
 class MemoryState:
     """Everything needed to continue the memory exactly where a call stopped.
 
@@ -43,12 +65,14 @@ class MemoryState:
     chunk_weights: M_c, the weights at the start of the pending chunk: every remaining token of
                    that chunk takes its gradient there. Equal to ``weights`` when position == 0.
     position:      tokens of the pending chunk already seen (0 <= position < chunk_size).
+    window:        the Omega rule's recent tokens (``MemoryWindow``); None for a window of one.
     """
 
     weights: tuple[Tensor, ...]
     momentum: tuple[Tensor, ...] | None
     chunk_weights: tuple[Tensor, ...]
     position: int = 0
+    window: MemoryWindow | None = None
 
     @property
     def batch_size(self) -> int:
@@ -64,7 +88,10 @@ class MemoryState:
 
     def tensors(self) -> list[Tensor]:
         out = list(self.weights) + list(self.chunk_weights)
-        return out + (list(self.momentum) if self.momentum is not None else [])
+        out += list(self.momentum) if self.momentum is not None else []
+        if self.window is not None:
+            out += [self.window.k, self.window.v] + ([self.window.delta] if self.window.delta is not None else [])
+        return out
 
     def num_bytes(self) -> int:
         """Bytes held by the state (chunk weights shared with the running weights count once)."""
@@ -82,7 +109,11 @@ class MemoryState:
         weights = tuple(fn(w) for w in self.weights)
         chunk = weights if same else tuple(fn(w) for w in self.chunk_weights)
         momentum = None if self.momentum is None else tuple(fn(s) for s in self.momentum)
-        return replace(self, weights=weights, momentum=momentum, chunk_weights=chunk)
+        window = self.window
+        if window is not None:
+            delta = None if window.delta is None else fn(window.delta)
+            window = replace(window, k=fn(window.k), v=fn(window.v), delta=delta)
+        return replace(self, weights=weights, momentum=momentum, chunk_weights=chunk, window=window)
 
     def detach(self) -> "MemoryState":
         """Cut the autograd history (truncated backprop through time between calls)."""
@@ -123,8 +154,11 @@ def check_retention_q(retention_q) -> None:
         raise ValueError(f"retention_q must be None or a number >= 2 (Moneta's l_q retention), got {retention_q!r}")
 
 
-def state_from_flat(batch: int, heads: int, weights, momentum, chunk_weights, position: int) -> MemoryState:
-    """Build a MemoryState from ``[B*H, out, in]`` tensors (the layout the fast paths compute in)."""
+def state_from_flat(
+    batch: int, heads: int, weights, momentum, chunk_weights, position: int, window: MemoryWindow | None = None
+) -> MemoryState:
+    """Build a MemoryState from ``[B*H, out, in]`` tensors (the layout the fast paths compute in);
+    ``window`` as ``[B*H, c - 1, ...]`` tensors."""
 
     def unflat(w: Tensor) -> Tensor:
         return w.reshape(batch, heads, *w.shape[1:])
@@ -135,7 +169,55 @@ def state_from_flat(batch: int, heads: int, weights, momentum, chunk_weights, po
         momentum=None if momentum is None else tuple(unflat(s) for s in momentum),
         chunk_weights=ws if position == 0 else tuple(unflat(w) for w in chunk_weights),
         position=position,
+        window=None if window is None else MemoryWindow(
+            unflat(window.k), unflat(window.v), None if window.delta is None else unflat(window.delta), window.valid
+        ),
     )
+
+
+def window_tokens(window: MemoryWindow | None, c: int, k: Tensor, v: Tensor, delta: Tensor | None):
+    """The ``c - 1`` tokens before a call and the call's own, flat: ``(k, v, delta, valid)`` with
+    k, v ``[N, c - 1 + T, D]`` (N = B*H), delta ``[N, c - 1 + T]`` or None, and ``valid`` the number
+    of real tokens among the first ``c - 1`` (the rest are zeros: before the stream began).
+    ``window`` is the state's (None: a fresh stream), k, v ``[N, T, D]``, delta ``[N, T]``."""
+    N, _, D = k.shape
+    if window is None:
+        pk = k.new_zeros(N, c - 1, D)
+        pv = v.new_zeros(N, c - 1, D)
+        pd = None if delta is None else delta.new_zeros(N, c - 1)
+        valid = 0
+    else:
+        pk, pv = window.k.reshape(N, c - 1, D).to(k.dtype), window.v.reshape(N, c - 1, D).to(v.dtype)
+        pd = None if delta is None else window.delta.reshape(N, c - 1).to(delta.dtype)
+        valid = window.valid
+    kk, vv = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+    dd = None if delta is None else torch.cat([pd, delta], 1)
+    return kk, vv, dd, valid
+
+
+def next_window(kk: Tensor, vv: Tensor, dd: Tensor | None, valid: int, c: int) -> MemoryWindow | None:
+    """The window after a call from ``window_tokens``' layout (flat ``[N, c - 1 + T, ...]``)."""
+    if c == 1:
+        return None
+    T = kk.shape[1] - (c - 1)
+    return MemoryWindow(kk[:, -(c - 1) :], vv[:, -(c - 1) :], None if dd is None else dd[:, -(c - 1) :],
+                        min(c - 1, valid + T))  # fmt: skip
+
+
+def window_weights(gamma: Tensor, valid: int, start: int, n: int) -> Tensor:
+    """The Omega rule's mixing ``Gamma [N, n, c - 1 + n]`` of a span of n tokens that starts at
+    call position ``start``: row t (the span's token t) puts ``gamma[:, start + t, j]`` on key
+    column ``c - 1 + t - j`` (token t - j, counted in a key list that begins c - 1 tokens before
+    the span), and nothing on tokens before the stream began. gamma ``[N, T, c]``."""
+    N, _, c = gamma.shape
+    g = gamma[:, start : start + n]  # (N, n, c)
+    rows = torch.arange(n, device=gamma.device)
+    cols = (c - 1 + rows)[:, None] - torch.arange(c, device=gamma.device)[None, :]  # (n, c)
+    # key column i stands for call position start - (c - 1) + i; positions before -valid did not exist
+    exists = (cols + start - (c - 1) >= -valid).to(gamma.dtype)
+    out = gamma.new_zeros(N, n, c - 1 + n)
+    index = cols.unsqueeze(0).expand(N, n, c)
+    return out.scatter_add(2, index, g * exists)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,9 +273,11 @@ def check_inputs(
     objective=None,
     delta: Tensor | None = None,
     retention_q: float | None = None,
+    gamma: Tensor | None = None,
 ) -> None:
     """Raise a ValueError/TypeError that names the bad argument. ``objective`` (an
-    ``objectives.Objective``; None is the paper's l2) decides whether ``delta`` is required."""
+    ``objectives.Objective``; None is the paper's l2) decides whether ``delta`` is required;
+    ``gamma`` ``[B, T, H, c]`` are the Omega rule's window weights (None: a window of one token)."""
     check_max_grad_norm(max_grad_norm)
     check_retention_q(retention_q)
     needs_delta = objective is not None and objective.needs_delta
@@ -226,6 +310,27 @@ def check_inputs(
         _check_tensor(name, g, 3, q)
         if tuple(g.shape) != (B, T, H):
             raise ValueError(f"{name} must have shape [B, T, H] = {(B, T, H)}, got {tuple(g.shape)}")
+    c = 1
+    if gamma is not None:
+        _check_tensor("gamma", gamma, 4, q)
+        if tuple(gamma.shape[:3]) != (B, T, H) or gamma.shape[3] < 1:
+            raise ValueError(f"gamma must have shape [B, T, H, c] = [{B}, {T}, {H}, c >= 1], got {tuple(gamma.shape)}")
+        c = gamma.shape[3]
+        if retention_q is not None:
+            raise ValueError("gamma (the Omega rule's window) and retention_q (Moneta's retention) do not combine yet")
+    window = None if state is None or not isinstance(state, MemoryState) else state.window
+    if window is not None:
+        if gamma is None:
+            raise ValueError(f"state holds the Omega rule's window of {window.size} tokens: pass gamma [B, T, H, {window.size}]")
+        if window.size != c:
+            raise ValueError(f"state's Omega window holds {window.size} tokens, gamma asks for {c}")
+        if tuple(window.k.shape) != (B, H, c - 1, D) or window.v.shape != window.k.shape:
+            raise ValueError(f"state.window.k and .v must have shape [B, H, c - 1, D] = {(B, H, c - 1, D)}, "
+                             f"got {tuple(window.k.shape)} and {tuple(window.v.shape)}")  # fmt: skip
+        if (window.delta is None) != (delta is None):
+            raise ValueError("state.window.delta must be given exactly when the objective takes delta")
+        if not (isinstance(window.valid, int) and 0 <= window.valid <= c - 1):
+            raise ValueError(f"state.window.valid must be an int in [0, {c - 1}], got {window.valid!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
     if chunk_size < 1:
@@ -296,7 +401,11 @@ def check_inputs(
         named["alpha"] = alpha
     if delta is not None:
         named["delta"] = delta
+    if gamma is not None:
+        named["gamma"] = gamma
     _check_finite(named)
+    if gamma is not None and bool(((gamma < 0) | (gamma > 1)).any()):
+        raise ValueError("gamma (the Omega rule's window weights) must lie in [0, 1]")
     if delta is not None and bool((delta <= 0).any()):
         raise ValueError("delta (the huber threshold) must be > 0")
     if bool((theta < 0).any()):

@@ -19,7 +19,10 @@ from .state import (
     compute_dtype,
     initial_memory_state,
     lq_scale,
+    next_window,
     state_from_flat,
+    window_tokens,
+    window_weights,
 )
 
 __all__ = ["step_memory", "step_flat"]
@@ -41,25 +44,33 @@ def step_flat(
     objective: Objective = L2,
     delta: Tensor | None = None,
     retention_q: float | None = None,
+    mix: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...] | None]:
     """The update itself, unchecked, on flat memories: weights ``[N, out, in]`` (N = batch x
-    heads; ``Wc`` the pending chunk's start weights, where the gradient is taken), tokens
+    heads; ``Wc`` the pending chunk's start weights, where the gradient is taken), the query
     ``[N, 1, D]``, gates ``[N, 1, 1]``, ``S`` None for a zero momentum (or without momentum, when
-    ``eta`` is None); ``delta`` ``[N, 1]`` the objective's threshold (when it takes one);
-    ``retention_q``: W, Wc, S are Moneta's accumulators, used divided by ``lq_scale(Wc)``. Returns ``(y [N, 1, D], W, S)``; no Python branch depends on values, so
-    the one-token decode graph of ``TitansLM`` traces it as it is."""
+    ``eta`` is None); ``delta`` ``[N, m]`` the objective's threshold (when it takes one);
+    ``retention_q``: W, Wc, S are Moneta's accumulators, used divided by ``lq_scale(Wc)``.
+    k, v ``[N, m, D]``: the token itself (m = 1), or with the Omega rule its window (the c - 1
+    tokens before it, then it; m = c) weighted by ``mix`` ``[N, m]``: the update's gradient is
+    ``sum_i mix_i u_i``, each ``u_i`` clipped on its own. Returns ``(y [N, 1, D], W, S)``; no
+    Python branch depends on values, so the one-token decode graph of ``TitansLM`` traces it as
+    it is."""
     if retention_q is not None:  # everything below is linear in the accumulators: scale in, scale out
         s = lq_scale(Wc, retention_q)[:, None, None]  # (N, 1, 1)
         y, W, S = step_flat(
             tuple(w / s for w in W), tuple(w / s for w in Wc), None if S is None else tuple(m / s for m in S),
-            q, k, v, theta / s, eta, alpha, activation, residual, max_grad_norm, objective, delta,
+            q, k, v, theta / s, eta, alpha, activation, residual, max_grad_norm, objective, delta, None, mix,
         )  # fmt: skip
         return y, tuple(w * s for w in W), None if S is None else tuple(m * s for m in S)
     hs, _, dzs = key_gradients(Wc, k, v, activation, residual, objective, delta)
-    th = theta
+    th, coef = theta, mix  # coef [N, m]: each key token's weight in the update (None: 1)
     if max_grad_norm is not None:
-        th = th * clip_scale(dzs, hs, max_grad_norm)[0].unsqueeze(-1)  # (N, 1) -> (N, 1, 1)
-    u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]  # rank-1 gradient per layer
+        scale = clip_scale(dzs, hs, max_grad_norm)[0]  # (N, m)
+        coef = scale if coef is None else coef * scale
+    if coef is not None:
+        dzs = [dz * coef.unsqueeze(-1) for dz in dzs]
+    u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]  # sum over the key tokens of rank-1 gradients
     if eta is not None:
         S = tuple(-th * g for g in u) if S is None else tuple(eta * s - th * g for s, g in zip(S, u))
         step = S
@@ -88,13 +99,14 @@ def step_memory(
     objective: Objective | str | None = None,
     delta: Tensor | None = None,
     retention_q: float | None = None,
+    gamma: Tensor | None = None,
 ) -> tuple[Tensor, MemoryState]:
-    """One token: q, k, v ``[B, 1, H, D]``, gates (and ``delta``) ``[B, 1, H]``. Returns
-    ``(y [B, 1, H, D], state)``."""
+    """One token: q, k, v ``[B, 1, H, D]``, gates (and ``delta``) ``[B, 1, H]``, ``gamma``
+    ``[B, 1, H, c]``. Returns ``(y [B, 1, H, D], state)``."""
     objective = as_objective(objective)
     check_inputs(
         q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True, max_grad_norm=max_grad_norm,
-        objective=objective, delta=delta, retention_q=retention_q,
+        objective=objective, delta=delta, retention_q=retention_q, gamma=gamma,
     )  # fmt: skip
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     B, _, H, D = q.shape
@@ -116,13 +128,19 @@ def step_memory(
     S_prev = None
     if eta is not None:
         S_prev = tuple(flat_w(s) for s in state.momentum) if state.momentum is not None else None
+    kk, vv, dd = tok(k), tok(v), None if delta is None else delta.to(cd).reshape(N, 1)
+    mix, window = None, None
+    if gamma is not None:  # the Omega rule: the window's c - 1 tokens, then this one
+        c = gamma.shape[-1]
+        kk, vv, dd, valid = window_tokens(state.window, c, kk, vv, dd)
+        mix = window_weights(gamma.to(cd).reshape(N, 1, c), valid, 0, 1).squeeze(1)  # (N, c)
+        window = next_window(kk, vv, dd, valid, c)
     y, W, S = step_flat(
-        W, Wc, S_prev, tok(q), tok(k), tok(v), gate(theta),
+        W, Wc, S_prev, tok(q), kk, vv, gate(theta),
         None if eta is None else gate(eta), None if alpha is None else gate(alpha),
-        activation, residual, max_grad_norm, objective, None if delta is None else delta.to(cd).reshape(N, 1),
-        retention_q,
+        activation, residual, max_grad_norm, objective, dd, retention_q, mix,
     )  # fmt: skip
     pos = (state.position + 1) % chunk_size
 
-    final = state_from_flat(B, H, W, S, Wc, pos)
+    final = state_from_flat(B, H, W, S, Wc, pos, window)
     return y.reshape(B, H, 1, D).transpose(1, 2).to(dtype), final
