@@ -142,7 +142,8 @@ def pieces(preset: Preset, results: Path, preview: bool = False) -> list[Piece]:
     base, lr = models[best], lrs[family(best)]
     rules = {"lp3": {"memory_objective": "lp", "memory_objective_p": 3.0},
              "huber": {"memory_objective": "huber"},
-             "retention-q4": {"memory_retention_q": 4.0}}  # fmt: skip
+             "retention-q4": {"memory_retention_q": 4.0},
+             "omega4": {"memory_window": 4}}  # fmt: skip
     ablations = {"linear": {"memory_depth": 1}, "no-conv": {"memory_conv_kernel": 0},
                  "no-momentum": {"memory_momentum": False}, "no-decay": {"memory_forgetting": False},
                  "no-persistent": {"persistent_tokens": 0}}  # fmt: skip

@@ -141,3 +141,31 @@ def test_bad_windows_are_refused_with_their_name():
     assert isinstance(fresh, MemoryState) and fresh.window is None  # a fresh state starts a window
     y, _ = chunk_memory(**rest, gamma=kw["gamma"], state=fresh, chunk_size=4)
     torch.testing.assert_close(y, chunk_memory(**kw, chunk_size=4)[0])
+
+
+def test_the_layer_and_config_carry_the_window():
+    from titans.layers.neural_memory import NeuralMemory
+    from titans.model import TitansConfig, TitansLM
+
+    torch.manual_seed(0)
+    layer = NeuralMemory(16, heads=2, chunk_size=4, window=4).double()
+    x = torch.randn(2, 11, 16, dtype=F64)
+    gamma = layer.window_gates(x)
+    assert gamma.shape == (2, 11, 2, 4)
+    torch.testing.assert_close(gamma.mean(), torch.tensor(0.25, dtype=F64), atol=0.02, rtol=0)  # starts at 1/window
+    y, state = layer(x)
+    assert state.memory.window.k.shape == (2, 2, 3, 8) and state.memory.window.valid == 3
+    y1, s1 = layer(x[:, :5])
+    y2, _ = layer(x[:, 5:], s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+    assert layer.step_state(state, 2) is None  # one-token decoding takes the general path
+    plain = NeuralMemory(16, heads=2, chunk_size=4).double()
+    assert plain.to_gamma is None and plain.window_gates(x) is None
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="window must be an integer"):
+            NeuralMemory(16, heads=2, window=bad)
+        with pytest.raises(ValueError, match="memory_window must be an integer"):
+            TitansConfig(variant="mag", memory_window=bad)
+    one = TitansLM(TitansConfig(variant="mag", vocab_size=32, dim=16, heads=2, memory_window=1))
+    three = TitansLM(TitansConfig(variant="mag", vocab_size=32, dim=16, heads=2, memory_window=3))
+    assert one.state_fingerprint() != three.state_fingerprint()  # a state fits only its own window

@@ -19,7 +19,7 @@ from titans.state_io import load_state, save_state, state_num_bytes
 # MAC with the memory writing the residual stream (mac_memory_input="residual") and MAG with its
 # inner gradients clipped (memory_max_grad_norm, acting on most tokens at this size) run every
 # model-level property test too.
-CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mac-input", "mag-clip")
+CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mac-input", "mag-clip", "mac-omega", "mal-omega")
 
 
 def _cfg(variant, **kw):
@@ -31,6 +31,10 @@ def _cfg(variant, **kw):
         variant, kw = "mac", {"mac_memory_input": "input", "mac_gate_input": "attention", **kw}
     if variant == "mag-clip":
         variant, kw = "mag", {"memory_max_grad_norm": 0.05, **kw}
+    if variant in ("mac-omega", "mal-omega"):  # the Omega rule over 3 tokens (with huber on the MAL)
+        variant, kw = variant[:3], {"memory_window": 3, **kw}
+        if variant == "mal":
+            kw = {"memory_objective": "huber", **kw}
     base = dict(variant=variant, vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
                 memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
     base.update(kw)

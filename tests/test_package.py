@@ -16,3 +16,41 @@ def test_version_comes_from_pyproject_alone():
     assert titans.__version__ == project["version"]
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert f"## {project['version']}" in changelog  # every version says what it changed
+
+
+def test_the_wheel_carries_what_the_demo_needs_and_runs_where_it_is_installed(tmp_path):
+    """Build the wheel from a copy of the sources, install it alone into a fresh directory and run
+    it from there with the interpreter's site (and its editable install of this checkout) turned off."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "titans", src / "titans", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    run = lambda *args, **kw: subprocess.run(args, capture_output=True, text=True, timeout=600, **kw)  # noqa: E731
+    built = run(sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                "-w", str(tmp_path / "dist"))  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("titans_ltm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("titans/recipes/recall-mag-3.yaml", "titans/checkpoints/recall-mag-3/model.safetensors",
+                   "titans/checkpoints/recall-mag-3/run.json", "titans/__main__.py"):  # fmt: skip
+        assert needed in names, needed
+    site = tmp_path / "site"
+    installed = run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel))
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    # -S: no site, so no editable finder for this checkout; the dependencies come after the wheel
+    env = {"PYTHONPATH": f"{site}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    probe = ("import titans, titans.train.checkpoint as c; print(titans.__file__); print(titans.__version__); "
+             "m, t, i = c.load_pretrained(c.__file__.rsplit('/train/', 1)[0] + '/checkpoints/recall-mag-3'); "
+             "print(type(m).__name__, m.cfg.variant, t.vocab_size)")  # fmt: skip
+    out = run(sys.executable, "-S", "-c", probe, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, version, model = out.stdout.split("\n")[:3]
+    assert where.startswith(str(site)) and version == titans.__version__ and model.startswith("TitansLM mag")
+    helped = run(sys.executable, "-S", "-m", "titans", "demo", "--help", cwd=tmp_path, env=env)
+    assert helped.returncode == 0 and "niah" in helped.stdout, helped.stderr[-2000:]

@@ -66,6 +66,9 @@ class TitansConfig:
     # Moneta's l_q retention (NeuralMemory retention_q; None: off). Moneta: memory_objective="lp",
     # memory_retention_q=4, memory_momentum=False
     memory_retention_q: float | None = None
+    # The Omega rule (ATLAS eqs. 9-10; NeuralMemory window): each write descends the loss of the
+    # memory_window latest tokens, weighted by learned gates. 1: the Titans rule
+    memory_window: int = 1
     memory_theta_init: float = 1e-3
     # 'softplus' leaves the memory's learning rate unbounded; 'sigmoid' bounds it by
     # memory_max_lr, which keeps the test-time updates stable when training pushes theta up
@@ -149,6 +152,8 @@ class TitansConfig:
             raise ValueError(f"memory_{e}") from None
         if self.memory_retention_q is not None:
             self.memory_retention_q = float(self.memory_retention_q)
+        if isinstance(self.memory_window, bool) or not isinstance(self.memory_window, int) or self.memory_window < 1:
+            raise ValueError(f"memory_window must be an integer >= 1 (1: the Titans rule), got {self.memory_window!r}")
 
     @property
     def ffn_hidden(self) -> int:
@@ -166,7 +171,7 @@ class TitansConfig:
             associative_init=self.memory_associative_init, max_grad_norm=self.memory_max_grad_norm,
             product_dtype=self.memory_product_dtype, qk_activation=self.memory_qk_activation,
             objective=self.memory_objective, objective_p=self.memory_objective_p, delta_init=self.memory_delta_init,
-            retention_q=self.memory_retention_q,
+            retention_q=self.memory_retention_q, window=self.memory_window,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -216,7 +221,7 @@ class ModelState:
 _MEMORY_SETTINGS = (
     "memory_heads", "memory_depth", "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting",
     "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation", "memory_objective",
-    "memory_objective_p", "memory_retention_q",
+    "memory_objective_p", "memory_retention_q", "memory_window",
 )  # fmt: skip
 STATE_SETTINGS = {
     "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),

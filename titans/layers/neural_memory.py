@@ -359,6 +359,11 @@ class NeuralMemory(nn.Module):
             starts (``ops/memory/README.md``); the forget gate then decays ``A``. Moneta is
             ``objective="lp"``, ``retention_q=4``, ``momentum=False``.
         delta_init: the huber threshold of an untrained layer (the bias of ``to_delta``).
+        window: the Omega rule (ATLAS eqs. 9-10; 1: off): each write descends the loss of the
+            ``window`` latest tokens, token t - j weighted by ``gamma_j = sigmoid(x_t W_gamma)``, one
+            gate per head and window offset from the writing token (``window_gates``); each gate
+            starts at ``1 / window``, so an untrained layer moves its memory as far per token as
+            with ``window=1``. Decoding runs the general one-token path (``step_state`` gives None).
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
         product_dtype: ``"bfloat16"`` (or ``torch.bfloat16``): the matrix products inside each
@@ -392,6 +397,7 @@ class NeuralMemory(nn.Module):
         objective_p: float = 3.0,
         retention_q: float | None = None,
         delta_init: float = 1.0,
+        window: int = 1,
         compile: bool = False,
         product_dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -410,6 +416,8 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"theta_activation must be 'softplus' or 'sigmoid', got {theta_activation!r}")
         if qk_activation not in ("silu", "identity"):
             raise ValueError(f"qk_activation must be 'silu' or 'identity', got {qk_activation!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1 (1: the Titans rule), got {window!r}")
         if not (isinstance(delta_init, (int, float)) and 0 < delta_init < math.inf):
             raise ValueError(f"delta_init must be a positive number, got {delta_init!r}")
         if not 0 < theta_init < (max_lr if theta_activation == "sigmoid" else math.inf):
@@ -444,6 +452,8 @@ class NeuralMemory(nn.Module):
         self.to_eta = nn.Linear(dim, heads) if momentum else None
         self.to_alpha = nn.Linear(dim, heads) if forgetting else None
         self.to_delta = nn.Linear(dim, heads) if self.objective.needs_delta else None
+        self.window = window
+        self.to_gamma = nn.Linear(dim, heads * window) if window > 1 else None
         # M_0: one MLP per head, learned through the test-time updates.
         self.initial_weights = nn.ParameterList(
             nn.Parameter(torch.empty(heads, o, i)) for o, i in memory_shapes(head_dim, depth, expansion)
@@ -464,6 +474,7 @@ class NeuralMemory(nn.Module):
             (self.to_eta, None if self.to_eta is None else _logit(self._eta_init)),
             (self.to_alpha, None if self.to_alpha is None else _logit(self._alpha_init)),
             (self.to_delta, math.log(math.expm1(self._delta_init))),  # softplus^-1
+            (self.to_gamma, None if self.to_gamma is None else -math.log(self.window - 1)),  # sigmoid = 1/window
         ):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=0.02)
@@ -551,6 +562,13 @@ class NeuralMemory(nn.Module):
         objectives without one)."""
         return None if self.to_delta is None else F.softplus(self.to_delta(x))
 
+    def window_gates(self, x: Tensor) -> Tensor | None:
+        """The Omega rule's window weights ``gamma`` ``[B, T, H, window]`` (``[..., j]`` weighs token
+        t - j in token t's write), or None with ``window=1``."""
+        if self.to_gamma is None:
+            return None
+        return torch.sigmoid(rearrange(self.to_gamma(x), "b t (h c) -> b t h c", h=self.heads))
+
     def forward(
         self, x: Tensor, state: NeuralMemoryState | None = None
     ) -> tuple[Tensor, NeuralMemoryState]:
@@ -580,7 +598,7 @@ class NeuralMemory(nn.Module):
             q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
             max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(x),
-            retention_q=self.retention_q,
+            retention_q=self.retention_q, gamma=self.window_gates(x),
         )  # fmt: skip
         if state is None:
             kwargs["weights"] = tuple(self.initial_weights)
@@ -660,6 +678,8 @@ class NeuralMemory(nn.Module):
         layer (none yet, another batch size, chunk size, head layout or convolution setting): the
         caller then takes the general path, whose checks name the problem."""
         if not isinstance(state, NeuralMemoryState) or not isinstance(state.memory, MemoryState):
+            return None
+        if self.window > 1:  # the window's tokens travel in MemoryState: the general path carries them
             return None
         m = state.memory
         shapes = [(batch_size, *w.shape) for w in self.initial_weights]
@@ -763,5 +783,6 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, chunk_size={self.chunk_size}, momentum={self.momentum}, "
-            f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}, retention_q={self.retention_q}"
+            f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}, retention_q={self.retention_q}, "
+            f"window={self.window}"
         )
