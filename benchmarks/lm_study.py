@@ -43,6 +43,7 @@ MAIN = ("transformer", "swa", "mac", "mag", "mal", "lmm")
 MEMORY = ("mac", "mag", "mal", "lmm")
 BUCKETS = (0, 256, 1024, 4096, 16384)
 ZEROSHOT_LIMIT = 200  # examples per zero-shot task
+VAL_FRACTION = 0.05  # of the training documents, for the validation loss during training
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ def pieces(preset: Preset, results: Path, preview: bool = False) -> list[Piece]:
     rules = {"lp3": {"memory_objective": "lp", "memory_objective_p": 3.0},
              "huber": {"memory_objective": "huber"},
              "retention-q4": {"memory_retention_q": 4.0},
-             "omega4": {"memory_window": 4}}  # fmt: skip
+             "omega4": {"memory_window": 4},
+             "poly2": {"memory_feature_degree": 2}}  # fmt: skip  (poly2 has more parameters: reported)
     ablations = {"linear": {"memory_depth": 1}, "no-conv": {"memory_conv_kernel": 0},
                  "no-momentum": {"memory_momentum": False}, "no-decay": {"memory_forgetting": False},
                  "no-persistent": {"persistent_tokens": 0}}  # fmt: skip
@@ -161,6 +163,8 @@ def tuned_lrs(trials: list[Piece], results: Path) -> dict[str, float] | None:
         if not f.is_file():
             return None
         loss = json.loads(f.read_text())["val_loss"]
+        if loss is None or not math.isfinite(loss):
+            raise SystemExit(f"{f} has no finite validation loss ({loss}): delete it and run the trial again")
         if t.variant not in best or loss < best[t.variant][0]:
             best[t.variant] = (loss, t.lr)
     return {v: lr for v, (_, lr) in best.items()}
@@ -190,13 +194,15 @@ def prepare_data(preset: Preset, work: Path) -> Path:
     """Shards of the training documents with a BPE trained on them (once; reused after)."""
     from titans.data import text
 
-    out = work.parent / f"data-bpe{preset.vocab}-plays{preset.held_out_plays}-wiki{preset.held_out_wiki:g}"
+    out = work.parent / f"data-bpe{preset.vocab}-plays{preset.held_out_plays}-wiki{preset.held_out_wiki:g}-val{VAL_FRACTION:g}"
     if (out / "manifest.json").is_file():
         return out
     train, _ = split_corpus(preset)
     print(f"training a {preset.vocab}-token BPE on {len(train)} documents and tokenising them into {out}")
-    tokenizer = text.train_bpe_on_corpus(train, preset.vocab)
-    text.prepare(train, out, tokenizer, overwrite=True, progress=False)
+    # the val split (documents of the training sources, for the learning-rate trials and the loss
+    # curves) must hold every evaluation batch: 8 x 4 rows
+    tokenizer = text.train_bpe_on_corpus(train, preset.vocab, val_fraction=VAL_FRACTION)
+    text.prepare(train, out, tokenizer, overwrite=True, progress=False, val_fraction=VAL_FRACTION)
     return out
 
 
@@ -400,7 +406,30 @@ def cmd_measure(preset: Preset, results: Path, steps: int) -> None:
                                                          "threads": torch.get_num_threads()}, indent=1))  # fmt: skip
 
 
+def _claim(work: Path, piece: Piece) -> bool:
+    """Take ``piece`` for this process (a file holding its PID, created exclusively), unless a
+    living process holds it: several ``run`` processes then share the pieces."""
+    claims = work / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / piece.name
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text()), 0)
+            return False  # its process is alive
+        except (ValueError, ProcessLookupError, PermissionError, OSError):
+            path.unlink(missing_ok=True)  # left by a process that is gone
+            return _claim(work, piece)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
 def cmd_run(preset: Preset, work: Path, results: Path, device: str, hours: float | None, only: list[str] | None) -> None:
+    """Run unfinished pieces in order until none is left or ``hours`` are spent. Start two of
+    these (one per core) to run two pieces side by side: each takes the next piece nobody holds,
+    and waits when the rest wait for pieces the other is running."""
     deadline = None if hours is None else time.time() + 3600 * hours
     while True:
         todo = [p for p in pieces(preset, results) if not (results / f"{p.name}.json").is_file()]
@@ -412,7 +441,15 @@ def cmd_run(preset: Preset, work: Path, results: Path, device: str, hours: float
         if deadline is not None and time.time() > deadline:
             print(f"time is up; next: {', '.join(p.name for p in todo)}")
             return
-        if not run_piece(preset, todo[0], work, results, device, deadline):
+        piece = next((p for p in todo if _claim(work, p)), None)
+        if piece is None:  # every piece left is another process's, or waits for one of those
+            time.sleep(30)
+            continue
+        try:
+            finished = run_piece(preset, piece, work, results, device, deadline)
+        finally:
+            (work / "claims" / piece.name).unlink(missing_ok=True)
+        if not finished:
             return
 
 

@@ -516,3 +516,20 @@ def test_builtin_corpus_prepare_real_packages(tmp_path):
     text = BYTES.decode(src.next_batch(2)[0].tolist())
     assert len(text) > 100
     assert 2.5 < unigram_entropy(tmp_path / "b", "train") < 4.0
+
+
+def test_training_refuses_a_val_split_too_small_for_one_evaluation_batch(prepared):
+    """Evaluating on no full batch would log NaN at every eval step of the run: refused at start."""
+    from titans.config_files import ConfigError
+    from titans.train.config import load_run_config
+    from titans.train.sources import build_sources
+
+    val_tokens = json.loads((prepared / "manifest.json").read_text())["splits"]["val"]["tokens"]
+    fits = load_run_config(None, [f"data.path={prepared}", "train.seq_len=63", "train.batch_tokens=126", "train.eval_rows=4"])
+    _, _, eval_batches = build_sources(fits)
+    assert len(list(eval_batches())) >= 1
+    too_long = val_tokens // 4 + 1  # four rows of this do not fit in the val split
+    run = load_run_config(None, [f"data.path={prepared}", f"train.seq_len={too_long}", f"train.batch_tokens={too_long}",
+                                 "train.eval_rows=4"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"the val split holds \d row\(s\) .* fewer than one evaluation batch of train.eval_rows=4"):
+        build_sources(run)

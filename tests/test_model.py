@@ -19,7 +19,7 @@ from titans.state_io import load_state, save_state, state_num_bytes
 # MAC with the memory writing the residual stream (mac_memory_input="residual") and MAG with its
 # inner gradients clipped (memory_max_grad_norm, acting on most tokens at this size) run every
 # model-level property test too.
-CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mac-input", "mag-clip", "mac-omega", "mal-omega")
+CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mac-input", "mag-clip", "mac-omega", "mal-omega", "lmm-poly")
 
 
 def _cfg(variant, **kw):
@@ -31,6 +31,8 @@ def _cfg(variant, **kw):
         variant, kw = "mac", {"mac_memory_input": "input", "mac_gate_input": "attention", **kw}
     if variant == "mag-clip":
         variant, kw = "mag", {"memory_max_grad_norm": 0.05, **kw}
+    if variant == "lmm-poly":  # ATLAS's degree-2 feature map
+        variant, kw = "lmm", {"memory_feature_degree": 2, **kw}
     if variant in ("mac-omega", "mal-omega"):  # the Omega rule over 3 tokens (with huber on the MAL)
         variant, kw = variant[:3], {"memory_window": 3, **kw}
         if variant == "mal":
@@ -498,6 +500,7 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
         ("mac", dict(memory_objective="huber", memory_momentum=False)),
         ("mag", dict(memory_objective="lp")),
         ("mal", dict(memory_objective="lp", memory_retention_q=4.0, memory_momentum=False)),
+        ("mag", dict(memory_feature_degree=2)),
     ],
 )
 def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):

@@ -69,6 +69,9 @@ class TitansConfig:
     # The Omega rule (ATLAS eqs. 9-10; NeuralMemory window): each write descends the loss of the
     # memory_window latest tokens, weighted by learned gates. 1: the Titans rule
     memory_window: int = 1
+    # ATLAS's polynomial feature map of the memory's keys and queries (NeuralMemory feature_degree;
+    # None: off): the memory stores phi(k) -> v, phi every monomial up to this degree
+    memory_feature_degree: int | None = None
     memory_theta_init: float = 1e-3
     # 'softplus' leaves the memory's learning rate unbounded; 'sigmoid' bounds it by
     # memory_max_lr, which keeps the test-time updates stable when training pushes theta up
@@ -152,6 +155,9 @@ class TitansConfig:
             raise ValueError(f"memory_{e}") from None
         if self.memory_retention_q is not None:
             self.memory_retention_q = float(self.memory_retention_q)
+        degree = self.memory_feature_degree
+        if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
+            raise ValueError(f"memory_feature_degree must be None or an integer >= 1, got {degree!r}")
         if isinstance(self.memory_window, bool) or not isinstance(self.memory_window, int) or self.memory_window < 1:
             raise ValueError(f"memory_window must be an integer >= 1 (1: the Titans rule), got {self.memory_window!r}")
 
@@ -172,6 +178,7 @@ class TitansConfig:
             product_dtype=self.memory_product_dtype, qk_activation=self.memory_qk_activation,
             objective=self.memory_objective, objective_p=self.memory_objective_p, delta_init=self.memory_delta_init,
             retention_q=self.memory_retention_q, window=self.memory_window,
+            feature_degree=self.memory_feature_degree,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -221,7 +228,7 @@ class ModelState:
 _MEMORY_SETTINGS = (
     "memory_heads", "memory_depth", "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting",
     "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation", "memory_objective",
-    "memory_objective_p", "memory_retention_q", "memory_window",
+    "memory_objective_p", "memory_retention_q", "memory_window", "memory_feature_degree",
 )  # fmt: skip
 STATE_SETTINGS = {
     "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),

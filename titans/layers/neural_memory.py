@@ -29,6 +29,7 @@ from ..ops.memory.objectives import Objective
 from ..ops.memory.state import check_max_grad_norm, check_retention_q, compute_dtype
 from ..ops.memory.step import step_flat
 from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
+from .features import PolynomialFeatures
 
 __all__ = ["MemoryQueries", "MemoryStep", "NeuralMemory", "NeuralMemoryState", "RMSNorm"]
 
@@ -359,6 +360,10 @@ class NeuralMemory(nn.Module):
             starts (``ops/memory/README.md``); the forget gate then decays ``A``. Moneta is
             ``objective="lp"``, ``retention_q=4``, ``momentum=False``.
         delta_init: the huber threshold of an untrained layer (the bias of ``to_delta``).
+        feature_degree: ATLAS's polynomial feature map (section 3.1; None: off): the memory stores
+            ``phi(k) -> v`` and reads ``phi(q)``, ``phi`` every monomial of the normalised key up
+            to this degree with a learnable coefficient per degree (``layers/features.py``); the
+            memory's first layer takes ``C(head_dim + degree, degree)`` inputs. Not with ``residual``.
         window: the Omega rule (ATLAS eqs. 9-10; 1: off): each write descends the loss of the
             ``window`` latest tokens, token t - j weighted by ``gamma_j = sigmoid(x_t W_gamma)``, one
             gate per head and window offset from the writing token (``window_gates``); each gate
@@ -398,6 +403,7 @@ class NeuralMemory(nn.Module):
         retention_q: float | None = None,
         delta_init: float = 1.0,
         window: int = 1,
+        feature_degree: int | None = None,
         compile: bool = False,
         product_dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -416,6 +422,8 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"theta_activation must be 'softplus' or 'sigmoid', got {theta_activation!r}")
         if qk_activation not in ("silu", "identity"):
             raise ValueError(f"qk_activation must be 'silu' or 'identity', got {qk_activation!r}")
+        if feature_degree is not None and residual:
+            raise ValueError("feature_degree and residual do not combine: the residual adds the key to an output of another size")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1 (1: the Titans rule), got {window!r}")
         if not (isinstance(delta_init, (int, float)) and 0 < delta_init < math.inf):
@@ -454,9 +462,11 @@ class NeuralMemory(nn.Module):
         self.to_delta = nn.Linear(dim, heads) if self.objective.needs_delta else None
         self.window = window
         self.to_gamma = nn.Linear(dim, heads * window) if window > 1 else None
+        self.features = None if feature_degree is None else PolynomialFeatures(head_dim, feature_degree)
+        key_dim = head_dim if self.features is None else self.features.out_dim
         # M_0: one MLP per head, learned through the test-time updates.
         self.initial_weights = nn.ParameterList(
-            nn.Parameter(torch.empty(heads, o, i)) for o, i in memory_shapes(head_dim, depth, expansion)
+            nn.Parameter(torch.empty(heads, o, i)) for o, i in memory_shapes(head_dim, depth, expansion, key_dim)
         )
         self.out_norm = RMSNorm(head_dim, eps=1e-6)
         self.to_gate = nn.Linear(dim, inner, bias=False)
@@ -524,7 +534,7 @@ class NeuralMemory(nn.Module):
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise TypeError(f"state must be a NeuralMemoryState, got {type(state).__name__}")
-            mine = [(self.heads, o, i) for o, i in memory_shapes(self.head_dim, self.depth, self.expansion)]
+            mine = [tuple(w.shape) for w in self.initial_weights]
             theirs = [tuple(w.shape[-3:]) for w in state.memory.weights]
             if theirs != mine:
                 raise StateMismatchError(
@@ -562,6 +572,11 @@ class NeuralMemory(nn.Module):
         objectives without one)."""
         return None if self.to_delta is None else F.softplus(self.to_delta(x))
 
+    def featurize(self, x: Tensor) -> Tensor:
+        """The feature map of normalised keys and queries ``[..., head_dim]`` (``feature_degree``),
+        or x itself without one."""
+        return x if self.features is None else self.features(x)
+
     def window_gates(self, x: Tensor) -> Tensor | None:
         """The Omega rule's window weights ``gamma`` ``[B, T, H, window]`` (``[..., j]`` weighs token
         t - j in token t's write), or None with ``window=1``."""
@@ -592,7 +607,7 @@ class NeuralMemory(nn.Module):
         qkv, conv_tail = self._conv(self.to_qkv(x), None if state is None else state.conv)
         qkv = self._activate(qkv)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
-        q, k = l2_normalize(q), l2_normalize(k)
+        q, k = self.featurize(l2_normalize(q)), self.featurize(l2_normalize(k))
         theta, eta, alpha = self.gates(x)
         kwargs = dict(
             q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
@@ -657,7 +672,7 @@ class NeuralMemory(nn.Module):
         if self.conv_kernel:
             u, conv_tail = self._token_conv(u, conv_tail, slice(None))
         q, k, v = rearrange(self._activate(u), "b t (three h d) -> three (b h) t d", three=3, h=H)  # (B*H, 1, D)
-        q, k = l2_normalize(q), l2_normalize(k)
+        q, k = self.featurize(l2_normalize(q)), self.featurize(l2_normalize(k))
         cd = compute_dtype(x.dtype)
         flat = lambda ws: None if ws is None else tuple(w.to(cd).reshape(B * H, *w.shape[2:]) for w in ws)  # noqa: E731
         gate = lambda g: None if g is None else g.to(cd).reshape(B * H, 1, 1)  # noqa: E731  (B, 1, H) -> (B*H, 1, 1)
@@ -714,8 +729,8 @@ class NeuralMemory(nn.Module):
         u = F.linear(x, self.to_qkv.weight[:inner])
         if self.conv_kernel:
             u, conv_tail = self._token_conv(u, conv_tail, slice(0, inner))
-        q = l2_normalize(self._activate(u).reshape(x.shape[0], self.heads, self.head_dim))  # (B, H, D)
-        flat_q = q.to(compute_dtype(q.dtype)).reshape(-1, 1, self.head_dim)  # (B*H, 1, D)
+        q = self.featurize(l2_normalize(self._activate(u).reshape(x.shape[0], self.heads, self.head_dim)))  # (B, H, Dk)
+        flat_q = q.to(compute_dtype(q.dtype)).reshape(-1, 1, q.shape[-1])  # (B*H, 1, Dk)
         return MemoryQueries(flat_q, F.silu(self.to_gate(x)), conv_tail)
 
     def _activate(self, u: Tensor) -> Tensor:
@@ -764,7 +779,7 @@ class NeuralMemory(nn.Module):
         if self.conv_kernel:
             tail = None if conv_tail is None else conv_tail.to(u.dtype)
             u, conv_tail = _causal_depthwise(u, tail, self.conv.weight[:inner]), _next_tail(u, tail, self.conv_kernel)
-        q = l2_normalize(self._activate(u).reshape(*u.shape[:2], self.heads, self.head_dim))
+        q = self.featurize(l2_normalize(self._activate(u).reshape(*u.shape[:2], self.heads, self.head_dim)))
         B, T, H, D = q.shape
         flat_q = q.to(compute_dtype(q.dtype)).transpose(1, 2).reshape(B * H, T, D)
         return MemoryQueries(flat_q, F.silu(self.to_gate(x)), conv_tail)
@@ -773,10 +788,10 @@ class NeuralMemory(nn.Module):
         """Read without writing, the paper's M*: ``y = M(q)`` with the fixed ``weights``
         (``[B, H, out, in]`` per layer) for ``queries`` (of t tokens) -> ``[B, t, dim]`` in ``dtype``."""
         flat_q, gate = queries.q, queries.gate
-        B, (BH, T, D) = gate.shape[0], flat_q.shape
+        B, (BH, T, _) = gate.shape[0], flat_q.shape
         flat_w = [w.to(flat_q.dtype).reshape(BH, *w.shape[2:]) for w in weights]
         y = mlp_read(flat_w, flat_q, self.activation, self.residual)  # saves q and weights only
-        y = y.reshape(B, self.heads, T, D).transpose(1, 2)
+        y = y.reshape(B, self.heads, T, self.head_dim).transpose(1, 2)
         return self._gated_output(y, gate, dtype)
 
     def extra_repr(self) -> str:
@@ -784,5 +799,5 @@ class NeuralMemory(nn.Module):
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, chunk_size={self.chunk_size}, momentum={self.momentum}, "
             f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}, retention_q={self.retention_q}, "
-            f"window={self.window}"
+            f"window={self.window}, feature_degree={None if self.features is None else self.features.degree}"
         )

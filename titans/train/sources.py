@@ -94,6 +94,18 @@ def build_sources(run, rank: int = 0, world_size: int = 1):
                 if len(batch) == rows:  # every rank takes its rows of full batches only
                     yield batch[mine]
 
+        # an evaluation that finds no full batch would report NaN at every eval step: refuse now
+        try:
+            first = next(source.iter_eval_batches(rows, max_batches=1), None)
+        except (DataError, FileNotFoundError) as err:
+            raise ConfigError(f"data.path {path}: the val split cannot be read for evaluation: {err}") from err
+        if first is None or len(first) < rows:
+            held = 0 if first is None else len(first)
+            raise ConfigError(
+                f"data.path {path}: the val split holds {held} row(s) of {train.seq_len + 1} tokens, fewer than one "
+                f"evaluation batch of train.eval_rows={rows}: lower train.eval_rows or train.seq_len, or prepare the "
+                f"data with a larger --val-fraction"
+            )
         return tokenizer, source, eval_batches
 
     tokenizer = build_tokenizer(data.tokenizer)

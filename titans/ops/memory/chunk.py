@@ -611,7 +611,7 @@ def chunk_memory(
     """
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
-                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma)  # fmt: skip
+                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual)  # fmt: skip
     return chunk_memory_unchecked(
         q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, state=state,
         chunk_size=chunk_size, activation=activation, residual=residual, max_grad_norm=max_grad_norm,
@@ -755,7 +755,7 @@ def chunk_memory_unchecked(
         pos = (pos + n) % chunk_size
         i += 1
 
-    y = torch.cat(ys, dim=1).reshape(B, H, T, D).transpose(1, 2).to(dtype)
+    y = torch.cat(ys, dim=1).reshape(B, H, T, vf.shape[-1]).transpose(1, 2).to(dtype)
 
     window = next_window(kk, vv, dd, valid, c) if gamma is not None else None
     final = state_from_flat(B, H, W, S, Wg, pos, window)

@@ -73,7 +73,7 @@ def naive_memory(
     tokens (``MemoryWindow``). Returns ``(y [B, T, H, D], final state)``."""
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
-                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma)  # fmt: skip
+                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual)  # fmt: skip
     dtype = q.dtype
     cd = compute_dtype(dtype)
     if state is None:

@@ -21,16 +21,18 @@ from ...utils import nonfinite
 __all__ = ["MemoryState", "MemoryWindow", "memory_shapes", "initial_memory_state", "check_inputs"]
 
 
-def memory_shapes(head_dim: int, depth: int, expansion: float = 4.0) -> list[tuple[int, int]]:
-    """(out, in) of each layer of the memory MLP: D -> E -> ... -> E -> D, with E = expansion * D."""
+def memory_shapes(head_dim: int, depth: int, expansion: float = 4.0, key_dim: int | None = None) -> list[tuple[int, int]]:
+    """(out, in) of each layer of the memory MLP: D_k -> E -> ... -> E -> D, with E = expansion * D
+    and D_k = ``key_dim`` (default D; larger for a feature map of the keys)."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
+    key_dim = head_dim if key_dim is None else key_dim
     if depth == 1:
-        return [(head_dim, head_dim)]
+        return [(head_dim, key_dim)]
     hidden = int(round(expansion * head_dim))
     if hidden < 1:
         raise ValueError(f"expansion * head_dim must be >= 1, got {expansion} * {head_dim}")
-    dims = [head_dim] + [hidden] * (depth - 1) + [head_dim]
+    dims = [key_dim] + [hidden] * (depth - 1) + [head_dim]
     return [(dims[i + 1], dims[i]) for i in range(depth)]
 
 
@@ -181,13 +183,14 @@ def window_tokens(window: MemoryWindow | None, c: int, k: Tensor, v: Tensor, del
     of real tokens among the first ``c - 1`` (the rest are zeros: before the stream began).
     ``window`` is the state's (None: a fresh stream), k, v ``[N, T, D]``, delta ``[N, T]``."""
     N, _, D = k.shape
+    Dv = v.shape[-1]
     if window is None:
         pk = k.new_zeros(N, c - 1, D)
-        pv = v.new_zeros(N, c - 1, D)
+        pv = v.new_zeros(N, c - 1, Dv)
         pd = None if delta is None else delta.new_zeros(N, c - 1)
         valid = 0
     else:
-        pk, pv = window.k.reshape(N, c - 1, D).to(k.dtype), window.v.reshape(N, c - 1, D).to(v.dtype)
+        pk, pv = window.k.reshape(N, c - 1, D).to(k.dtype), window.v.reshape(N, c - 1, Dv).to(v.dtype)
         pd = None if delta is None else window.delta.reshape(N, c - 1).to(delta.dtype)
         valid = window.valid
     kk, vv = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
@@ -274,6 +277,7 @@ def check_inputs(
     delta: Tensor | None = None,
     retention_q: float | None = None,
     gamma: Tensor | None = None,
+    residual: bool = False,
 ) -> None:
     """Raise a ValueError/TypeError that names the bad argument. ``objective`` (an
     ``objectives.Objective``; None is the paper's l2) decides whether ``delta`` is required;
@@ -289,12 +293,15 @@ def check_inputs(
     _check_tensor("q", q, 4, None)
     _check_tensor("k", k, 4, q)
     _check_tensor("v", v, 4, q)
-    if k.shape != q.shape or v.shape != q.shape:
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
-            f"q, k, v must share the shape [B, T, H, D]; got q {tuple(q.shape)}, "
+            f"q and k must share the shape [B, T, H, D] and v be [B, T, H, D_v]; got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     B, T, H, D = q.shape
+    Dv = v.shape[3]
+    if residual and Dv != D:
+        raise ValueError(f"residual=True adds the key to the memory's output: it needs D_v = D, got {Dv} and {D}")
     if T == 0:
         raise ValueError("q has an empty time dimension (T = 0): nothing to memorise")
     if B == 0 or H == 0 or D == 0:
@@ -324,9 +331,9 @@ def check_inputs(
             raise ValueError(f"state holds the Omega rule's window of {window.size} tokens: pass gamma [B, T, H, {window.size}]")
         if window.size != c:
             raise ValueError(f"state's Omega window holds {window.size} tokens, gamma asks for {c}")
-        if tuple(window.k.shape) != (B, H, c - 1, D) or window.v.shape != window.k.shape:
-            raise ValueError(f"state.window.k and .v must have shape [B, H, c - 1, D] = {(B, H, c - 1, D)}, "
-                             f"got {tuple(window.k.shape)} and {tuple(window.v.shape)}")  # fmt: skip
+        if tuple(window.k.shape) != (B, H, c - 1, D) or tuple(window.v.shape) != (B, H, c - 1, Dv):
+            raise ValueError(f"state.window.k and .v must have shapes [B, H, c - 1, D] = {(B, H, c - 1, D)} and "
+                             f"{(B, H, c - 1, Dv)}, got {tuple(window.k.shape)} and {tuple(window.v.shape)}")  # fmt: skip
         if (window.delta is None) != (delta is None):
             raise ValueError("state.window.delta must be given exactly when the objective takes delta")
         if not (isinstance(window.valid, int) and 0 <= window.valid <= c - 1):
@@ -384,15 +391,15 @@ def check_inputs(
                 )
             if w.device != q.device:
                 raise ValueError(f"weights[{i}] is on {w.device} but q is on {q.device}")
-    # The layers must chain D -> ... -> D.
+    # The layers must chain D -> ... -> D_v.
     prev = D
     for i, w in enumerate(layers):
         out_dim, in_dim = w.shape[-2], w.shape[-1]
         if in_dim != prev:
             raise ValueError(f"memory layer {i} takes {in_dim} inputs, expected {prev}")
         prev = out_dim
-    if prev != D:
-        raise ValueError(f"the memory's last layer gives {prev} outputs, expected head dim {D}")
+    if prev != Dv:
+        raise ValueError(f"the memory's last layer gives {prev} outputs, expected the value dim {Dv}")
 
     named = {"q": q, "k": k, "v": v, "theta": theta}
     if eta is not None:

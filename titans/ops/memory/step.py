@@ -106,7 +106,7 @@ def step_memory(
     objective = as_objective(objective)
     check_inputs(
         q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True, max_grad_norm=max_grad_norm,
-        objective=objective, delta=delta, retention_q=retention_q, gamma=gamma,
+        objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual,
     )  # fmt: skip
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     B, _, H, D = q.shape
@@ -121,7 +121,7 @@ def step_memory(
         return g.to(cd).reshape(N, 1, 1)
 
     def tok(x: Tensor) -> Tensor:  # (B, 1, H, D) -> (B*H, 1, D)
-        return x.to(cd).reshape(N, 1, D)
+        return x.to(cd).reshape(N, 1, x.shape[-1])
 
     W = tuple(flat_w(w) for w in state.weights)
     Wc = W if state.position == 0 else tuple(flat_w(w) for w in state.chunk_weights)
@@ -143,4 +143,4 @@ def step_memory(
     pos = (state.position + 1) % chunk_size
 
     final = state_from_flat(B, H, W, S, Wc, pos, window)
-    return y.reshape(B, H, 1, D).transpose(1, 2).to(dtype), final
+    return y.reshape(B, H, 1, v.shape[-1]).transpose(1, 2).to(dtype), final
