@@ -10,6 +10,7 @@ peak memory of the forward+backward step, for
 - ``titans-pytorch``'s ``NeuralMemory`` at the matching configuration, when installed, with its
   default setting (all gradients at the initial weights of the call) and with ``batch_size=64``
   (gradients at the chunk-start weights, as ours);
+- with ``--rules``, each named memory rule (``NeuralMemory.from_rule``, rows ``rule-NAME``);
 - with ``--bf16``, each implementation again under ``torch.autocast(bfloat16)`` (rows ``*-bf16``),
   ours with ``product_dtype="bfloat16"`` as well (its chunk products in bf16, its state float32;
   autocast alone leaves our memory in float32).
@@ -27,6 +28,7 @@ resident size after setup; on CUDA, ``torch.cuda.max_memory_allocated``.
     python benchmarks/memory_throughput.py --lengths 1024 4096 --skip-naive
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch titans-pytorch-b64
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch --bf16
+    python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans --rules titans moneta yaad omega
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ B, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION, CHUNK = 4, 256, 4, 64, 2, 4.0, 64
 def _build(impl: str, device):
     bf16 = impl.endswith("-bf16")
     impl = impl.removesuffix("-bf16")
+    if impl.startswith("rule-"):  # a named memory rule (titans.ops.memory.rules), eager
+        from titans.layers import NeuralMemory
+
+        layer = NeuralMemory.from_rule(impl.removeprefix("rule-"), DIM, heads=HEADS, head_dim=HEAD_DIM, depth=DEPTH,
+                                       expansion=EXPANSION, chunk_size=CHUNK).to(device)  # fmt: skip
+        return lambda x: layer(x)[0], layer
     if impl in ("titans", "titans-compile", "titans-naive"):
         from titans.layers import NeuralMemory
 
@@ -143,6 +151,8 @@ def main() -> None:
     p.add_argument("--impls", nargs="+", choices=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
                    default=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
                    help="rows to measure (the naive row is controlled by --skip-naive)")
+    p.add_argument("--rules", nargs="+", default=(), help="also measure these named memory rules (rows rule-NAME: "
+                   "titans, moneta, yaad, omega; titans.ops.memory.rules), eager")
     p.add_argument("--bf16", action="store_true",
                    help="also measure each chosen implementation under bf16 autocast (rows *-bf16; ours with "
                         "product_dtype='bfloat16')")
@@ -166,6 +176,14 @@ def main() -> None:
     variants = ("", "-bf16") if args.bf16 else ("",)
     ours_impls = [i + v for i in ("titans", "titans-compile") if i in args.impls for v in variants]
     peer_impls = [i + v for i in ("titans-pytorch", "titans-pytorch-b64") if i in args.impls for v in variants]
+    from titans.ops.memory.rules import rule_settings
+
+    for name in args.rules:
+        try:
+            rule_settings(name)
+        except ValueError as err:
+            p.error(str(err))
+    ours_impls += [f"rule-{name}" for name in args.rules]
     plan = [(impl, T) for impl in ours_impls for T in args.lengths]
     if not args.skip_naive:
         plan.append(("titans-naive", args.naive_length))

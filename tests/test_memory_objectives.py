@@ -213,3 +213,34 @@ def test_lq_retention_analytic_backward_steps_and_q2():
         assert (y - y0).abs().max() > 1e-3  # q = 4 reads a rescaled memory
     with pytest.raises(ValueError, match="retention_q must be None or a number >= 2"):
         chunk_memory(**kw2, chunk_size=8, retention_q=1.5, objective=opts["objective"])
+
+
+def test_named_rules_set_their_settings_and_refuse_contradictions(tmp_path):
+    from titans.config_files import ConfigError
+    from titans.layers.neural_memory import NeuralMemory
+    from titans.model import TitansConfig
+    from titans.ops.memory.rules import MEMORY_RULES, rule_settings
+    from titans.train.config import load_run_config
+
+    assert set(MEMORY_RULES) == {"titans", "moneta", "yaad", "omega"}
+    moneta = TitansConfig.with_memory_rule("moneta", variant="lmm", dim=32)
+    assert (moneta.memory_objective, moneta.memory_objective_p, moneta.memory_retention_q, moneta.memory_momentum) == (
+        "lp", 3.0, 4.0, False)  # fmt: skip
+    assert TitansConfig.with_memory_rule("titans") == TitansConfig()
+    layer = NeuralMemory.from_rule("yaad", 16, heads=2)
+    assert layer.objective.name == "huber" and not layer.momentum and layer.to_eta is None
+    assert NeuralMemory.from_rule("omega", 16, heads=2).window == rule_settings("omega")["window"]
+    with pytest.raises(ValueError, match="sets memory_momentum=False; the settings also ask for memory_momentum=True"):
+        TitansConfig.with_memory_rule("moneta", memory_momentum=True)
+    with pytest.raises(ValueError, match="sets objective='huber'"):
+        NeuralMemory.from_rule("yaad", 16, objective="l2")
+    with pytest.raises(ValueError, match="'memora' needs MIRAS's KL .* not implemented yet; available: titans"):
+        rule_settings("memora")
+    with pytest.raises(ValueError, match="unknown memory rule 'adam'"):
+        rule_settings("adam")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  preset: tiny\n  variant: mag\n  memory_rule: yaad\n")
+    run = load_run_config(str(cfg))
+    assert run.model.memory_objective == "huber" and run.model.dim == 128 and not run.model.memory_momentum
+    with pytest.raises(ConfigError, match="model.memory_rule: memory rule 'yaad' sets memory_objective='huber'"):
+        load_run_config(str(cfg), ["model.memory_objective=lp"])

@@ -24,6 +24,7 @@ from .blocks.common import RMSNorm
 from .errors import MemoryDivergedError, StateMismatchError
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.objectives import Objective
+from .ops.memory.rules import merge_rule
 from .ops.memory.state import check_max_grad_norm, check_retention_q
 from .utils import standard_strides
 
@@ -191,6 +192,13 @@ class TitansConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {unknown}")
         return cls(**d)
+
+    @classmethod
+    def with_memory_rule(cls, rule: str, **fields) -> "TitansConfig":
+        """A config whose memories follow a named rule (``titans.ops.memory.rules``: "titans",
+        "moneta", "yaad", "omega"), with ``fields`` for the rest; a field the rule fixes to
+        another value is refused."""
+        return cls(**merge_rule(rule, fields, rename=lambda key: f"memory_{key}"))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TitansConfig":

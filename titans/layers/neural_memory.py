@@ -26,6 +26,7 @@ from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
 from ..ops.memory.objectives import Objective
+from ..ops.memory.rules import merge_rule
 from ..ops.memory.state import check_max_grad_norm, check_retention_q, compute_dtype
 from ..ops.memory.step import step_flat
 from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
@@ -475,6 +476,12 @@ class NeuralMemory(nn.Module):
         self._delta_init = float(delta_init)
         self.associative_init = associative_init
         self.reset_parameters()
+
+    @classmethod
+    def from_rule(cls, rule: str, dim: int, **kwargs) -> "NeuralMemory":
+        """A layer following a named rule (``titans.ops.memory.rules``: "titans", "moneta",
+        "yaad", "omega"), ``kwargs`` for the rest; a keyword the rule fixes otherwise is refused."""
+        return cls(dim, **merge_rule(rule, kwargs))
 
     def reset_parameters(self) -> None:
         for w in self.initial_weights:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config_files import ConfigError, apply_overrides, check_keys, coerce_fields, load_config_file
 from ..model import TitansConfig
+from ..ops.memory.rules import merge_rule
 
 WRITE_PENALTY_FORMS = ("rate", "log_rate")  # what train.write_penalty multiplies (see TrainConfig)
 
@@ -166,6 +167,12 @@ class RunConfig:
             given = dict(d.get(name) or {})
             if not isinstance(given, dict):
                 raise ConfigError(f"config section {name!r} must be a mapping")
+            if name == "model" and "memory_rule" in given:  # a named rule: its memory_* settings
+                rule = given.pop("memory_rule")
+                try:
+                    given = merge_rule(rule, coerce_fields(klass, given, name), rename=lambda key: f"memory_{key}")
+                except ValueError as err:
+                    raise ConfigError(f"model.memory_rule: {err}") from err
             if name == "model" and "preset" in given:
                 preset = given.pop("preset")
                 check_keys(given, [f.name for f in fields(klass)], "model")
