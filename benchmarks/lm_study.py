@@ -112,8 +112,15 @@ def non_embedding_params(model_cfg: dict) -> int:
 
 def matched_ffn(preset: Preset, variant: str, target: int) -> float:
     """The feed-forward multiplier whose model is closest to ``target`` non-embedding parameters."""
-    candidates = [4.0] + [m / 8 for m in range(4, 129)]  # the default first: it wins a tie
-    return min(candidates, key=lambda m: abs(non_embedding_params({**_base_model(preset, variant), "ffn_mult": m}) - target))
+    key = json.dumps([_base_model(preset, variant), target], sort_keys=True)
+    if key not in _MATCHED:  # 126 models on the meta device: seconds, so once per process
+        candidates = [4.0] + [m / 8 for m in range(4, 129)]  # the default first: it wins a tie
+        base = _base_model(preset, variant)
+        _MATCHED[key] = min(candidates, key=lambda m: abs(non_embedding_params({**base, "ffn_mult": m}) - target))
+    return _MATCHED[key]
+
+
+_MATCHED: dict[str, float] = {}
 
 
 def family(variant: str) -> str:
@@ -129,7 +136,16 @@ def pieces(preset: Preset, results: Path, preview: bool = False) -> list[Piece]:
     target = non_embedding_params(_base_model(preset, "mac"))
     models = {v: {**_base_model(preset, v), "ffn_mult": matched_ffn(preset, v, target)} for v in MAIN}
     trial = preset.tokens // 4
-    out = [Piece(f"tune-{v}-lr{lr:g}", "tune", v, models[v], lr, trial) for v in ("transformer", "mac") for lr in preset.lrs]
+    out = []
+    for v in ("transformer", "mac"):
+        tried = list(preset.lrs)
+        while True:  # a best rate at the edge of the grid is not a tuned rate: try one step beyond it
+            out_v = [Piece(f"tune-{v}-lr{lr:g}", "tune", v, models[v], lr, trial) for lr in tried]
+            best = tuned_lrs(out_v, results)
+            if best is None or len(tried) >= len(preset.lrs) + 3 or min(tried) < best[v] < max(tried):
+                break
+            tried.append(max(tried) * 2 if best[v] == max(tried) else min(tried) / 2)
+        out += out_v
     lrs = tuned_lrs(out, results)
     if lrs is None and preview:
         lrs = {"transformer": preset.lrs[len(preset.lrs) // 2], "mac": preset.lrs[len(preset.lrs) // 2]}
@@ -156,7 +172,8 @@ def pieces(preset: Preset, results: Path, preview: bool = False) -> list[Piece]:
 
 
 def tuned_lrs(trials: list[Piece], results: Path) -> dict[str, float] | None:
-    """Per family, the trial learning rate of lowest final validation loss; None until all ran."""
+    """Per family, the trial learning rate of lowest final validation loss; None until all ran.
+    (``pieces`` adds a trial beyond the grid while the best rate is at its edge.)"""
     best: dict[str, tuple[float, float]] = {}
     for t in trials:
         f = results / f"{t.name}.json"

@@ -82,3 +82,39 @@ def test_values_that_crashed_deep_inside_are_refused_first(argv, said, capsys):
         code = stop.code
     err = capsys.readouterr().err
     assert code == 2 and said in err.strip().splitlines()[-1], err
+
+
+def _config_cases():
+    import dataclasses
+
+    from titans.model import TitansConfig
+    from titans.train.config import DataConfig, TrainConfig
+
+    for section, klass in (("model", TitansConfig), ("train", TrainConfig), ("data", DataConfig)):
+        for f in dataclasses.fields(klass):
+            yield section, f.name
+
+
+@pytest.mark.parametrize(("section", "name"), list(_config_cases()), ids=lambda x: x)
+def test_every_config_field_refuses_bad_values_by_name_before_anything_is_built(section, name):
+    """``--model.X=...`` / ``--train.X=...`` / ``--data.X=...`` with values no one should pass: the
+    config is refused with a ConfigError, or the model it describes builds (on the meta device: no
+    memory); never another exception from deep inside, never a size that takes forever."""
+    import time
+
+    import torch
+
+    from titans.config_files import ConfigError
+    from titans.model import TitansLM
+    from titans.train.config import load_run_config
+
+    for value in [*BAD, "true", "[1]", "-1e-9", "1e9", "2.5"]:
+        start = time.perf_counter()
+        try:
+            run = load_run_config(None, [f"{section}.{name}={value}"])
+        except ConfigError:
+            continue
+        if section == "model":
+            with torch.device("meta"):
+                TitansLM(run.model)
+        assert time.perf_counter() - start < 10, f"{section}.{name}={value!r} took {time.perf_counter() - start:.0f} s"

@@ -181,8 +181,10 @@ def test_gradients_and_training_steps(variant):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(window=0), "window must be positive"),
-        (dict(segment=0), "segment length must be positive"),
+        (dict(window=0), r"window must be an integer in \[1, "),
+        (dict(segment=0), r"segment must be an integer in \[1, "),
+        (dict(ffn_mult=float("nan")), "ffn_mult must be a finite number"),
+        (dict(depth=10**20), r"depth must be an integer in \[1, 4096\]"),
         (dict(heads=3), "must divide dim"),
         (dict(variant="rnn"), "variant must be one of"),
         (dict(memory_heads=5), "memory_heads"),

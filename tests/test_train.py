@@ -484,7 +484,7 @@ def test_write_rate_is_the_mean_gate_over_the_scored_tokens(monkeypatch):
     n_calls = len(reference.rates)
     (priced, rate), expected = record.take(), reference.mean()
     assert n_calls >= 2 * run.model.depth  # several segments per memory
-    assert rate.requires_grad and float(rate.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert rate.requires_grad and float(rate.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert priced is rate
     assert record.take() is None  # take() starts afresh
     # the log form prices the mean log rate, and still reports the mean rate

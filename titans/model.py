@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .blocks import AttentionBlock, BlockState, LMMBlock, MACBlock, MAGBlock, MALBlock
 from .blocks.common import RMSNorm
 from .errors import MemoryDivergedError, StateMismatchError
+from .layers.features import polynomial_feature_dim
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.objectives import Objective
 from .ops.memory.rules import merge_rule
@@ -110,6 +111,7 @@ class TitansConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        self._check_numbers()
         for name in ("vocab_size", "dim", "depth", "heads", "memory_chunk", "memory_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -159,8 +161,50 @@ class TitansConfig:
         degree = self.memory_feature_degree
         if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
             raise ValueError(f"memory_feature_degree must be None or an integer >= 1, got {degree!r}")
-        if isinstance(self.memory_window, bool) or not isinstance(self.memory_window, int) or self.memory_window < 1:
-            raise ValueError(f"memory_window must be an integer >= 1 (1: the Titans rule), got {self.memory_window!r}")
+        if degree is not None:
+            head_dim = self.dim // (self.memory_heads or self.heads)
+            if degree > 16 or polynomial_feature_dim(head_dim, degree) > 2**20:
+                raise ValueError(f"memory_feature_degree={degree} gives keys of C({head_dim} + {degree}, {degree}) "
+                                 f"features, more than 2^20 a memory head can take")  # fmt: skip
+        if isinstance(self.memory_window, bool) or not isinstance(self.memory_window, int) or not 1 <= self.memory_window <= 4096:
+            raise ValueError(f"memory_window must be an integer in [1, 4096] (1: the Titans rule), got {self.memory_window!r}")
+        if self.memory_activation not in ("silu", "gelu", "relu"):
+            raise ValueError(f"memory_activation must be 'silu', 'gelu' or 'relu', got {self.memory_activation!r}")
+        if self.memory_qk_activation not in ("silu", "identity"):
+            raise ValueError(f"memory_qk_activation must be 'silu' or 'identity', got {self.memory_qk_activation!r}")
+
+    # (name, lowest, highest) of the integer sizes: an index must fit int32, and a model of more
+    # blocks than this would take longer to build than any run here could use it
+    _INTS = (("vocab_size", 1, 2**31 - 1), ("dim", 1, 2**20), ("depth", 1, 4096), ("heads", 1, 2**16),
+             ("window", 1, 2**31 - 1), ("segment", 1, 2**31 - 1), ("persistent_tokens", 0, 2**20),
+             ("memory_depth", 1, 64), ("memory_chunk", 1, 2**20), ("memory_conv_kernel", 0, 2**10))  # fmt: skip
+    # (name, lowest, highest, lowest included) of the real-valued settings
+    _FLOATS = (("ffn_mult", 0.0, 1e4, False), ("rope_base", 1.0, 1e12, False), ("norm_eps", 0.0, 1.0, False),
+               ("memory_expansion", 0.0, 1e4, False), ("memory_theta_init", 0.0, 1e6, False),
+               ("memory_max_lr", 0.0, 1e6, False), ("memory_delta_init", 0.0, 1e12, False),
+               ("init_std", 0.0, 1e3, True))  # fmt: skip
+
+    def _check_numbers(self) -> None:
+        """Types and ranges of the numeric settings, each refused by name (a size of 1e20 or a
+        NaN multiplier would otherwise fail deep inside the model's construction, or never end)."""
+        for name, lo, hi in self._INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if self.memory_heads is not None and (
+            isinstance(self.memory_heads, bool) or not isinstance(self.memory_heads, int) or not 1 <= self.memory_heads <= 2**16
+        ):
+            raise ValueError(f"memory_heads must be None or an integer in [1, 65536], got {self.memory_heads!r}")
+        for name, lo, hi, closed in self._FLOATS:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not ((lo <= value) if closed else (lo < value)) or value > hi:
+                bracket = "[" if closed else "("
+                raise ValueError(f"{name} must be a finite number in {bracket}{lo:g}, {hi:g}], got {value!r}")
+        for name in ("memory_eta_init", "memory_alpha_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
 
     @property
     def ffn_hidden(self) -> int:

@@ -490,7 +490,7 @@ class NeuralMemory(nn.Module):
             (self.to_theta, self._theta_bias()),
             (self.to_eta, None if self.to_eta is None else _logit(self._eta_init)),
             (self.to_alpha, None if self.to_alpha is None else _logit(self._alpha_init)),
-            (self.to_delta, math.log(math.expm1(self._delta_init))),  # softplus^-1
+            (self.to_delta, self._delta_init + math.log(-math.expm1(-self._delta_init))),  # softplus^-1, stable
             (self.to_gamma, None if self.to_gamma is None else -math.log(self.window - 1)),  # sigmoid = 1/window
         ):
             if lin is not None:
