@@ -111,8 +111,9 @@ def test_compiled_mac_segments_stream_like_eager(monkeypatch):
             assert rel_rms(x, y) < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
-def test_compiled_decode_step_matches_eager_without_recompiling(variant):
+@pytest.mark.parametrize(("variant", "extra"), [("mac", {}), ("mag", {}), ("mal", {}), ("lmm", {}),
+                                              ("mag", {"memory_window": 3, "memory_feature_degree": 2})])
+def test_compiled_decode_step_matches_eager_without_recompiling(variant, extra):
     """TitansLM.set_memory_compile: the one-token decode step runs as one compiled graph that
     serves every token of a stream (across segment, window and memory-chunk boundaries, from a
     prefill whose tails are slices) with no recompilation, and gives the eager step's logits and
@@ -121,7 +122,7 @@ def test_compiled_decode_step_matches_eager_without_recompiling(variant):
 
     torch.manual_seed(0)
     cfg = TitansConfig(variant=variant, vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
-                       memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
+                       memory_chunk=4, persistent_tokens=2, memory_expansion=2.0, **extra)  # fmt: skip
     model = TitansLM(cfg).eval()
     ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()

@@ -158,7 +158,14 @@ def test_the_layer_and_config_carry_the_window():
     y1, s1 = layer(x[:, :5])
     y2, _ = layer(x[:, 5:], s1)
     torch.testing.assert_close(torch.cat([y1, y2], 1), y)
-    assert layer.step_state(state, 2) is None  # one-token decoding takes the general path
+    step = layer.step_state(state, 2)  # one-token decoding carries the window as flat tensors
+    assert step.window_k.shape == (4, 3, 8) and int(step.window_valid) == 3
+    y3, s3 = layer(x[:, :1], state)
+    y4, after = layer.step(x[:, :1], step)
+    torch.testing.assert_close(y4, y3)
+    back = layer.state_after_step(state, after)
+    torch.testing.assert_close(back.memory.window.k, s3.memory.window.k)
+    assert back.memory.window.valid == 3
     plain = NeuralMemory(16, heads=2, chunk_size=4).double()
     assert plain.to_gamma is None and plain.window_gates(x) is None
     for bad in (0, True, 2.5):

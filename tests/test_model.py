@@ -503,6 +503,9 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
         ("mag", dict(memory_objective="lp")),
         ("mal", dict(memory_objective="lp", memory_retention_q=4.0, memory_momentum=False)),
         ("mag", dict(memory_feature_degree=2)),
+        ("mal", dict(memory_window=3, memory_chunk=5)),
+        ("lmm", dict(memory_window=2, memory_objective="huber", memory_feature_degree=2)),
+        ("mac", dict(memory_window=4)),
     ],
 )
 def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):

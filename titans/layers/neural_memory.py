@@ -27,7 +27,7 @@ from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
 from ..ops.memory.objectives import Objective
 from ..ops.memory.rules import merge_rule
-from ..ops.memory.state import check_max_grad_norm, check_retention_q, compute_dtype
+from ..ops.memory.state import MemoryWindow, check_max_grad_norm, check_retention_q, compute_dtype, window_weights
 from ..ops.memory.step import step_flat
 from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
 from .features import PolynomialFeatures
@@ -86,12 +86,19 @@ class MemoryStep:
         (at a chunk start a copy of ``weights``); the step passes them through unchanged.
     momentum: the momentum buffers (None without momentum).
     conv: the convolution tail ``[B, K-1, 3 * heads * head_dim]`` (None without a convolution).
+    window_k, window_v, window_delta: the Omega rule's last ``window - 1`` keys and values
+        ``[B*H, window - 1, D]`` (thresholds ``[B*H, window - 1]``), None without the rule (or the
+        threshold); window_valid: how many of them are real tokens (0-dim tensor).
     """
 
     weights: tuple[Tensor, ...]
     chunk_weights: tuple[Tensor, ...]
     momentum: tuple[Tensor, ...] | None
     conv: Tensor | None
+    window_k: Tensor | None = None
+    window_v: Tensor | None = None
+    window_delta: Tensor | None = None
+    window_valid: Tensor | None = None
 
 
 def _causal_depthwise(u: Tensor, tail: Tensor | None, weight: Tensor) -> Tensor:
@@ -369,7 +376,7 @@ class NeuralMemory(nn.Module):
             ``window`` latest tokens, token t - j weighted by ``gamma_j = sigmoid(x_t W_gamma)``, one
             gate per head and window offset from the writing token (``window_gates``); each gate
             starts at ``1 / window``, so an untrained layer moves its memory as far per token as
-            with ``window=1``. Decoding runs the general one-token path (``step_state`` gives None).
+            with ``window=1``. One-token decoding carries the window in ``MemoryStep``.
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
         product_dtype: ``"bfloat16"`` (or ``torch.bfloat16``): the matrix products inside each
@@ -685,14 +692,25 @@ class NeuralMemory(nn.Module):
         gate = lambda g: None if g is None else g.to(cd).reshape(B * H, 1, 1)  # noqa: E731  (B, 1, H) -> (B*H, 1, 1)
         theta, eta, alpha = self.gates(x)
         delta = self.threshold(x)
+        kk, vv = k.to(cd), v.to(cd)
+        dd = None if delta is None else delta.to(cd).reshape(B * H, 1)
+        mix, window = None, {}
+        if self.window > 1:  # the Omega rule: the window's c - 1 tokens, then this one
+            c = self.window
+            kk, vv = torch.cat([state.window_k, kk], 1), torch.cat([state.window_v, vv], 1)
+            dd = None if dd is None else torch.cat([state.window_delta, dd], 1)
+            gamma = self.window_gates(x).to(cd).reshape(B * H, 1, c)
+            mix = window_weights(gamma, state.window_valid, 0, 1).squeeze(1)  # (B*H, c)
+            window = dict(window_k=kk[:, 1:], window_v=vv[:, 1:], window_delta=None if dd is None else dd[:, 1:],
+                          window_valid=torch.clamp(state.window_valid + 1, max=c - 1))  # fmt: skip
         y, W, S = step_flat(
-            flat(state.weights), flat(state.chunk_weights), flat(state.momentum), q.to(cd), k.to(cd), v.to(cd),
+            flat(state.weights), flat(state.chunk_weights), flat(state.momentum), q.to(cd), kk, vv,
             gate(theta), gate(eta), gate(alpha), self.activation, self.residual, self.max_grad_norm,
-            self.objective, None if delta is None else delta.to(cd).reshape(B * H, 1), self.retention_q,
+            self.objective, dd, self.retention_q, mix,
         )  # fmt: skip
         unflat = lambda ws: None if ws is None else tuple(w.reshape(B, H, *w.shape[1:]) for w in ws)  # noqa: E731
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
-        return answer, MemoryStep(unflat(W), state.chunk_weights, unflat(S), conv_tail)
+        return answer, MemoryStep(unflat(W), state.chunk_weights, unflat(S), conv_tail, **window)
 
     def step_state(self, state: NeuralMemoryState | None, batch_size: int) -> MemoryStep | None:
         """``state`` as ``step`` takes it; at a chunk start the chunk's weights are the running
@@ -700,8 +718,6 @@ class NeuralMemory(nn.Module):
         layer (none yet, another batch size, chunk size, head layout or convolution setting): the
         caller then takes the general path, whose checks name the problem."""
         if not isinstance(state, NeuralMemoryState) or not isinstance(state.memory, MemoryState):
-            return None
-        if self.window > 1:  # the window's tokens travel in MemoryState: the general path carries them
             return None
         m = state.memory
         shapes = [(batch_size, *w.shape) for w in self.initial_weights]
@@ -715,13 +731,33 @@ class NeuralMemory(nn.Module):
         ):
             return None
         chunk_w = distinct(m.weights if m.position == 0 else m.chunk_weights, m.weights)
-        return MemoryStep(m.weights, chunk_w, m.momentum, standard_strides(state.conv))
+        window = {}
+        if self.window > 1:  # the Omega window as flat tensors (zeros where no token was seen yet)
+            c, N = self.window, batch_size * self.heads
+            w, key_dim = m.window, self.initial_weights[0].shape[-1]  # keys after the feature map, if any
+            if w is None:  # no token seen with a window yet: zeros, none of them valid
+                zeros = lambda *shape: m.weights[0].new_zeros(batch_size, self.heads, *shape)  # noqa: E731
+                w = MemoryWindow(zeros(c - 1, key_dim), zeros(c - 1, self.head_dim),
+                                 zeros(c - 1) if self.objective.needs_delta else None, 0)  # fmt: skip
+            if w.size != c or (w.delta is None) == self.objective.needs_delta or w.k.shape[-1] != key_dim:
+                return None  # the general path explains
+            flat = lambda t: None if t is None else t.reshape(N, *t.shape[2:]).contiguous()  # noqa: E731  (B, H, ...) -> (B*H, ...)
+            window = dict(window_k=flat(w.k), window_v=flat(w.v), window_delta=flat(w.delta),
+                          window_valid=torch.tensor(w.valid, device=m.weights[0].device))  # fmt: skip
+        return MemoryStep(m.weights, chunk_w, m.momentum, standard_strides(state.conv), **window)
 
     def state_after_step(self, before: NeuralMemoryState, step: MemoryStep) -> NeuralMemoryState:
         """The state after one ``step`` (or ``step_memorize``) continued ``before``."""
         pos = (before.memory.position + 1) % self.chunk_size
         chunk_weights = step.weights if pos == 0 else step.chunk_weights
-        return NeuralMemoryState(MemoryState(step.weights, step.momentum, chunk_weights, pos), step.conv)
+        window = None
+        if step.window_k is not None:  # back to the state's [B, H, c - 1, ...]
+            B = step.weights[0].shape[0]
+            unflat = lambda t: None if t is None else t.reshape(B, self.heads, *t.shape[1:])  # noqa: E731
+            window = MemoryWindow(unflat(step.window_k), unflat(step.window_v), unflat(step.window_delta),
+                                  int(step.window_valid))  # fmt: skip
+        memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window)
+        return NeuralMemoryState(memory, step.conv)
 
     def step(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:
         """``forward`` for one token x ``[B, 1, dim]`` after ``state`` (see ``step_memorize``):
