@@ -545,7 +545,7 @@ def test_write_penalty_lowers_the_write_rate_and_is_checked(tmp_path, monkeypatc
     rate = {}
     for s in (plain, penalised):
         ckpt.load_pretrained(s["checkpoint"])[0](ids)  # gradients on: _GateRates records
-        rate[s["checkpoint"]] = float(reference.mean())
+        rate[s["checkpoint"]] = float(reference.mean().detach())
     assert rate[penalised["checkpoint"]] < rate[plain["checkpoint"]] - 0.1, rate
     logged = [json.loads(line) for line in (tmp_path / "penalised" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["write_rate"] < 1 for r in logged if "loss" in r)
