@@ -168,6 +168,10 @@ def test_the_layer_and_config_carry_the_window():
     assert back.memory.window.valid == 3
     plain = NeuralMemory(16, heads=2, chunk_size=4).double()
     assert plain.to_gamma is None and plain.window_gates(x) is None
+    with pytest.raises(ValueError, match="do not combine yet"):
+        NeuralMemory(16, heads=2, window=3, retention_q=4.0)
+    with pytest.raises(ValueError, match="do not combine yet"):
+        TitansConfig(variant="mag", memory_window=3, memory_retention_q=4.0)
     for bad in (0, True, 2.5):
         with pytest.raises(ValueError, match="window must be an integer"):
             NeuralMemory(16, heads=2, window=bad)

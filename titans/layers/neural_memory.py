@@ -434,6 +434,8 @@ class NeuralMemory(nn.Module):
             raise ValueError("feature_degree and residual do not combine: the residual adds the key to an output of another size")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1 (1: the Titans rule), got {window!r}")
+        if window > 1 and retention_q is not None:
+            raise ValueError("window (the Omega rule) and retention_q (Moneta's retention) do not combine yet")
         if not (isinstance(delta_init, (int, float)) and 0 < delta_init < math.inf):
             raise ValueError(f"delta_init must be a positive number, got {delta_init!r}")
         if not 0 < theta_init < (max_lr if theta_activation == "sigmoid" else math.inf):
