@@ -179,8 +179,9 @@ def tuned_lrs(trials: list[Piece], results: Path) -> dict[str, float] | None:
         f = results / f"{t.name}.json"
         if not f.is_file():
             return None
-        loss = json.loads(f.read_text())["val_loss"]
-        if loss is None or not math.isfinite(loss):
+        record = json.loads(f.read_text())
+        loss = math.inf if record.get("diverged") else record["val_loss"]
+        if loss is None or (not math.isfinite(loss) and not record.get("diverged")):
             raise SystemExit(f"{f} has no finite validation loss ({loss}): delete it and run the trial again")
         if t.variant not in best or loss < best[t.variant][0]:
             best[t.variant] = (loss, t.lr)
@@ -211,16 +212,28 @@ def prepare_data(preset: Preset, work: Path) -> Path:
     """Shards of the training documents with a BPE trained on them (once; reused after)."""
     from titans.data import text
 
+    import fcntl
+
     out = work.parent / f"data-bpe{preset.vocab}-plays{preset.held_out_plays}-wiki{preset.held_out_wiki:g}-val{VAL_FRACTION:g}"
     if (out / "manifest.json").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "w") as lock:  # one process prepares, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").is_file():
+            _prepare(preset, out)
+    return out
+
+
+def _prepare(preset: Preset, out: Path) -> None:
+    from titans.data import text
+
     train, _ = split_corpus(preset)
     print(f"training a {preset.vocab}-token BPE on {len(train)} documents and tokenising them into {out}")
     # the val split (documents of the training sources, for the learning-rate trials and the loss
     # curves) must hold every evaluation batch: 8 x 4 rows
     tokenizer = text.train_bpe_on_corpus(train, preset.vocab, val_fraction=VAL_FRACTION)
     text.prepare(train, out, tokenizer, overwrite=True, progress=False, val_fraction=VAL_FRACTION)
-    return out
 
 
 # ---- one piece ---------------------------------------------------------------------------------
@@ -310,6 +323,15 @@ def run_piece(preset: Preset, piece: Piece, work: Path, results: Path, device: s
         before = json.loads(peak_file.read_text())["bytes"] if peak_file.is_file() else None
         peak_file.write_text(json.dumps({"bytes": max(filter(None, (before, peak)), default=None)}))
         if not _finished(run_dir, steps):
+            text = log.read_text(errors="replace")[-4000:]
+            if piece.group == "tune" and ("FloatingPointError" in text or "non-finite" in text):
+                # a learning rate that diverges is a finished trial, ranked last: resuming would diverge again
+                print(f"[{piece.name}] diverged: recorded with val_loss inf", flush=True)
+                results.mkdir(parents=True, exist_ok=True)
+                (results / f"{piece.name}.json").write_text(json.dumps({
+                    "piece": piece.name, "group": piece.group, "variant": piece.variant, "lr": piece.lr,
+                    "val_loss": math.inf, "diverged": True, "machine": _machine()}, indent=1))  # fmt: skip
+                return True
             print(f"[{piece.name}] stopped before the end (exit {code}); it resumes next time", flush=True)
             return False
     metrics = _metrics(run_dir)
@@ -429,18 +451,22 @@ def _claim(work: Path, piece: Piece) -> bool:
     claims = work / "claims"
     claims.mkdir(parents=True, exist_ok=True)
     path = claims / piece.name
+    mine = claims / f".{piece.name}.{os.getpid()}"
+    mine.write_text(str(os.getpid()))  # complete before it becomes the claim: others never read it half-written
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.link(mine, path)  # atomic: exactly one process creates the claim
+        return True
     except FileExistsError:
         try:
             os.kill(int(path.read_text()), 0)
             return False  # its process is alive
-        except (ValueError, ProcessLookupError, PermissionError, OSError):
+        except PermissionError:
+            return False  # alive, another user's
+        except (ValueError, ProcessLookupError, OSError):
             path.unlink(missing_ok=True)  # left by a process that is gone
             return _claim(work, piece)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return True
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def cmd_run(preset: Preset, work: Path, results: Path, device: str, hours: float | None, only: list[str] | None) -> None:

@@ -55,6 +55,7 @@ if Version(transformers.__version__) < Version("4.40"):  # pragma: no cover
     )
 
 from .layers.attention import PersistentMemory
+from .layers.features import PolynomialFeatures
 from .layers.neural_memory import NeuralMemory
 from .model import ModelState, TitansConfig, TitansLM
 
@@ -192,7 +193,7 @@ def _titans_init_plan(lm: TitansLM) -> dict:
     owners = {}
     for m in lm.modules():
         if isinstance(m, NeuralMemory):
-            for child in (m.to_theta, m.to_eta, m.to_alpha, m.initial_weights):
+            for child in (m.to_theta, m.to_eta, m.to_alpha, m.to_delta, m.to_gamma, m.initial_weights):
                 if child is not None:
                     owners[child] = m
     plan = {}
@@ -203,6 +204,8 @@ def _titans_init_plan(lm: TitansLM) -> dict:
             plan[m] = owners[m].reset_parameters
         elif isinstance(m, PersistentMemory):
             plan[m] = partial(nn.init.normal_, m.tokens, std=0.02)
+        elif isinstance(m, PolynomialFeatures):
+            plan[m] = m.reset_parameters
         elif isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d, nn.RMSNorm)):
             plan[m] = m.reset_parameters
     return plan

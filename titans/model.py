@@ -168,6 +168,9 @@ class TitansConfig:
                                  f"features, more than 2^20 a memory head can take")  # fmt: skip
         if isinstance(self.memory_window, bool) or not isinstance(self.memory_window, int) or not 1 <= self.memory_window <= 4096:
             raise ValueError(f"memory_window must be an integer in [1, 4096] (1: the Titans rule), got {self.memory_window!r}")
+        if degree is not None and self.memory_residual:
+            raise ValueError("memory_feature_degree and memory_residual do not combine: the residual adds the key "
+                             "to an output of another size")  # fmt: skip
         if self.memory_window > 1 and self.memory_retention_q is not None:
             raise ValueError("memory_window (the Omega rule) and memory_retention_q (Moneta's retention) do not combine yet")
         if self.memory_activation not in ("silu", "gelu", "relu"):

@@ -35,10 +35,18 @@ class PolynomialFeatures(nn.Module):
         self.dim, self.degree = dim, degree
         self.out_dim = polynomial_feature_dim(dim, degree)
         self.coefficients = nn.Parameter(torch.empty(degree + 1))
-        for i in range(2, degree + 1):  # the variables of each monomial of degree i, in ascending order
-            index = torch.tensor(list(itertools.combinations_with_replacement(range(dim), i)), dtype=torch.long)
-            self.register_buffer(f"index_{i}", index, persistent=False)
+        # the variables of each monomial of degree i, in ascending order: built here, not stored
+        # (a model built on the meta device and loaded from weights has them too), one copy per device
+        self._combos = {i: list(itertools.combinations_with_replacement(range(dim), i)) for i in range(2, degree + 1)}
+        self._on: dict[tuple[torch.device, int], Tensor] = {}
         self.reset_parameters()
+
+    def index(self, degree: int, device: torch.device) -> Tensor:
+        """``[M, degree]``: the variables of each monomial of ``degree``, on ``device``."""
+        key = (device, degree)
+        if key not in self._on:  # built where it is used (never on the meta device a model may be built on)
+            self._on[key] = torch.tensor(self._combos[degree], dtype=torch.long, device=device)
+        return self._on[key]
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -50,7 +58,7 @@ class PolynomialFeatures(nn.Module):
         a = self.coefficients.to(x.dtype)
         parts = [a[0] * torch.ones_like(x[..., :1]), a[1] * x]
         for i in range(2, self.degree + 1):
-            index = getattr(self, f"index_{i}")  # (M_i, i)
+            index = self.index(i, x.device)  # (M_i, i)
             parts.append(a[i] * x[..., index].prod(-1))  # (..., M_i)
         return torch.cat(parts, dim=-1)
 

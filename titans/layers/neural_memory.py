@@ -30,7 +30,7 @@ from ..ops.memory.rules import merge_rule
 from ..ops.memory.state import MemoryWindow, check_max_grad_norm, check_retention_q, compute_dtype, window_weights
 from ..ops.memory.step import step_flat
 from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
-from .features import PolynomialFeatures
+from .features import PolynomialFeatures, polynomial_feature_dim
 
 __all__ = ["MemoryQueries", "MemoryStep", "NeuralMemory", "NeuralMemoryState", "RMSNorm"]
 
@@ -430,6 +430,11 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"theta_activation must be 'softplus' or 'sigmoid', got {theta_activation!r}")
         if qk_activation not in ("silu", "identity"):
             raise ValueError(f"qk_activation must be 'silu' or 'identity', got {qk_activation!r}")
+        if feature_degree is not None and not (
+            isinstance(feature_degree, int) and not isinstance(feature_degree, bool) and 1 <= feature_degree <= 16
+            and polynomial_feature_dim(head_dim, feature_degree) <= 2**20
+        ):  # fmt: skip
+            raise ValueError(f"feature_degree must be None or an integer in [1, 16] whose features fit 2^20, got {feature_degree!r}")
         if feature_degree is not None and residual:
             raise ValueError("feature_degree and residual do not combine: the residual adds the key to an output of another size")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -526,7 +531,7 @@ class NeuralMemory(nn.Module):
 
     def _theta_bias(self) -> float:
         if self.theta_activation == "softplus":
-            return math.log(math.expm1(self._theta_init))  # softplus^-1
+            return self._theta_init + math.log(-math.expm1(-self._theta_init))  # softplus^-1, stable
         return _logit(self._theta_init / self.max_lr)
 
     # ---- state ------------------------------------------------------------------------------
@@ -756,8 +761,9 @@ class NeuralMemory(nn.Module):
         if step.window_k is not None:  # back to the state's [B, H, c - 1, ...]
             B = step.weights[0].shape[0]
             unflat = lambda t: None if t is None else t.reshape(B, self.heads, *t.shape[1:])  # noqa: E731
-            window = MemoryWindow(unflat(step.window_k), unflat(step.window_v), unflat(step.window_delta),
-                                  int(step.window_valid))  # fmt: skip
+            before_valid = 0 if before.memory.window is None else before.memory.window.valid
+            valid = min(self.window - 1, before_valid + 1)  # on the host: no device sync per token
+            window = MemoryWindow(unflat(step.window_k), unflat(step.window_v), unflat(step.window_delta), valid)
         memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window)
         return NeuralMemoryState(memory, step.conv)
 

@@ -224,8 +224,12 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
+        hint = ""
+        if missing and not unexpected and all(".persistent." in name for name in missing):
+            hint = (" (weights saved without persistent tokens, e.g. an LMM from before the LMM read them: "
+                    "set model.persistent_tokens: 0)")  # fmt: skip
         raise CheckpointError(
-            f"{where} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{where} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}{hint}"
         )
     for name, tensor in weights.items():
         if tensor.shape != own[name].shape:

@@ -15,6 +15,7 @@ reference the analytic backward is tested against (it keeps every intermediate a
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -704,7 +705,7 @@ def chunk_memory_unchecked(
     ys, pos = [], state.position
     coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
     spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients, split(delta_f)))
-    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    starts = list(itertools.accumulate([0, *sizes[:-1]])) if gamma is not None else None
     i = 0
     while i < len(spans):
         n, q_c, k_c, v_c, gates, d_c = spans[i]

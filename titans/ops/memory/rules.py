@@ -25,7 +25,8 @@ class MemoryRule:
 MEMORY_RULES = {
     rule.name: rule
     for rule in (
-        MemoryRule("titans", {}, "Titans (Behrouz, Zhong, Mirrokni 2025) eqs. 13-14: l2 loss, momentum, weight decay"),
+        MemoryRule("titans", {"objective": "l2", "momentum": True, "retention_q": None, "window": 1},
+                   "Titans (Behrouz, Zhong, Mirrokni 2025) eqs. 13-14: l2 loss, momentum, weight decay"),
         MemoryRule("moneta", {"objective": "lp", "objective_p": 3.0, "retention_q": 4.0, "momentum": False},
                    "MIRAS (Behrouz et al. 2025) eqs. 10-11 (l_p bias, p = 3) and 24 (l_q retention, q = 4)"),
         MemoryRule("yaad", {"objective": "huber", "momentum": False},
@@ -40,6 +41,8 @@ PENDING = {"memora": "MIRAS's KL (softmax) retention", "atlas": "ATLAS's Muon (N
 
 def rule_settings(name: str) -> dict:
     """The ``NeuralMemory`` settings of rule ``name`` (a copy)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a memory rule is named by a string (one of {', '.join(MEMORY_RULES)}), got {name!r}")
     if name in PENDING:
         raise ValueError(f"memory rule {name!r} needs {PENDING[name]}, which is not implemented yet; "
                          f"available: {', '.join(MEMORY_RULES)}")  # fmt: skip

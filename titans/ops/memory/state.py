@@ -203,8 +203,9 @@ def next_window(kk: Tensor, vv: Tensor, dd: Tensor | None, valid: int, c: int) -
     if c == 1:
         return None
     T = kk.shape[1] - (c - 1)
-    return MemoryWindow(kk[:, -(c - 1) :], vv[:, -(c - 1) :], None if dd is None else dd[:, -(c - 1) :],
-                        min(c - 1, valid + T))  # fmt: skip
+    # copies: a view would keep the whole call's keys and values alive as long as the state
+    return MemoryWindow(kk[:, -(c - 1) :].clone(), vv[:, -(c - 1) :].clone(),
+                        None if dd is None else dd[:, -(c - 1) :].clone(), min(c - 1, valid + T))  # fmt: skip
 
 
 def window_weights(gamma: Tensor, valid: int, start: int, n: int) -> Tensor:
