@@ -77,7 +77,7 @@ PRESETS = {
                   memory={"memory_chunk": 64, "memory_max_grad_norm": 10.0}),
     "smoke": Preset(dim=32, depth=1, heads=2, window=64, vocab=8192, seq_len=256, rows=2, tokens=20_000,
                     lrs=(1e-3, 2e-3), warmup_steps=2, held_out_plays=4, held_out_wiki=0.02,
-                    memory={"memory_chunk": 16, "memory_max_grad_norm": 10.0}),  # checks the pipeline in minutes
+                    memory={"memory_chunk": 16, "memory_max_grad_norm": 10.0}),  # a pipeline check, not a result
     "gpu": Preset(dim=768, depth=12, heads=12, window=512, vocab=32000, seq_len=4096, rows=32, tokens=2_000_000_000,
                   lrs=(2e-4, 4e-4, 8e-4), warmup_steps=1000, held_out_plays=4, held_out_wiki=0.02,
                   memory={"memory_chunk": 64, "memory_max_grad_norm": 10.0}),
@@ -113,7 +113,7 @@ def non_embedding_params(model_cfg: dict) -> int:
 def matched_ffn(preset: Preset, variant: str, target: int) -> float:
     """The feed-forward multiplier whose model is closest to ``target`` non-embedding parameters."""
     key = json.dumps([_base_model(preset, variant), target], sort_keys=True)
-    if key not in _MATCHED:  # 126 models on the meta device: seconds, so once per process
+    if key not in _MATCHED:  # 126 model builds: once per process, not once per call of pieces()
         candidates = [4.0] + [m / 8 for m in range(4, 129)]  # the default first: it wins a tie
         base = _base_model(preset, variant)
         _MATCHED[key] = min(candidates, key=lambda m: abs(non_embedding_params({**base, "ffn_mult": m}) - target))
