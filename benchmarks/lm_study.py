@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _measure import machine_name  # noqa: E402  (benchmarks/: this script's folder)
 from titans.model import TitansConfig, TitansLM  # noqa: E402
 
 MAIN = ("transformer", "swa", "mac", "mag", "mal", "lmm")
@@ -330,7 +331,7 @@ def run_piece(preset: Preset, piece: Piece, work: Path, results: Path, device: s
                 results.mkdir(parents=True, exist_ok=True)
                 (results / f"{piece.name}.json").write_text(json.dumps({
                     "piece": piece.name, "group": piece.group, "variant": piece.variant, "lr": piece.lr,
-                    "val_loss": math.inf, "diverged": True, "machine": _machine()}, indent=1))  # fmt: skip
+                    "val_loss": math.inf, "diverged": True, "machine": machine_name(device)}, indent=1))  # fmt: skip
                 return True
             print(f"[{piece.name}] stopped before the end (exit {code}); it resumes next time", flush=True)
             return False
@@ -344,7 +345,7 @@ def run_piece(preset: Preset, piece: Piece, work: Path, results: Path, device: s
         "tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
         "peak_rss_bytes": json.loads(peak_file.read_text())["bytes"] if peak_file.is_file() else None,
         "curve": [{k: m[k] for k in ("step", "tokens", "loss", "val_loss") if k in m} for m in metrics],
-        "machine": _machine(),
+        "machine": machine_name(device),
     }  # fmt: skip
     if piece.group != "tune":
         _, held = split_corpus(preset)
@@ -366,18 +367,6 @@ def run_piece(preset: Preset, piece: Piece, work: Path, results: Path, device: s
     (results / f"{piece.name}.json").write_text(json.dumps(record, indent=1))
     print(f"[{piece.name}] done -> {results / (piece.name + '.json')}", flush=True)
     return True
-
-
-def _machine() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        family = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("cpu family"))
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model\t"))
-        avx = "AVX-512" if "avx512f" in info else "AVX2"
-        return f"{name} (family {family} model {model}, {avx}), {os.cpu_count()} cores, torch {torch.__version__}"
-    except (OSError, StopIteration):
-        return f"{os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def best_memory_variant(results: Path) -> str | None:
@@ -441,7 +430,7 @@ def cmd_measure(preset: Preset, results: Path, steps: int) -> None:
         speeds[v] = tps
         print(f"{v:12s} {non_embedding_params(p.model):12,d} params  {tps:8.0f} tokens/s", flush=True)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "throughput.json").write_text(json.dumps({"tokens_per_s": speeds, "machine": _machine(),
+    (results / "throughput.json").write_text(json.dumps({"tokens_per_s": speeds, "machine": machine_name("cpu"),
                                                          "threads": torch.get_num_threads()}, indent=1))  # fmt: skip
 
 
