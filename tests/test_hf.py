@@ -266,3 +266,23 @@ def test_nothing_else_imports_transformers():
         p.name for p in root.rglob("*.py") if p.name != "hf.py" and pattern.search(p.read_text())
     ]
     assert offenders == []
+
+
+def test_an_lmm_exported_without_persistent_tokens_is_refused_with_the_way_to_load_it(tmp_path):
+    """transformers would draw the missing tokens at random and only warn, changing what the
+    trained model computes."""
+    import json
+
+    from titans.train.checkpoint import CheckpointError
+
+    model = _model("lmm", persistent_tokens=0)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "persistent_tokens": 4}))
+    with pytest.raises(CheckpointError, match=r"no persistent tokens.*asks for 4.*persistent_tokens=0"):
+        TitansForCausalLM.from_pretrained(tmp_path)
+    loaded = TitansForCausalLM.from_pretrained(tmp_path, persistent_tokens=0)
+    ids = _ids()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    again, info = TitansForCausalLM.from_pretrained(tmp_path, persistent_tokens=0, output_loading_info=True)
+    assert not info["missing_keys"] and isinstance(again, TitansForCausalLM)

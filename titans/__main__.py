@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError
+    from .errors import UserError, describe_os_error
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"titans {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine refused a file operation (full disk, read-only, no permission)
+        if err.errno is None:
+            raise
+        print(f"titans {args.command}: {describe_os_error(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 checkpoint): the command line prints its message and exits 2 instead of a traceback. Also the
 warning category for settings that work but run far slower than they should."""
 
+import errno
+
 
 class UserError(Exception):
     """An error whose message tells the user what is wrong and what to do."""
@@ -25,3 +27,21 @@ class StateMismatchError(UserError, ValueError):
 class PerformanceWarning(UserWarning):
     """A setting that works but runs far slower than it should on this hardware (the message
     says which setting and what to use instead)."""
+
+
+_REMEDIES = {
+    errno.ENOSPC: "free space on that disk or write elsewhere",
+    errno.EDQUOT: "free space under your quota or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "no permission to write there: choose a directory you own",
+    errno.EPERM: "no permission to write there: choose a directory you own",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a failed file operation: the cause, the path and, for the failures a user
+    fixes on their machine (full disk or quota, read-only or forbidden directory), what to do."""
+    cause = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    remedy = _REMEDIES.get(err.errno)
+    return f"{cause}{where}" + (f"; {remedy}" if remedy else "")

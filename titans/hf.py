@@ -220,6 +220,22 @@ def _own_aligned_storage(model: nn.Module) -> None:
             p.data = p.data.clone(memory_format=torch.contiguous_format)
 
 
+def _check_loading_info(config: TitansHFConfig, info: dict, source) -> None:
+    """Refuse an LMM exported before the LMM read persistent tokens, loaded with a config that
+    asks for them: its tokens would be drawn at random, changing what the trained model computes.
+    Other missing weights follow the transformers convention (initialised as TitansLM does, with
+    transformers' report), which fine-tuning from a partial checkpoint relies on."""
+    from .train.checkpoint import CheckpointError
+
+    missing = sorted(info.get("missing_keys") or ())
+    if config.variant == "lmm" and any(".persistent." in name for name in missing):
+        raise CheckpointError(
+            f"{source}: this LMM checkpoint has no persistent tokens (saved before the LMM read them) but its "
+            f"config asks for {config.persistent_tokens}; load it with "
+            f"TitansForCausalLM.from_pretrained(path, persistent_tokens=0)"
+        )
+
+
 class TitansForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = TitansHFConfig
     base_model_prefix = "model"
@@ -256,9 +272,13 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        out = super().from_pretrained(*args, **kwargs)
-        _own_aligned_storage(out[0] if isinstance(out, tuple) else out)
-        return out
+        """``PreTrainedModel.from_pretrained``; an LMM saved without persistent tokens is refused
+        unless loaded with ``persistent_tokens=0`` (``_check_loading_info``)."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _check_loading_info(model.config, info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        _own_aligned_storage(model)
+        return (model, info) if wants_info else model
 
     # ---- weights ------------------------------------------------------------------------------
 

@@ -56,6 +56,16 @@ def run(args) -> int:
     except KeyboardInterrupt as err:
         print(f"\ntitans train: {err}")
         return 130
+    except OSError as err:  # a full disk or an unwritable directory: say what is kept and how to go on
+        if err.errno is None:
+            raise
+        from ..errors import describe_os_error
+        from .checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(cfg.train.out_dir)
+        kept = f"the last complete checkpoint is {latest} (continue with --resume auto)" if latest else "no checkpoint was written"
+        print(f"titans train: {describe_os_error(err)}; {kept}", file=sys.stderr)
+        return 1
     floor = _unigram_floor(cfg)
     if floor is not None and summary["val_loss"] is not None:
         print(

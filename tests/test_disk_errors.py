@@ -1,0 +1,82 @@
+"""A full disk or an unwritable directory ends a command with one line that names the path and the
+cause (exit 1), never a traceback; a training run that cannot write its checkpoint keeps the last
+complete one and leaves no half-written directory behind."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import yaml
+
+from titans.__main__ import main
+from titans.errors import describe_os_error
+from titans.train import checkpoint as ckpt
+from titans.train import trainer as trainer_mod
+
+from _train_helpers import fake_build_sources, tiny_run
+
+
+@pytest.fixture(autouse=True)
+def _fake_data(monkeypatch):
+    monkeypatch.setattr(trainer_mod, "build_sources", fake_build_sources)
+
+
+def _config(tmp_path, **train):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_run(tmp_path / "run", **train).to_dict()))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "code, hint",
+    [(errno.ENOSPC, "free space"), (errno.EDQUOT, "free space"), (errno.EROFS, "read-only"), (errno.EACCES, "permission")],
+)
+def test_describe_os_error_names_path_cause_and_remedy(code, hint):
+    said = describe_os_error(OSError(code, "strerror text", "/some/dir/file.bin"))
+    assert "/some/dir/file.bin" in said and "strerror text" in said and hint in said and "\n" not in said
+
+
+def test_a_full_disk_mid_run_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real = ckpt.save_tree
+    calls = []
+
+    def full_after_the_first_checkpoint(tree, path):
+        calls.append(path)
+        if len(calls) > 2:  # the first checkpoint writes two trees; the second one finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tree, path)
+
+    monkeypatch.setattr(ckpt, "save_tree", full_after_the_first_checkpoint)
+    code = main(["train", "--config", _config(tmp_path, max_steps=6, checkpoint_every=2)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "No space left on device" in err[0] and "free space" in err[0], err
+    assert "step-0000002" in err[0] and "--resume auto" in err[0]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-0000002"]
+    ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000002")
+    assert not list((tmp_path / "run" / "checkpoints").glob(".step-*"))  # the half-written one is gone
+    monkeypatch.setattr(ckpt, "save_tree", real)  # room again: the run continues where it stopped
+    assert main(["train", "--config", _config(tmp_path, max_steps=6, checkpoint_every=2), "--resume", "auto"]) == 0
+
+
+def test_an_unwritable_output_directory_is_one_line(tmp_path, monkeypatch, capsys):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / "x"))
+
+    monkeypatch.setattr(ckpt, "save_tree", read_only)
+    assert main(["train", "--config", _config(tmp_path, max_steps=2, checkpoint_every=1)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "read-only" in err[0] and "no checkpoint" in err[0], err
+
+
+def test_other_commands_report_write_failures_in_one_line(tmp_path, monkeypatch, capsys):
+    from titans.eval import report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "e" / "results.json"))
+
+    monkeypatch.setattr(report, "write_results", full)
+    code = main(["eval", "mqar", "--config", "micro-untrained", "--out", str(tmp_path / "e"), "--no-progress", "--seq-lens", "64", "--num-pairs", "4", "--samples", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and "titans eval" in err[0], err
