@@ -1,5 +1,5 @@
 """A full disk or an unwritable directory ends a command with one line that names the path and the
-cause (exit 1), never a traceback; a training run that cannot write its checkpoint keeps the last
+cause (exit 2, as every error the user fixes), never a traceback; a training run that cannot write its checkpoint keeps the last
 complete one and leaves no half-written directory behind."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint(tmp_path, monkeypatch, ca
     monkeypatch.setattr(ckpt, "save_tree", full_after_the_first_checkpoint)
     code = main(["train", "--config", _config(tmp_path, max_steps=6, checkpoint_every=2)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
+    assert code == 2
     assert len(err) == 1 and "No space left on device" in err[0] and "free space" in err[0], err
     assert "step-0000002" in err[0] and "--resume auto" in err[0]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-0000002"]
@@ -65,7 +65,7 @@ def test_an_unwritable_output_directory_is_one_line(tmp_path, monkeypatch, capsy
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "out" / "x"))
 
     monkeypatch.setattr(ckpt, "save_tree", read_only)
-    assert main(["train", "--config", _config(tmp_path, max_steps=2, checkpoint_every=1)]) == 1
+    assert main(["train", "--config", _config(tmp_path, max_steps=2, checkpoint_every=1)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "read-only" in err[0] and "no checkpoint" in err[0], err
 
@@ -79,4 +79,4 @@ def test_other_commands_report_write_failures_in_one_line(tmp_path, monkeypatch,
     monkeypatch.setattr(report, "write_results", full)
     code = main(["eval", "mqar", "--config", "micro-untrained", "--out", str(tmp_path / "e"), "--no-progress", "--seq-lens", "64", "--num-pairs", "4", "--samples", "4"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and "titans eval" in err[0], err
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and "titans eval" in err[0], err

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno is None:
             raise
         print(f"titans {args.command}: {describe_os_error(err)}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

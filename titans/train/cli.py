@@ -65,7 +65,7 @@ def run(args) -> int:
         latest = latest_checkpoint(cfg.train.out_dir)
         kept = f"the last complete checkpoint is {latest} (continue with --resume auto)" if latest else "no checkpoint was written"
         print(f"titans train: {describe_os_error(err)}; {kept}", file=sys.stderr)
-        return 1
+        return 2
     floor = _unigram_floor(cfg)
     if floor is not None and summary["val_loss"] is not None:
         print(
