@@ -80,3 +80,31 @@ def test_other_commands_report_write_failures_in_one_line(tmp_path, monkeypatch,
     code = main(["eval", "mqar", "--config", "micro-untrained", "--out", str(tmp_path / "e"), "--no-progress", "--seq-lens", "64", "--num-pairs", "4", "--samples", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0] and "titans eval" in err[0], err
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])  # fmt: skip
+def test_a_length_the_machine_cannot_hold_is_one_line(error, tmp_path, monkeypatch, capsys):
+    from titans.eval import mqar
+
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(mqar, "run_mqar", too_big)
+    code = main(["eval", "mqar", "--config", "micro-untrained", "--out", str(tmp_path / "e"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "--batch-size" in err[0], err
+
+
+def test_other_runtime_errors_still_raise(tmp_path, monkeypatch):
+    from titans.eval import mqar
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(mqar, "run_mqar", bug)
+    with pytest.raises(RuntimeError, match="shapes"):
+        main(["eval", "mqar", "--config", "micro-untrained", "--out", str(tmp_path / "e"), "--no-progress"])

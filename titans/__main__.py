@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError, describe_os_error
+    from .errors import UserError, describe_os_error, first_line, out_of_memory
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno is None:
             raise
         print(f"titans {args.command}: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(err):
+            raise
+        print(f"titans {args.command}: out of memory ({first_line(err)}); use shorter lengths, fewer "
+              f"samples per batch (--batch-size) or smaller chunks (--chunk-tokens)", file=sys.stderr)  # fmt: skip
         return 2
 
 

@@ -45,3 +45,17 @@ def describe_os_error(err: OSError) -> str:
     where = f" ({err.filename})" if err.filename else ""
     remedy = _REMEDIES.get(err.errno)
     return f"{cause}{where}" + (f"; {remedy}" if remedy else "")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation the machine could not serve (CPU or accelerator)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, at most ``limit`` characters."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
