@@ -55,13 +55,14 @@ def _build(impl: str, device):
         from titans.layers import NeuralMemory
 
         layer = NeuralMemory.from_rule(impl.removeprefix("rule-"), DIM, heads=HEADS, head_dim=HEAD_DIM, depth=DEPTH,
-                                       expansion=EXPANSION, chunk_size=CHUNK).to(device)  # fmt: skip
+                                       expansion=EXPANSION, chunk_size=CHUNK, max_grad_norm=None).to(device)  # fmt: skip
         return lambda x: layer(x)[0], layer
     if impl in ("titans", "titans-compile", "titans-naive"):
         from titans.layers import NeuralMemory
 
+        # max_grad_norm=None: the paper's update, the same math titans-pytorch computes
         layer = NeuralMemory(DIM, heads=HEADS, head_dim=HEAD_DIM, depth=DEPTH, expansion=EXPANSION,
-                             chunk_size=CHUNK, compile=impl == "titans-compile",
+                             chunk_size=CHUNK, compile=impl == "titans-compile", max_grad_norm=None,
                              product_dtype="bfloat16" if bf16 else None)  # fmt: skip
         if impl == "titans-naive":
             from titans.ops.memory import naive_memory

@@ -272,7 +272,8 @@ def test_a_diverging_memory_is_named_where_it_starts():
     from titans.model import TitansConfig, TitansLM
 
     torch.manual_seed(0)
-    blowup = dict(theta_init=5.0, eta_init=0.99, alpha_init=1e-4)  # theta large, momentum near 1, no forgetting
+    # theta large, momentum near 1, no forgetting, and the paper's unbounded step (no clip)
+    blowup = dict(theta_init=5.0, eta_init=0.99, alpha_init=1e-4, max_grad_norm=None)
     layer = NeuralMemory(32, heads=2, chunk_size=4, depth=3, **blowup)
     with pytest.raises(MemoryDivergedError, match=r"diverged at token \d+ of its input, head \d.*max_grad_norm"):
         layer(torch.randn(1, 400, 32) * 30)
@@ -289,6 +290,26 @@ def test_a_diverging_memory_is_named_where_it_starts():
                          max_lr=0.1, theta_init=0.09, eta_init=0.99, alpha_init=1e-4)  # fmt: skip
     y, _ = layer(torch.randn(1, 400, 32) * 30)
     assert torch.isfinite(y).all()
+
+
+def test_the_default_inner_step_is_bounded_and_the_paper_update_is_one_switch_away():
+    """An untrained MAG with the paper's unbounded update diverges on random bytes within ~600
+    tokens; the default clip (memory_max_grad_norm=10) keeps it finite."""
+    from titans.errors import MemoryDivergedError
+    from titans.layers import NeuralMemory
+    from titans.model import TitansConfig, TitansLM
+
+    assert TitansConfig().memory_max_grad_norm == NeuralMemory(32, heads=2).max_grad_norm == 10.0
+    shape = dict(variant="mag", vocab_size=256, dim=256, depth=2, heads=4, window=128, segment=128, memory_chunk=64)
+    ids = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    paper = TitansLM(TitansConfig(**shape, memory_max_grad_norm=None)).eval()
+    with torch.no_grad(), pytest.raises(MemoryDivergedError):
+        paper(ids)
+    torch.manual_seed(0)
+    bounded = TitansLM(TitansConfig(**shape)).eval()
+    with torch.no_grad():
+        assert torch.isfinite(bounded(ids)[0]).all()
 
 
 # ----------------------------------------------------------------------------- user mistakes: one line, exit 2

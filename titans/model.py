@@ -86,8 +86,9 @@ class TitansConfig:
     memory_zero_init_output: bool = False
     memory_associative_init: bool = False  # M starts storing "what followed each token" (NeuralMemory)
     # Clip each token's inner gradient to this norm (its learning rate scaled down): bounds every
-    # test-time step, which a deep memory whose weights grew needs to stay finite (NeuralMemory)
-    memory_max_grad_norm: float | None = None
+    # test-time step, which a deep memory whose weights grew needs to stay finite (NeuralMemory).
+    # None: the paper's update exactly
+    memory_max_grad_norm: float | None = 10.0
     # "bfloat16": the memory's chunk products run in bf16, its state in float32 (NeuralMemory's
     # product_dtype: faster where the hardware multiplies bf16 natively, far slower on CPUs without
     # bf16 instructions: docs/speed.md); "float32": none

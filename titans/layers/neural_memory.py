@@ -344,8 +344,10 @@ class NeuralMemory(nn.Module):
             model trained on key-value recall stayed at chance, with it the LMM reached 93% answer
             accuracy after 150 steps (``benchmarks/recall_learning.py``).
         max_grad_norm: clip each token's inner gradient (all layers, Frobenius norm) to this norm
-            by scaling its learning rate by ``min(1, max_grad_norm / |grad|)`` (None: no clip).
-            Every test-time step is then at most ``theta * max_grad_norm``. Not in the paper:
+            by scaling its learning rate by ``min(1, max_grad_norm / |grad|)``; None: no clip, the
+            paper's update exactly. The default 10 leaves ordinary writes untouched (inner gradients
+            of unit-norm keys stay far below it) and keeps untrained models with the default gates
+            finite. Every test-time step is then at most ``theta * max_grad_norm``. Not in the paper:
             a deep memory's inner loss sharpens as its weights grow, so a theta that is stable at
             the start can diverge after many writes of one key (docs/niah_demo.md, "Stability").
             The scale is differentiated like the rest of the rule.
@@ -404,7 +406,7 @@ class NeuralMemory(nn.Module):
         eta_init: float = 0.9,
         alpha_init: float = 1e-3,
         associative_init: bool = False,
-        max_grad_norm: float | None = None,
+        max_grad_norm: float | None = 10.0,
         qk_activation: str = "silu",
         objective: str = "l2",
         objective_p: float = 3.0,
