@@ -116,7 +116,7 @@ def machine_name(device: str = "cpu") -> str:
     threads. Tables from different machines are not comparable (docs/speed.md)."""
     import torch
 
-    from titans.utils import cpu_bf16_matmul_is_fast
+    from titans.runtime.cpu import cpu_bf16_matmul_is_fast
 
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)

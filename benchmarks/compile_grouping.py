@@ -40,7 +40,7 @@ def main() -> None:
 
     import titans.blocks.mac as mac_mod
     import titans.ops.memory.chunk as chunk_mod
-    from titans.utils import tune_cpu_allocator
+    from titans.runtime.cpu import tune_cpu_allocator
 
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()

@@ -92,7 +92,7 @@ def _build(impl: str, device):
 
 def measure(impl: str, T: int, mode: str, min_seconds: float, tune: bool) -> dict:
     if tune:  # the same allocator setting for every implementation measured
-        from titans.utils import tune_cpu_allocator
+        from titans.runtime.cpu import tune_cpu_allocator
 
         tune_cpu_allocator()
     import torch
@@ -159,7 +159,7 @@ def main() -> None:
                         "product_dtype='bfloat16')")
     p.add_argument("--min-seconds", type=float, default=5.0, help="time each measurement at least this long")
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="do not apply titans.utils.tune_cpu_allocator() (applied to every implementation by default)")
+                   help="do not apply titans.runtime.cpu.tune_cpu_allocator() (applied to every implementation by default)")
     p.add_argument("--one", nargs=5, metavar=("IMPL", "T", "MODE", "SECONDS", "TUNE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:

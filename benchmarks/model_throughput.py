@@ -11,8 +11,8 @@ Prints two tables:
    ``--compile`` also the memory variants' compiled one-token step, rows ``<variant>+compile``,
    compiled before timing).
 
-Every measurement runs in its own subprocess. ``titans.utils.tune_cpu_allocator()`` is applied to
-every implementation unless ``--no-tune-allocator``.
+Every measurement runs in its own subprocess. ``titans.runtime.cpu.tune_cpu_allocator()`` is
+applied to every implementation unless ``--no-tune-allocator``.
 
     python benchmarks/model_throughput.py
     python benchmarks/model_throughput.py --lengths 1024 4096 --contexts 1000 10000
@@ -106,7 +106,7 @@ def decode_speed(impl: str, contexts: list[int], new_tokens: int) -> list[dict]:
             rows.append(dict(context=n, tokens_per_s=new_tokens / (end - marks[0]), state_bytes=None,
                              rss_bytes=rss_bytes(), note="after its prefill"))  # fmt: skip
         return rows
-    from titans.state_io import state_num_bytes
+    from titans.inference.state_io import state_num_bytes
 
     model = _ours(impl).eval()
     state, seen = None, 0
@@ -158,7 +158,7 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         if args.one[0] == "1":
-            from titans.utils import tune_cpu_allocator
+            from titans.runtime.cpu import tune_cpu_allocator
 
             tune_cpu_allocator()
         kind, impl = args.one[1], args.one[2]

@@ -79,7 +79,7 @@ def main() -> None:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from titans.utils import tune_cpu_allocator
+    from titans.runtime.cpu import tune_cpu_allocator
 
     tune_cpu_allocator()
     torch.set_num_threads(args.threads)

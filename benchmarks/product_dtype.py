@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 def speed(T: int, rounds: int, compiled: bool) -> None:
     from titans.layers import NeuralMemory
-    from titans.utils import tune_cpu_allocator
+    from titans.runtime.cpu import tune_cpu_allocator
 
     tune_cpu_allocator()
     base = NeuralMemory(256, heads=4, head_dim=64, depth=2, expansion=4.0, chunk_size=64)

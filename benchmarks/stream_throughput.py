@@ -19,7 +19,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "titans" / "recipes" / "niah-mac.
 
 def model_from_recipe(path: Path):
     """The recipe's model config as a randomly initialised TitansLM (eval mode)."""
-    from titans.config_files import load_config_file
+    from titans.io.config_files import load_config_file
     from titans.model import TitansConfig, TitansLM
 
     cfg = load_config_file(path)
@@ -33,7 +33,7 @@ def stream(model, batch: int, tokens: int, piece: int) -> dict:
     The first piece is a warm-up (not timed, but inside the peak)."""
     import torch
 
-    from titans.utils import PeakResident
+    from titans.runtime.resident import PeakResident
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (batch, tokens + piece), generator=g)
@@ -62,7 +62,7 @@ def main() -> None:
         p.error("--threads and --batch must be >= 1")
     import torch
 
-    from titans.utils import tune_cpu_allocator
+    from titans.runtime.cpu import tune_cpu_allocator
 
     torch.set_num_threads(args.threads)
     tuned = False if args.no_tune_allocator else tune_cpu_allocator()

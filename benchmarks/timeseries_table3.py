@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from titans.config_files import load_config_file
+from titans.io.config_files import load_config_file
 from titans.timeseries.data import dataset_name, load_table, make_splits
 from titans.timeseries.experiment import DEFAULT_CONFIG, run_spec, spec_from_config
 from titans.timeseries.report import canonical_dataset, plot_runs, read_results, write_tables

@@ -104,7 +104,7 @@ def test_every_config_field_refuses_bad_values_by_name_before_anything_is_built(
 
     import torch
 
-    from titans.config_files import ConfigError
+    from titans.io.config_files import ConfigError
     from titans.model import TitansLM
     from titans.train.config import load_run_config
 

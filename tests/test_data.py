@@ -520,7 +520,7 @@ def test_builtin_corpus_prepare_real_packages(tmp_path):
 
 def test_training_refuses_a_val_split_too_small_for_one_evaluation_batch(prepared):
     """Evaluating on no full batch would log NaN at every eval step of the run: refused at start."""
-    from titans.config_files import ConfigError
+    from titans.io.config_files import ConfigError
     from titans.train.config import load_run_config
     from titans.train.sources import build_sources
 

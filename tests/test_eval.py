@@ -63,7 +63,7 @@ class BigramLM(nn.Module):
         return self.table[input_ids[:, -logits_to_keep:]], None, ModelState(layers=[], position=pos)
 
     def generate(self, input_ids, max_new_tokens, **kwargs):
-        from titans.generation import generate
+        from titans.inference.generation import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titans.generation import generate, sample_next
+from titans.inference.generation import generate, sample_next
+from titans.inference.state_io import load_state, save_state
 from titans.model import TitansConfig, TitansLM
-from titans.state_io import load_state, save_state
 
 
 def _model(variant):

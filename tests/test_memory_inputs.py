@@ -128,7 +128,7 @@ def test_memory_ops_ignore_an_enclosing_autocast_region():
 def test_nonfinite_names_exactly_the_tensors_with_nan_or_inf():
     """The finiteness check behind every input check: a sum per tensor, and the exact elementwise
     check only where a sum is not finite, so finite values whose sum overflows are not refused."""
-    from titans.utils import nonfinite
+    from titans.ops.tensors import nonfinite
 
     big = torch.full((4,), 3e38)  # finite; its float32 sum overflows to inf
     both = torch.tensor([1.0, float("inf"), -float("inf")])  # the infinities cancel to NaN in a sum

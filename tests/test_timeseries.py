@@ -203,7 +203,7 @@ def test_config_errors_name_the_problem():
 
 
 def test_default_config_matches_the_committed_yaml():
-    from titans.config_files import load_config_file
+    from titans.io.config_files import load_config_file
 
     assert load_config_file(REPO / "configs" / "timeseries" / "table3.yaml") == DEFAULT_CONFIG
 

@@ -207,6 +207,31 @@ def test_words_niah_vocabulary():
     assert load_tokenizer(json.loads(json.dumps(tok.to_spec()))).words == tok.words
 
 
+# SHA-256 of the built-in words vocabulary as the tokenizer's spec records it; the shipped
+# checkpoints' token ids are positions in this list, so it may never change.
+NIAH_WORDS_SHA256 = "ca3195193eb9242e7079ba5cda7bf7aa194b0da86e77e18ce71565d02ead971a"
+
+
+def test_words_niah_vocabulary_is_unchanged():
+    import hashlib
+    from pathlib import Path
+
+    from titans.data.words import niah_words
+
+    try:
+        words = list(niah_words())
+    except Exception as err:  # PackageUnavailable: the word lists come from a registry package
+        pytest.skip(f"NIAH word lists unavailable: {err}")
+    blob = json.dumps(words, ensure_ascii=False).encode("utf-8")
+    assert len(words) == 8492 and hashlib.sha256(blob).hexdigest() == NIAH_WORDS_SHA256
+    assert load_tokenizer("words").to_spec()["sha256"] == NIAH_WORDS_SHA256
+    shipped = Path(tokenizers_mod.__file__).parents[1] / "checkpoints"
+    for run in sorted(shipped.glob("*/run.json")):
+        spec = json.loads(run.read_text())["tokenizer"]
+        if spec["name"] == "words":
+            assert spec["sha256"] == NIAH_WORDS_SHA256, run
+
+
 def test_unknown_tokenizer_names():
     with pytest.raises(ValueError, match=r"unknown tokenizer 'gpt2'.*'bytes'"):
         load_tokenizer("gpt2")

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from titans.config_files import ConfigError
+from titans.io.config_files import ConfigError
 from titans.model import TitansConfig, TitansLM
 from titans.train import checkpoint as ckpt
 from titans.train import trainer as trainer_mod
@@ -264,11 +264,11 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 def test_bf16_autocast_trains_on_cpu(tmp_path, monkeypatch):
     """It trains; where torch has no fast bf16 kernel for the CPU (pretended here) the run warns
     that it is slow and names the setting to use instead."""
-    from titans import utils
     from titans.errors import PerformanceWarning
+    from titans.runtime import cpu
 
-    monkeypatch.setattr(utils, "cpu_bf16_matmul_is_fast", lambda: False)
-    monkeypatch.setattr(utils, "_warned_bf16", set())
+    monkeypatch.setattr(cpu, "cpu_bf16_matmul_is_fast", lambda: False)
+    monkeypatch.setattr(cpu, "_warned_bf16", set())
     with pytest.warns(PerformanceWarning, match="train.precision=bf16.*train.precision=fp32"):
         summary = trainer_mod.train(tiny_run(tmp_path, precision="bf16", max_steps=3, checkpoint_every=0))
     assert math.isfinite(summary["loss"]) and summary["step"] == 3
@@ -338,7 +338,7 @@ def test_diverging_forward_pass_is_reported_with_advice(tmp_path, monkeypatch):
 
 
 def test_overrides_never_change_the_callers_config():
-    from titans.config_files import apply_overrides
+    from titans.io.config_files import apply_overrides
 
     base = {"models": {"titans": {"model": {"dim": 64}}}}
     out = apply_overrides(base, ["models.titans.model.dim=128"])

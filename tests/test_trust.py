@@ -19,7 +19,7 @@ from titans.model import TitansLM
 from titans.train import checkpoint as ckpt
 from titans.train import trainer as trainer_mod
 from titans.train.tree_io import TreeError, load_tree, save_tree
-from titans.utils import sha256_file
+from titans.io.files import sha256_file
 
 from _train_helpers import fake_build_sources, tiny_run
 
@@ -366,7 +366,7 @@ def _lm(**kw):
 ])  # fmt: skip
 def test_a_state_from_another_layout_is_refused_naming_both_sides(other, named, tmp_path):
     from titans.errors import StateMismatchError
-    from titans.state_io import load_state, save_state
+    from titans.inference.state_io import load_state, save_state
 
     model, ids = _lm(), torch.randint(0, 64, (1, 12))
     with torch.no_grad():
@@ -390,7 +390,7 @@ def test_a_state_from_another_layout_is_refused_naming_both_sides(other, named, 
 def test_state_files_refuse_flipped_bits_empty_layers_negative_positions_and_other_dtypes(tmp_path):
     from dataclasses import replace
 
-    from titans.state_io import load_state, save_state
+    from titans.inference.state_io import load_state, save_state
 
     model, ids = _lm(), torch.randint(0, 64, (1, 12))
     with torch.no_grad():

@@ -12,9 +12,9 @@
 The wrapped ``TitansLM`` is ``model.model``; a trained one can be exported with
 ``TitansForCausalLM.from_titans(lm)``. The cache (``past_key_values``) is the model's own recurrent
 ``ModelState``: ``generate()`` reads the prompt once, then feeds one token per step with the state,
-never re-reading the prefix. A ``ModelState`` (e.g. from ``titans.state_io.load_state``) can be
-passed to ``generate(past_key_values=state)`` with, as for any HF cache, ``input_ids`` holding the
-whole sequence (the tokens the state has read, then the new ones).
+never re-reading the prefix. A ``ModelState`` (e.g. from ``titans.inference.state_io.load_state``)
+can be passed to ``generate(past_key_values=state)`` with, as for any HF cache, ``input_ids``
+holding the whole sequence (the tokens the state has read, then the new ones).
 
 Supported generation modes: greedy and multinomial sampling (the recurrent state cannot be
 reordered across beams nor rolled back for assisted decoding). No left padding: the state reads

@@ -27,7 +27,7 @@ from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.objectives import Objective
 from .ops.memory.rules import merge_rule
 from .ops.memory.state import check_max_grad_norm, check_retention_q
-from .utils import standard_strides
+from .ops.tensors import standard_strides
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
 
@@ -492,8 +492,9 @@ class TitansLM(nn.Module):
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs):
         """Prefill in parallel, then decode one token at a time with the state; see
-        ``titans.generation.generate`` for the sampling options. Returns ``(ids, state)``."""
-        from .generation import generate
+        ``titans.inference.generation.generate`` for the sampling options. Returns
+        ``(ids, state)``."""
+        from .inference.generation import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..layers.attention import Attention, KVCache
 from ..layers.neural_memory import MemoryQueries, MemoryStep, NeuralMemory
 from ..ops.attention import apply_rotary
-from ..utils import distinct, standard_strides
+from ..ops.tensors import distinct, standard_strides
 from .common import BlockState, NormalizedGate, RMSNorm, SwiGLU
 
 

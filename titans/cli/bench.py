@@ -32,11 +32,11 @@ def run(args) -> int:
 
     import torch
 
-    from ..config_files import check_range
+    from ..io.config_files import check_range
     from ..model import TitansLM
+    from ..runtime.cpu import tune_cpu_allocator
     from ..train.checkpoint import load_pretrained
     from ..train.config import load_run_config
-    from ..utils import tune_cpu_allocator
 
     check_range("--batch", args.batch, 1, 4096)
     check_range("--stream-tokens", args.stream_tokens, 1, 1 << 32)

@@ -41,10 +41,10 @@ def run(args) -> int:
     if args.which == "niah":
         import argparse
 
+        from ..demos.niah import DEMO_MODELS
+        from ..demos.niah import main as niah_main
         from ..errors import UserError
         from ..eval.cli import parse_lengths
-        from ..niah_demo import DEMO_MODELS
-        from ..niah_demo import main as niah_main
 
         try:
             args.lengths = parse_lengths(args.lengths)
@@ -66,8 +66,8 @@ def run(args) -> int:
         if args.head_dim is not None:
             raise UserError("--head-dim sets the recall demo's width (titans demo recall); the needle demo's models are fixed")
         return niah_main(args)
-    from ..config_files import check_range
-    from ..recall_demo import main as demo_main
+    from ..demos.recall import main as demo_main
+    from ..io.config_files import check_range
 
     head_dim = 64 if args.head_dim is None else args.head_dim
     check_range("--head-dim", head_dim, 2, 4096)

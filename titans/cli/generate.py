@@ -27,7 +27,7 @@ def register(sub) -> None:
 def _read_prompt(path: str) -> str:
     from pathlib import Path
 
-    from ..config_files import ConfigError
+    from ..io.config_files import ConfigError
 
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -42,7 +42,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..config_files import ConfigError, check_range, check_seed
+    from ..io.config_files import ConfigError, check_range, check_seed
     from ..train.checkpoint import load_pretrained
     from ..train.trainer import resolve_device
 

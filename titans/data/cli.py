@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config_files import ConfigError
+from ..io.config_files import ConfigError
 
 
 def register(sub) -> None:

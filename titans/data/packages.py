@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 from ..errors import UserError
-from ..utils import sha256_file
+from ..io.files import sha256_file
 
 __all__ = ["PackageUnavailable", "cache_root", "package_dir", "find_in_package"]
 

@@ -34,7 +34,7 @@ import numpy as np
 from .stream import rank_rows
 from .tokenizers import ByteTokenizer, Tokenizer, encode_batch, load_tokenizer, train_bpe
 from ..errors import UserError
-from ..utils import sha256_file, write_text_atomic
+from ..io.files import sha256_file, write_text_atomic
 
 __all__ = [
     "SHARD_TOKENS",

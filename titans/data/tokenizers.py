@@ -13,7 +13,7 @@ Three kinds:
 - ``BPETokenizer``: a byte-level BPE trained on your corpus with ``train_bpe`` (Hugging Face
   ``tokenizers``); the spec holds the whole tokenizer JSON, so it needs no file.
 - ``WordTokenizer(words)``: whole words of a fixed list as single tokens, UTF-8 bytes for
-  everything else; ``"words"`` alone is the NIAH vocabulary (``titans.tasks.niah.niah_words``:
+  everything else; ``"words"`` alone is the NIAH vocabulary (``titans.data.words.niah_words``:
   the needle keys and values, the noise haystack and the prompt templates), so a needle's key and
   value are one token each. The spec holds the word list.
 
@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..utils import sha256_file
+from ..io.files import sha256_file
 
 __all__ = [
     "MISTRAL_REQUIREMENT",
@@ -156,7 +156,7 @@ class WordTokenizer:
 
 def _load_words(spec: dict[str, Any]) -> WordTokenizer:
     if "words" not in spec:  # the built-in NIAH vocabulary (needs the wonderwords word lists)
-        from ..tasks.niah import niah_words
+        from .words import niah_words
 
         return WordTokenizer(niah_words())
     words = spec["words"]

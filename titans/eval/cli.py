@@ -11,7 +11,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ..config_files import ConfigError, check_range, check_seed
+from ..io.config_files import ConfigError, check_range, check_seed
 
 __all__ = ["UNTRAINED", "load_model", "parse_lengths", "register", "run"]
 
@@ -174,7 +174,7 @@ def _device(name: str):
 
 
 def _untrained_config(args, variant: str, vocab_size: int):
-    from ..config_files import apply_overrides, check_keys, load_config_file
+    from ..io.config_files import apply_overrides, check_keys, load_config_file
     from ..model import TitansConfig
 
     known = [f for f in TitansConfig.__dataclass_fields__]
@@ -202,7 +202,7 @@ def checkpoint_settings(overrides: list[str]) -> dict | None:
     """``--model.KEY=VALUE`` items with a checkpoint: model settings to run it with instead of its
     own (those that keep every weight's shape: the memory's clip, chunk size, learning-rate cap,
     ...), checked against ``TitansConfig`` (unknown keys get the closest name) and typed."""
-    from ..config_files import apply_overrides, check_keys, coerce_fields
+    from ..io.config_files import apply_overrides, check_keys, coerce_fields
     from ..model import TitansConfig
 
     if not overrides:

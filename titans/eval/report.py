@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..utils import write_text_atomic
+from ..io.files import write_text_atomic
 
 __all__ = [
     "EvalResult", "EvalSettingError", "combine_results", "fmt", "format_table", "generated", "length_label",

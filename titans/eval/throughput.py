@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..state_io import state_num_bytes
+from ..inference.state_io import state_num_bytes
 from .report import EvalResult, EvalSettingError, fmt, format_table, length_label, new_figure, save_figure
 from .streaming import check_chunk_tokens, model_device, prefill
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import _sdpa, apply_rotary, causal_attention, segment_attention, sliding_window_attention
-from ..utils import standard_strides
+from ..ops.tensors import standard_strides
 
 __all__ = ["Attention", "KVCache", "PersistentMemory"]
 

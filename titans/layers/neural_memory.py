@@ -29,7 +29,8 @@ from ..ops.memory.objectives import Objective
 from ..ops.memory.rules import merge_rule
 from ..ops.memory.state import MemoryWindow, check_max_grad_norm, check_retention_q, compute_dtype, window_weights
 from ..ops.memory.step import step_flat
-from ..utils import distinct, nonfinite, standard_strides, warn_if_cpu_bf16_is_slow
+from ..ops.tensors import distinct, nonfinite, standard_strides
+from ..runtime.cpu import warn_if_cpu_bf16_is_slow
 from .features import PolynomialFeatures, polynomial_feature_dim
 
 __all__ = ["MemoryQueries", "MemoryStep", "NeuralMemory", "NeuralMemoryState", "RMSNorm"]
@@ -723,9 +724,9 @@ class NeuralMemory(nn.Module):
 
     def step_state(self, state: NeuralMemoryState | None, batch_size: int) -> MemoryStep | None:
         """``state`` as ``step`` takes it; at a chunk start the chunk's weights are the running
-        weights (as a copy, see ``titans.utils.distinct``). None when the state does not fit this
-        layer (none yet, another batch size, chunk size, head layout or convolution setting): the
-        caller then takes the general path, whose checks name the problem."""
+        weights (as a copy, see ``titans.ops.tensors.distinct``). None when the state does not fit
+        this layer (none yet, another batch size, chunk size, head layout or convolution setting):
+        the caller then takes the general path, whose checks name the problem."""
         if not isinstance(state, NeuralMemoryState) or not isinstance(state.memory, MemoryState):
             return None
         m = state.memory

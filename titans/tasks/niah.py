@@ -19,12 +19,12 @@ models are trained on (``dense_niah_ids``: several needles and questions in one 
 where RULER's 150-byte instruction would fill much of a 1K-token row.
 
 The ``pair-`` variants (``pair-pk``, ``pair-n``, ``pair-w``: noise / book haystacks, 3-digit
-number / adjective values) are built for the word vocabulary (``niah_words``, the ``words``
-tokenizer), where the key (one noun) and the value are one token each and the key comes right
-before its value: the needle ``"Remember the pair: {key} {value}."``, the question line
-``"Recall the pair:"`` and the answer prefix ``" {key}"``. A memory whose write key is the previous
-token (``memory_associative_init``) stores exactly ``key -> value`` at the needle and reads it
-back at the question: the shape of task on which the tiny models learn to retrieve.
+number / adjective values) are built for the word vocabulary (``titans.data.words.niah_words``,
+the ``words`` tokenizer), where the key (one noun) and the value are one token each and the key
+comes right before its value: the needle ``"Remember the pair: {key} {value}."``, the question
+line ``"Recall the pair:"`` and the answer prefix ``" {key}"``. A memory whose write key is the
+previous token (``memory_associative_init``) stores exactly ``key -> value`` at the needle and
+reads it back at the question: the shape of task on which the tiny models learn to retrieve.
 
 The prompt measures at most ``length`` tokens of the given tokenizer and at least ``length``
 minus about one haystack sentence (the haystack is cut at sentence boundaries; for book text the
@@ -36,22 +36,27 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-from ..data.packages import PackageUnavailable, find_in_package
-from .text_sources import NOISE_SENTENCES, TokenizedHaystack, _spec_key, continuation_ids, encode_pieces, haystack, prediction_text
+from ..data.words import (
+    NEEDLE,
+    PAIR_NEEDLE,
+    PAIR_QUESTION,
+    RULER_ANSWER_PREFIX,
+    RULER_TEMPLATE,
+    pair_lists,
+    word_lists,
+)
+from .text_sources import TokenizedHaystack, _spec_key, continuation_ids, encode_pieces, haystack, prediction_text
 
 __all__ = [
-    "NEEDLE",
     "PAIR_VARIANTS",
     "SHORT_VARIANTS",
     "VARIANTS",
     "NiahSample",
     "continuation_ids",
     "generate_niah",
-    "niah_words",
     "niah_token_ids",
     "random_key",
     "dense_niah_ids",
@@ -59,8 +64,6 @@ __all__ = [
     "ruler_prompt_parts",
     "score_niah",
 ]
-
-WORDS_PACKAGE = "wonderwords==3.0.1"
 
 # variant -> (haystack, RULER's type_needle_v)
 VARIANTS = {
@@ -80,18 +83,6 @@ SHORT_VARIANTS = ("kv-pk", "kv-n", "kv-w")
 # variants with one-word keys and values, the key right before its value (see the module docstring)
 PAIR_VARIANTS = ("pair-pk", "pair-n", "pair-w")
 
-NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
-PAIR_NEEDLE = "Remember the pair: {key} {value}."
-PAIR_QUESTION = "Recall the pair:"
-
-# RULER's niah template (constants.py: template + answer_prefix), written for several needles.
-_RULER_TEMPLATE = (
-    "Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the {type_needle_v} afterwards.\n{context}\n"
-    "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?"
-)
-_RULER_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
-
 # How many haystack windows to try for the one that fills the budget best (book haystacks).
 _WINDOW_TRIES = 64
 
@@ -108,8 +99,8 @@ def ruler_prompt_parts(type_needle_v: str, key: str) -> tuple[str, str, str]:
     type ("numbers", "words" or "uuids"); the prompt is ``instruction\\ncontext\\nquestion`` +
     ``answer_prefix``."""
     single = type_needle_v[:-1]  # "numbers" -> "number", as RULER does
-    head, rest = _singular(_RULER_TEMPLATE).split("\n{context}\n")
-    prefix = _singular(_RULER_ANSWER_PREFIX)
+    head, rest = _singular(RULER_TEMPLATE).split("\n{context}\n")
+    prefix = _singular(RULER_ANSWER_PREFIX)
     return (
         head.format(type_needle_v=single),
         rest.format(type_needle_v=single, query=key),
@@ -156,56 +147,9 @@ class NiahSample:
         return f"{head}{self.context}\n{self.question}{self.answer_prefix}"
 
 
-@lru_cache(maxsize=2)
-def _word_lists(cache: str | None = None) -> tuple[list[str], list[str]]:
-    """(adjectives, nouns) of wonderwords, deduplicated and sorted (as RULER builds its keys)."""
-    try:
-        adjs = find_in_package(WORDS_PACKAGE, "adjectivelist.txt", cache=cache)[0]
-        nouns = find_in_package(WORDS_PACKAGE, "nounlist.txt", cache=cache)[0]
-    except PackageUnavailable as err:
-        raise PackageUnavailable(f"NIAH keys need the word lists of {WORDS_PACKAGE}: {err}") from err
-
-    def read(path):
-        return sorted({w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()})
-
-    return read(adjs), read(nouns)
-
-
-@lru_cache(maxsize=1)
-def _pair_lists() -> tuple[list[str], list[str]]:
-    """(keys, word values) of the pair variants: the one-word lowercase nouns and adjectives."""
-    adjs, nouns = _word_lists()
-    nouns = [w for w in nouns if w.isascii() and w.isalpha() and w.islower()]
-    noun_set = set(nouns)
-    # an adjective that is also a noun could be drawn as a key: values stay apart from keys
-    adjs = [w for w in adjs if w.isascii() and w.isalpha() and w.islower() and w not in noun_set]
-    return nouns, adjs
-
-
-# Words of every prompt template and of the noise haystack, with and without a leading space.
-_TEMPLATE_TEXT = " ".join([
-    NOISE_SENTENCES, PAIR_NEEDLE, PAIR_QUESTION, NEEDLE, _RULER_TEMPLATE, _RULER_ANSWER_PREFIX,
-    "What is the special magic number word for A an",
-])  # fmt: skip
-
-
-@lru_cache(maxsize=1)
-def niah_words() -> tuple[str, ...]:
-    """The ``words`` tokenizer's NIAH vocabulary: template and noise words, then ``" " + key`` for
-    every pair-variant key (a noun), ``" " + value`` for every word value (an adjective) and the
-    3-digit numbers ``" 100" .. " 999"``. Deterministic (sorted word lists of ``wonderwords``)."""
-    import re
-
-    template = sorted(set(re.findall(r"[A-Za-z]+", _TEMPLATE_TEXT)))
-    words = [p for w in template for p in (w, " " + w) if len(p) > 1]  # one letter alone is its byte
-    keys, values = _pair_lists()
-    words += [" " + w for w in keys + values] + [f" {n}" for n in range(100, 1000)]
-    return tuple(dict.fromkeys(words))  # a noise word may also be a key: keep its first place
-
-
 def random_key(rng: np.random.Generator) -> str:
     """An adjective-noun pair (uniform over the product of the two lists, as RULER's words)."""
-    adjs, nouns = _word_lists()
+    adjs, nouns = word_lists()
     return f"{adjs[rng.integers(len(adjs))]}-{nouns[rng.integers(len(nouns))]}"
 
 
@@ -240,7 +184,7 @@ class _Builder:
 
     def draw(self, rng: np.random.Generator) -> tuple[str, str, str, str, str]:
         if self.variant in PAIR_VARIANTS:
-            keys, adjs = _pair_lists()
+            keys, adjs = pair_lists()
             key = keys[rng.integers(len(keys))]
             value = str(int(rng.integers(100, 1000))) if self.type_needle_v == "numbers" else adjs[rng.integers(len(adjs))]
             _, question, prefix = prompt_parts(self.variant, key)

@@ -38,7 +38,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .niah import _pair_lists
+from ..data.words import pair_lists
 from .text_sources import continuation_ids, encode_pieces, haystack
 
 __all__ = [
@@ -179,12 +179,12 @@ def _keys() -> tuple[str, ...]:
     """Key nouns: the pair variants' keys minus every word of every template (a key that is also
     a template word would be written by every needle)."""
     template_words = {w.lower() for ts in TEMPLATES.values() for t in ts for w in re.findall(r"[A-Za-z]+", t.needle + t.question)}  # fmt: skip
-    return tuple(k for k in _pair_lists()[0] if k not in template_words)
+    return tuple(k for k in pair_lists()[0] if k not in template_words)
 
 
 def _values(kind: str) -> list[str]:
     """The values a needle may hold: adjectives ("words") or the 3-digit numbers ("numbers")."""
-    return _pair_lists()[1] if kind == "words" else [str(v) for v in range(100, 1000)]
+    return pair_lists()[1] if kind == "words" else [str(v) for v in range(100, 1000)]
 
 
 def _draw(rng: np.random.Generator, n: int, values: str, templates: str) -> list[tuple[str, str, RecallTemplate]]:

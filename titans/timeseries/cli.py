@@ -77,7 +77,7 @@ def register(sub) -> None:
 
 
 def _check_threads(threads: int) -> None:
-    from ..config_files import ConfigError
+    from ..io.config_files import ConfigError
 
     if not 1 <= threads <= 4096:
         raise ConfigError(f"--threads must be between 1 and 4096, got {threads}")
@@ -86,7 +86,7 @@ def _check_threads(threads: int) -> None:
 def _load_config(args) -> dict:
     import copy
 
-    from ..config_files import ConfigError, apply_overrides, load_config_file
+    from ..io.config_files import ConfigError, apply_overrides, load_config_file
     from .experiment import DEFAULT_CONFIG
 
     # deep copy: apply_overrides copies one level only, and DEFAULT_CONFIG must stay as it is
@@ -105,7 +105,7 @@ def run_train(args) -> int:
 
     import torch
 
-    from ..config_files import ConfigError
+    from ..io.config_files import ConfigError
     from .data import dataset_name, load_table, make_splits
     from .experiment import run_spec, spec_from_config
     from .report import plot_runs, read_results, write_tables
@@ -143,7 +143,7 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     import torch
 
-    from ..config_files import ConfigError
+    from ..io.config_files import ConfigError
     from .experiment import evaluate_checkpoint
 
     _check_threads(args.threads)
@@ -160,7 +160,7 @@ def run_eval(args) -> int:
 def run_report(args) -> int:
     from pathlib import Path
 
-    from ..config_files import ConfigError
+    from ..io.config_files import ConfigError
     from .report import plot_runs, read_results, write_tables
 
     rows = read_results(Path(args.out) / "results.jsonl")

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..layers import NeuralMemory
-from ..config_files import dataclass_from_dict
+from ..io.config_files import dataclass_from_dict
 
 __all__ = [
     "DLinear",

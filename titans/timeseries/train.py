@@ -19,7 +19,7 @@ from torch import nn
 
 from .data import ForecastSplits, WindowDataset
 from .models import ForecasterConfig, build_forecaster, count_parameters
-from ..config_files import dataclass_from_dict
+from ..io.config_files import dataclass_from_dict
 
 __all__ = ["FitResult", "TrainConfig", "evaluate", "fit", "predict"]
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from ..errors import UserError
-from ..utils import sha256_file, write_text_atomic
+from ..io.files import sha256_file, write_text_atomic
 from .tree_io import TreeError, load_tree, save_tree
 
 __all__ = [

@@ -35,7 +35,7 @@ def run(args) -> int:
     import json
     import sys
 
-    from ..utils import tune_cpu_allocator
+    from ..runtime.cpu import tune_cpu_allocator
     from .checkpoint import CheckpointError
     from .config import load_run_config
     from .trainer import train

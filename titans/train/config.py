@@ -11,7 +11,13 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..config_files import ConfigError, apply_overrides, check_keys, coerce_fields, load_config_file
+from ..io.config_files import (
+    ConfigError,
+    apply_overrides,
+    check_keys,
+    coerce_fields,
+    load_config_file,
+)
 from ..model import TitansConfig
 from ..ops.memory.rules import merge_rule
 

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..config_files import ConfigError
 from ..data.stream import rank_rows
+from ..io.config_files import ConfigError
 
 __all__ = ["build_tokenizer", "build_sources"]
 

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config_files import ConfigError
+from ..io.config_files import ConfigError
 from ..errors import NonFiniteError
 from ..model import TitansLM
-from ..utils import warn_if_cpu_bf16_is_slow
+from ..runtime.cpu import warn_if_cpu_bf16_is_slow
 from . import checkpoint as ckpt
 from .records import describe_dropped, read_jsonl
 from .config import RunConfig, write_penalty_form_problem, write_penalty_problem

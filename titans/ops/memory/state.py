@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ...errors import NonFiniteError
-from ...utils import nonfinite
+from ...ops.tensors import nonfinite
 
 __all__ = ["MemoryState", "MemoryWindow", "memory_shapes", "initial_memory_state", "check_inputs"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .utils import sha256_file
+from ..io.files import sha256_file
 
 __all__ = ["load_state", "save_state", "state_num_bytes"]
 
@@ -28,11 +28,11 @@ FORMAT = "titans-state/1"
 
 
 def _state_classes() -> dict[str, type]:
-    from .blocks.common import BlockState
-    from .layers.attention import KVCache
-    from .layers.neural_memory import NeuralMemoryState
-    from .model import ModelState
-    from .ops.memory.state import MemoryState, MemoryWindow
+    from ..blocks.common import BlockState
+    from ..layers.attention import KVCache
+    from ..layers.neural_memory import NeuralMemoryState
+    from ..model import ModelState
+    from ..ops.memory.state import MemoryState, MemoryWindow
 
     classes = (ModelState, BlockState, NeuralMemoryState, MemoryState, MemoryWindow, KVCache)
     return {c.__name__: c for c in classes}
@@ -134,7 +134,7 @@ def load_state(directory: str | os.PathLike, device: str | torch.device | None =
 
 
 def _check_loaded(state, where: Path, model) -> None:
-    from .model import ModelState
+    from ..model import ModelState
 
     if isinstance(state, ModelState):
         if not state.layers:

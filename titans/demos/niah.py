@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config_files import check_range
-from .errors import UserError
+from ..errors import UserError
+from ..io.config_files import check_range
 
 __all__ = ["DEMO_MODELS", "shipped_checkpoint", "retrain", "run_demo"]
 
-PACKAGE = Path(__file__).parent
+PACKAGE = Path(__file__).parents[1]  # titans/, where the recipes and checkpoints ship
 CHECKPOINTS = PACKAGE / "checkpoints"
 RECIPES = PACKAGE / "recipes"
 # demo name -> recipe / checkpoint name: a MAG Titans (sliding-window attention, window 64, gated
@@ -67,7 +67,7 @@ def retrain(
     the result as the shipped checkpoint, recording the command and seed. A recipe whose
     ``train.init_from`` is ``recipe:NAME`` is a later curriculum stage: recipe NAME is trained
     first (into ``work_dir/NAME``, itself possibly a stage of another) and this one starts from it."""
-    from .train.checkpoint import export_for_inference
+    from ..train.checkpoint import export_for_inference
 
     for name in names:
         recipe, run, summary, stages = _train_recipe(DEMO_MODELS[name], work_dir, list(overrides), recipes)
@@ -83,9 +83,9 @@ def retrain(
 def _train_recipe(recipe_name: str, work_dir: Path, overrides: list[str], recipes: Path, seen: tuple = ()):
     """Train recipe ``recipe_name`` (after the stage its ``init_from: recipe:NAME`` names) into
     ``work_dir/recipe_name``. Returns ``(recipe path, run, summary, [recipe names in order])``."""
-    from .config_files import load_config_file
-    from .train.config import load_run_config
-    from .train.trainer import train
+    from ..io.config_files import load_config_file
+    from ..train.config import load_run_config
+    from ..train.trainer import train
 
     if recipe_name in seen:
         raise UserError(f"recipes {' -> '.join((*seen, recipe_name))} start from each other in a loop")
@@ -122,10 +122,10 @@ def run_demo(
 
     import torch
 
-    from .eval.niah import MULTI_KEY, plot_niah_heatmap, run_niah
-    from .eval.report import format_table, length_label
-    from .train.checkpoint import load_pretrained
-    from .utils import PeakResident
+    from ..eval.niah import MULTI_KEY, plot_niah_heatmap, run_niah
+    from ..eval.report import format_table, length_label
+    from ..runtime.resident import PeakResident
+    from ..train.checkpoint import load_pretrained
 
     torch.manual_seed(seed)
     rows, records = [], []
@@ -172,7 +172,7 @@ def run_demo(
 
 
 def main(args) -> int:
-    from .eval.report import EvalSettingError
+    from ..eval.report import EvalSettingError
 
     lengths = [int(x) for x in args.lengths]
     if any(n < 256 for n in lengths):

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .ops.memory import chunk_memory, memory_shapes
+from ..ops.memory import chunk_memory, memory_shapes
 
 
 def recall(

@@ -2,8 +2,8 @@
 
 Nothing is ever re-run: the prompt is read once (chunk-parallel), and each new token costs one
 step of every block with its state (memory weights, momentum, pending chunk, convolution tails,
-KV window or segment cache). A state returned here can be saved (``titans.state_io``) and passed
-back later to continue where the model stopped.
+KV window or segment cache). A state returned here can be saved (``titans.inference.state_io``)
+and passed back later to continue where the model stopped.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import difflib
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["ConfigError", "check_range", "check_seed", "load_config_file", "apply_overrides", "check_keys", "closest", "coerce_fields", "dataclass_from_dict"]
 

@@ -1,0 +1,2 @@
+"""The machine a process runs on: CPU allocator and bf16 kernels (``cpu``), resident memory
+(``resident``)."""
