@@ -255,7 +255,7 @@ def test_registration_is_idempotent():
 def test_import_without_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     monkeypatch.delitem(sys.modules, "titans.hf")  # restored (the real module) after the test
-    with pytest.raises(ImportError, match=re.escape("pip install 'titans[hf]'")):
+    with pytest.raises(ImportError, match=re.escape("pip install 'titans-ltm[hf]'")):
         importlib.import_module("titans.hf")
 
 

@@ -1,6 +1,6 @@
 """Optional Hugging Face ``transformers`` interop: config, causal-LM wrapper, Auto* registration.
 
-    pip install 'titans[hf]'
+    pip install 'titans-ltm[hf]'
 
     from titans.hf import TitansHFConfig, TitansForCausalLM      # registers model_type "titans"
     model = TitansForCausalLM(TitansHFConfig(variant="mac", dim=128, depth=2, heads=4))
@@ -46,12 +46,12 @@ try:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides transformers
     raise ImportError(
-        "titans.hf needs Hugging Face transformers (>= 4.40): pip install 'titans[hf]'"
+        "titans.hf needs Hugging Face transformers (>= 4.40): pip install 'titans-ltm[hf]'"
     ) from exc
 
 if Version(transformers.__version__) < Version("4.40"):  # pragma: no cover
     raise ImportError(
-        f"titans.hf needs transformers >= 4.40, found {transformers.__version__}: pip install -U 'titans[hf]'"
+        f"titans.hf needs transformers >= 4.40, found {transformers.__version__}: pip install -U 'titans-ltm[hf]'"
     )
 
 from .layers.attention import PersistentMemory
