@@ -8,8 +8,8 @@ compiled one chunk per call (grouping switched off), compiled in groups and, for
 segments, interleaving the paths ``--rounds`` times in one process so that the machine's load
 falls on all of them alike, and prints every round's tokens/s.
 
-    python benchmarks/compile_grouping.py --recipe titans/recipes/niah-pair-lmm-3.yaml --batch 1
-    python benchmarks/compile_grouping.py --recipe titans/recipes/niah-pair-mac-2.yaml --batch 1 16
+    python benchmarks/compile_grouping.py --recipe experiments/recipes/niah-pair-lmm-3.yaml --batch 1
+    python benchmarks/compile_grouping.py --recipe experiments/recipes/niah-pair-mac-2.yaml --batch 1 16
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stream_throughput import model_from_recipe, stream  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[1] / "titans" / "recipes" / "niah-pair-lmm-3.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "recipes" / "niah-pair-lmm-3.yaml"
 
 
 def main() -> None:

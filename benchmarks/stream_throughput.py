@@ -1,6 +1,6 @@
 """Streaming inference speed of the NIAH demo's tiny MAC: tokens/s and peak resident memory.
 
-Reads a long random byte stream through ``titans/recipes/niah-mac.yaml``'s model (randomly
+Reads a long random byte stream through ``experiments/recipes/niah-mac.yaml``'s model (randomly
 initialised: weights do not change the speed) in pieces with the state, under
 ``torch.inference_mode()``, as ``titans eval niah`` streams its haystacks. One row per batch size.
 
@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parents[1] / "titans" / "recipes" / "niah-mac.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "recipes" / "niah-mac.yaml"
 
 
 def model_from_recipe(path: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,13 @@ def test_every_packaged_recipe_is_a_valid_run_config(recipe):
     run = load_run_config(str(niah.RECIPES / recipe))
     TitansLM(run.model)  # the model section builds
     assert run.data.kind in ("niah", "recall") and run.train.seq_len > run.train.detached_prefix >= 0
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in EXPERIMENTS.glob("*.yaml")))
+def test_every_experiment_recipe_is_a_valid_run_config_that_starts_from_a_run(recipe):
+    run = load_run_config(str(EXPERIMENTS / recipe))
+    TitansLM(run.model)
+    assert run.train.init_from is None or run.train.init_from.startswith("runs/")
