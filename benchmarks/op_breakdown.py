@@ -26,6 +26,7 @@ call (the step then runs slower than it would).
     python benchmarks/op_breakdown.py --variant mag --tokens 1024 --threads 2
     python benchmarks/op_breakdown.py --decode 64 --tokens 1000 --batch 1 --by function
     python benchmarks/op_breakdown.py --variant layer --batch 4 --threads 2 --by shape
+    python benchmarks/op_breakdown.py --variant layer --rule omega --by function
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def main() -> None:
                     help="group calls by (default operator)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-op times are cleanest)")
     ap.add_argument("--top", type=int, default=20, help="rows to list (default 20)")
+    ap.add_argument("--rule", default=None, help="--variant layer: a named memory rule (titans.ops.memory.rules)")
     args = ap.parse_args()
+    if args.rule is not None and args.variant != "layer":
+        ap.error("--rule applies to --variant layer")
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -91,7 +95,7 @@ def main() -> None:
             ap.error("--decode needs a model variant, not 'layer'")
         from memory_throughput import DIM, _build
 
-        forward, model = _build("titans", torch.device(device))
+        forward, model = _build("titans" if args.rule is None else f"rule-{args.rule}", torch.device(device))
         x = torch.randn(args.batch, args.tokens, DIM, device=device)
     else:
         model = _ours(args.variant).to(device)

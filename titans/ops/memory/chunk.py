@@ -133,6 +133,20 @@ def _key_side(Wg, k, v, act: str, residual: bool, back=None, objective: Objectiv
     return hs, dzs, dhs, err
 
 
+def _window_spans(full: Tensor | None, own: Tensor | None, sizes: list[int], starts: list[int], c: int):
+    """The key side of each span of the Omega rule: the ``c - 1`` tokens before it, taken from
+    ``full`` (the carried window, then the input: ``full[:, c - 1 + t] == own[:, t]``), then its
+    own tokens. One gather for every span's earlier tokens and one split of ``own``: slicing
+    ``full`` per span would make the backward allocate a gradient of ``full``'s size per span."""
+    if full is None:
+        return [None] * len(sizes)
+    if c == 1:
+        return list(own.split(sizes, dim=1))
+    index = torch.cat([torch.arange(t0, t0 + c - 1, device=full.device) for t0 in starts])
+    before = full.index_select(1, index).split(c - 1, dim=1)
+    return [torch.cat(pair, dim=1) for pair in zip(before, own.split(sizes, dim=1))]
+
+
 def _caster(dtype: torch.dtype):
     """A function casting a tensor, a sequence of tensors or None to ``dtype`` (the products'
     dtype); the identity when nothing needs a cast (full-precision products)."""
@@ -705,15 +719,16 @@ def chunk_memory_unchecked(
     ys, pos = [], state.position
     coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
     spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients, split(delta_f)))
-    starts = list(itertools.accumulate([0, *sizes[:-1]])) if gamma is not None else None
+    if gamma is not None:  # keys per span: the c - 1 tokens before it, then its own
+        starts = list(itertools.accumulate([0, *sizes[:-1]]))
+        k_spans, v_spans = _window_spans(kk, kf, sizes, starts, c), _window_spans(vv, vf, sizes, starts, c)
+        d_spans = _window_spans(dd, delta_f, sizes, starts, c)
     i = 0
     while i < len(spans):
         n, q_c, k_c, v_c, gates, d_c = spans[i]
-        if gamma is not None:  # keys: the c - 1 tokens before the span, then its own
-            t0 = starts[i]
-            k_c, v_c = kk[:, t0 : t0 + c - 1 + n], vv[:, t0 : t0 + c - 1 + n]
-            d_c = None if dd is None else dd[:, t0 : t0 + c - 1 + n]
-            mix = window_weights(gamma_f, valid, t0, n).to(thf.dtype)  # (N, n, c - 1 + n)
+        if gamma is not None:
+            k_c, v_c, d_c = k_spans[i], v_spans[i], d_spans[i]
+            mix = window_weights(gamma_f, valid, starts[i], n).to(thf.dtype)  # (N, n, c - 1 + n)
             A_c, B_c, C_c, e_c, m_c = gates
             gates = (A_c, B_c, C_c @ mix, e_c, None if m_c is None else (m_c.unsqueeze(-2) @ mix).squeeze(-2))
         fresh = pos == 0
