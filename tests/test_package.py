@@ -19,12 +19,14 @@ def test_version_comes_from_pyproject_alone():
 
 
 def test_the_wheel_carries_what_the_demo_needs_and_runs_where_it_is_installed(tmp_path):
-    """Build the wheel from a copy of the sources, install it alone into a fresh directory and run
-    it from there with the interpreter's site (and its editable install of this checkout) turned off."""
+    """Build the sdist and wheel (``python -m build``) from a copy of the sources, install the wheel
+    alone into a fresh directory and run it from there (help and a short needle evaluation) with the
+    interpreter's site (and its editable install of this checkout) turned off."""
     import shutil
     import subprocess
     import sys
     import sysconfig
+    import tarfile
     import zipfile
 
     src = tmp_path / "src"
@@ -32,10 +34,13 @@ def test_the_wheel_carries_what_the_demo_needs_and_runs_where_it_is_installed(tm
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     run = lambda *args, **kw: subprocess.run(args, capture_output=True, text=True, timeout=600, **kw)  # noqa: E731
-    built = run(sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
-                "-w", str(tmp_path / "dist"))  # fmt: skip
-    assert built.returncode == 0, built.stderr[-2000:]
+    built = run(sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(src))
+    assert built.returncode == 0, (built.stdout + built.stderr)[-2000:]
     (wheel,) = (tmp_path / "dist").glob("titans_ltm-*.whl")
+    (sdist,) = (tmp_path / "dist").glob("titans_ltm-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        packed = {name.split("/", 1)[-1] for name in tar.getnames()}
+    assert {"pyproject.toml", "README.md", "titans/__init__.py", "titans/recipes/recall-mag-3.yaml"} <= packed
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("titans/recipes/recall-mag-3.yaml", "titans/checkpoints/recall-mag-3/model.safetensors",
                    "titans/checkpoints/recall-mag-3/run.json", "titans/__main__.py"):  # fmt: skip
@@ -54,3 +59,8 @@ def test_the_wheel_carries_what_the_demo_needs_and_runs_where_it_is_installed(tm
     assert where.startswith(str(site)) and version == titans.__version__ and model.startswith("TitansLM mag")
     helped = run(sys.executable, "-S", "-m", "titans", "demo", "--help", cwd=tmp_path, env=env)
     assert helped.returncode == 0 and "niah" in helped.stdout, helped.stderr[-2000:]
+    # a short real run of the installed package: the shipped MAG answers two needle prompts
+    smoke = run(sys.executable, "-S", "-m", "titans", "eval", "niah", "--checkpoint",
+                str(site / "titans" / "checkpoints" / "recall-mag-3"), "--variants", "mk-pk", "--lengths", "1K",
+                "--samples", "2", "--no-progress", "--out", str(tmp_path / "smoke"), cwd=tmp_path, env=env)  # fmt: skip
+    assert smoke.returncode == 0 and "MK-NIAH-PK" in smoke.stdout, (smoke.stdout + smoke.stderr)[-2000:]
