@@ -11,7 +11,11 @@ with AdamW from the same seed on the same rows, on two tasks:
   later at power-law gaps, random filler); accuracy of the queried values (the only targets).
 
 It prints held-out accuracy every ``--eval-every`` steps, the parameter count (non-embedding) and
-the training speed of each rule, as one table per task:
+the training speed of each rule, as one table per task; then, on the trained models, accuracy on
+held-out rows of other settings: ``kv`` at longer rows (``--kv-lengths``: the same pairs spread
+over up to 16K tokens, needles thousands of tokens before their questions), ``mqar`` at other
+numbers of pairs and lengths (``--mqar-pairs`` x ``--mqar-lengths``, Zoology's axes). Speed and
+memory of each rule's layer at T=4K: ``memory_throughput.py --rules``.
 
     OMP_NUM_THREADS=1 python benchmarks/memory_rules.py --steps 300
 """
@@ -49,29 +53,28 @@ def non_embedding_params(model: TitansLM) -> int:
 
 
 class Task:
-    """Rows of one task: ``batch(rng, n) -> (ids [n, T + 1], weight [n, T])`` and the held-out
-    accuracy of a model's logits."""
+    """Rows of one task: ``batch(rng, n, length, pairs) -> (ids [n, length + 1], weight [n, length])``
+    (weight: the loss weight of each target; the scored targets are those above ``scored``)."""
 
     def __init__(self, name: str, args) -> None:
         self.name, self.args = name, args
         self.vocab = KV_VOCAB if name == "kv" else args.mqar_vocab
-        self.held_out = self.batch(np.random.default_rng(10_000 + args.seed), 32)
+        self.scored = 1.0 if name == "kv" else 0.0  # kv: the answers; mqar: the queried values
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.args
+    def batch(self, rng: np.random.Generator, n: int, length: int, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.name == "kv":
-            ids, answer = recall_rows(rng, n, a.length, a.pairs)
-            weight = 1.0 + (a.answer_weight - 1.0) * answer[:, 1:].float()
-            return ids, weight
-        ids, labels = generate_mqar(n, vocab_size=self.vocab, seq_len=a.length + 1, num_pairs=a.pairs,
-                                    seed=[a.seed, int(rng.integers(2**31))])  # fmt: skip
+            ids, answer = recall_rows(rng, n, length, pairs)
+            return ids, 1.0 + (self.args.answer_weight - 1.0) * answer[:, 1:].float()
+        ids, labels = generate_mqar(n, vocab_size=self.vocab, seq_len=length + 1, num_pairs=pairs,
+                                    seed=[self.args.seed, int(rng.integers(2**31))])  # fmt: skip
         return ids, (labels[:, 1:] != -100).float()
 
-    def accuracy(self, model: TitansLM) -> float:
-        ids, weight = self.held_out
+    def accuracy(self, model: TitansLM, length: int, pairs: int, rows: int = 32) -> float:
+        """Accuracy on ``rows`` held-out rows (the same rows for every rule and step)."""
+        ids, weight = self.batch(np.random.default_rng([10_000, self.args.seed, length, pairs]), rows, length, pairs)
         with torch.no_grad():
             logits, _, _ = model(ids[:, :-1])
-        mask = weight > (1.0 if self.name == "kv" else 0.0)  # the answers (kv), the queried values (mqar)
+        mask = weight > self.scored
         return (logits.argmax(-1) == ids[:, 1:])[mask].float().mean().item()
 
 
@@ -83,7 +86,7 @@ def train(rule: str, task: Task, args) -> dict:
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 50)  # 50 warm-up steps
-        ids, weight = task.batch(rng, args.batch)
+        ids, weight = task.batch(rng, args.batch, args.length, args.pairs)
         start = time.perf_counter()
         logits, _, _ = model(ids[:, :-1])
         ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
@@ -94,10 +97,14 @@ def train(rule: str, task: Task, args) -> dict:
         opt.step()
         seconds += time.perf_counter() - start
         if step % args.eval_every == 0 or step == args.steps:
-            curve.append((step, task.accuracy(model)))
+            curve.append((step, task.accuracy(model, args.length, args.pairs)))
             print(f"  {task.name:>4} {rule:>8}  step {step:>5}  accuracy {curve[-1][1]:6.1%}", flush=True)
     tokens = args.steps * args.batch * args.length
-    return {"curve": curve, "params": non_embedding_params(model), "tok_s": tokens / seconds}
+    if task.name == "kv":  # the same pairs, spread over longer rows
+        beyond = {(n, args.pairs): task.accuracy(model, n, args.pairs, rows=8) for n in args.kv_lengths}
+    else:
+        beyond = {(n, k): task.accuracy(model, n, k) for n in args.mqar_lengths for k in args.mqar_pairs}
+    return {"curve": curve, "params": non_embedding_params(model), "tok_s": tokens / seconds, "beyond": beyond}
 
 
 def main() -> None:
@@ -109,6 +116,10 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=20, help="key-value pairs per row")
     p.add_argument("--mqar-vocab", type=int, default=512, help="MQAR vocabulary (keys below half, values above)")
     p.add_argument("--batch", type=int, default=16, help="rows per step")
+    p.add_argument("--kv-lengths", type=int, nargs="+", default=[1024, 4096, 16384],
+                   help="kv: held-out row lengths after training (the same pairs)")
+    p.add_argument("--mqar-lengths", type=int, nargs="+", default=[128, 256, 512], help="mqar: held-out lengths")
+    p.add_argument("--mqar-pairs", type=int, nargs="+", default=[8, 16, 32], help="mqar: held-out pairs")
     p.add_argument("--dim", type=int, default=128, help="model width")
     p.add_argument("--chunk", type=int, default=4, help="memory chunk size")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
@@ -117,8 +128,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of model and data")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args()
-    if min(args.steps, args.length, args.pairs, args.batch, args.eval_every, args.threads) < 1:
-        p.error("--steps, --length, --pairs, --batch, --eval-every and --threads must be >= 1")
+    sizes = (args.steps, args.length, args.pairs, args.batch, args.eval_every, args.threads, *args.kv_lengths,
+             *args.mqar_lengths, *args.mqar_pairs)  # fmt: skip
+    if min(sizes) < 1:
+        p.error("steps, lengths, pairs, batch, eval interval and threads must be >= 1")
     torch.set_num_threads(args.threads)
     for name in args.tasks:
         task = Task(name, args)
@@ -132,6 +145,13 @@ def main() -> None:
         for rule, r in results.items():
             accs = " | ".join(f"{a:.1%}" for _, a in r["curve"])
             print(f"| {rule} | {r['params']:,} | {accs} | {r['tok_s']:,.0f} |")
+        settings = list(next(iter(results.values()))["beyond"])
+        label = (lambda n, k: f"{n} tokens") if name == "kv" else (lambda n, k: f"{k} pairs, {n}")
+        print(f"\n{name}: the trained models on held-out rows of other settings")
+        print("| rule | " + " | ".join(label(n, k) for n, k in settings) + " |")
+        print("|---|" + "---|" * len(settings))
+        for rule, r in results.items():
+            print(f"| {rule} | " + " | ".join(f"{r['beyond'][x]:.1%}" for x in settings) + " |")
 
 
 if __name__ == "__main__":
