@@ -29,6 +29,7 @@ resident size after setup; on CUDA, ``torch.cuda.max_memory_allocated``.
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch titans-pytorch-b64
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch --bf16
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans --rules titans moneta yaad omega
+    python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans --rules titans memora
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def main() -> None:
                    default=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
                    help="rows to measure (the naive row is controlled by --skip-naive)")
     p.add_argument("--rules", nargs="+", default=(), help="also measure these named memory rules (rows rule-NAME: "
-                   "titans, moneta, yaad, omega; titans.ops.memory.rules), eager")
+                   "titans, moneta, yaad, memora, omega; titans.ops.memory.rules), eager")
     p.add_argument("--bf16", action="store_true",
                    help="also measure each chosen implementation under bf16 autocast (rows *-bf16; ours with "
                         "product_dtype='bfloat16')")

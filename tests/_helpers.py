@@ -64,6 +64,7 @@ def probe_loss(y: torch.Tensor) -> torch.Tensor:
 
 def state_tensors(state) -> list[torch.Tensor]:
     out = list(state.weights) + list(state.chunk_weights)
+    out += list(state.log_weights) if state.log_weights is not None else []
     return out + (list(state.momentum) if state.momentum is not None else [])
 
 
@@ -75,6 +76,19 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> Non
 def _probe_all(y, state) -> torch.Tensor:
     """Output and every tensor of the final state, so their gradients are all checked."""
     return probe_loss(y) + sum(probe_loss(t) for t in state.tensors())
+
+
+def check_layer_streams_in_pieces(layer, x: torch.Tensor, cut: int = 7):
+    """A memory layer over x ``[B, T, dim]`` in one call and in two pieces (after ``cut`` tokens):
+    outputs and final state to 1e-12. Returns ``(y, state, the first piece's state, the second
+    piece's outputs)``."""
+    y, s = layer(x)
+    y1, s1 = layer(x[:, :cut])
+    y2, s2 = layer(x[:, cut:], s1)
+    assert_close(torch.cat([y1, y2], 1), y, 1e-12, "two pieces against one call")
+    for a, b in zip(s2.memory.tensors(), s.memory.tensors()):
+        assert_close(a, b, 1e-12, "final state")
+    return y, s, s1, y2
 
 
 def check_chunk_equals_naive(kw, leaves, opts: dict, what: str):
@@ -113,3 +127,35 @@ def check_analytic_backward_equals_autograd(kw, leaves, opts: dict, what: str) -
         grads.append(torch.autograd.grad(_probe_all(torch.cat([y1, y2], 1), s), leaves))
     for i, (a, b) in enumerate(zip(*grads)):
         assert_close(b, a, 1e-10, f"grad {i} ({what})")
+
+
+
+def memora_inputs(theta_scale: float, T: int = 256, seed: int = 0) -> dict:
+    """``make_inputs`` for Memora's approximation measurements (``memora_gap``): B=2, 2 heads of 8,
+    depth 2, expansion 2, no momentum; theta uniform in [0, 2 theta_scale], the forget gate alpha
+    in [0, 0.01]; float64, no gradients."""
+    kw, _ = make_inputs(B=2, T=T, H=2, D=8, depth=2, expansion=2.0, momentum=False, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kw["theta"] = 2 * theta_scale * torch.rand(kw["theta"].shape, generator=g, dtype=torch.float64)
+    kw["alpha"] = 0.01 * torch.rand(kw["alpha"].shape, generator=g, dtype=torch.float64)
+    return kw
+
+
+def memora_gap(theta_scale: float, chunk_sizes=(1, 4, 16, 64), T: int = 256, seed: int = 0) -> dict:
+    """How far the chunk path's Memora (``retention_kl=1``, the papers' chunk approximation) is from
+    the exact rule (the token loop at chunk size 1, MIRAS eq. 27) on ``memora_inputs``: for each
+    chunk size, the relative RMS of the outputs and of the final weights (None when the stream
+    ends inside a chunk); and under ``"writes"``, how far the writes move the exact rule's outputs
+    at all (against the same stream with theta = 0)."""
+    from titans.ops.memory import chunk_memory, naive_memory
+
+    kw = memora_inputs(theta_scale, T, seed)
+    flat = lambda ws: torch.cat([w.flatten() for w in ws])  # noqa: E731
+    with torch.no_grad():
+        y_ref, s_ref = naive_memory(**kw, chunk_size=1, retention_kl=1.0)
+        y_still, _ = naive_memory(**dict(kw, theta=torch.zeros_like(kw["theta"])), chunk_size=1, retention_kl=1.0)
+        out = {"writes": rel_rms(y_still, y_ref)}
+        for b in chunk_sizes:
+            y, s = chunk_memory(**kw, chunk_size=b, retention_kl=1.0)
+            out[b] = (rel_rms(y, y_ref), rel_rms(flat(s.weights), flat(s_ref.weights)) if s.position == 0 else None)
+    return out

@@ -11,13 +11,15 @@ from titans.ops.memory import chunk_memory
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("product_dtype", [None, torch.bfloat16])
-def test_compiled_chunk_path_matches_eager(product_dtype):
+@pytest.mark.parametrize(("product_dtype", "memora"), [(None, False), (torch.bfloat16, False), (None, True)])
+def test_compiled_chunk_path_matches_eager(product_dtype, memora):
     """float32 products to float32 rounding; bf16 products (the compiled graph fuses and orders its
-    roundings differently) to bf16's."""
-    kw, leaves = make_inputs(T=40, D=8, depth=2, dtype=torch.float32, requires_grad=True, seed=31)
+    roundings differently) to bf16's; Memora's lag tokens between the compiled chunks."""
+    kw, leaves = make_inputs(T=40, D=8, depth=2, dtype=torch.float32, requires_grad=True, seed=31, momentum=not memora)
     tol_y, tol_g = (1e-5, 1e-4) if product_dtype is None else (2e-2, 3e-2)
     opts = dict(chunk_size=16, product_dtype=product_dtype)  # 16 + 16 + a partial 8
+    if memora:
+        opts["retention_kl"] = 1.0
     results = []
     for compiled in (False, True):
         y, s = chunk_memory(**kw, **opts, compile=compiled)
@@ -79,7 +81,8 @@ def test_compiled_inference_groups_chunks_like_eager(monkeypatch):
     assert groups.count(3) == 2  # both groups ran
 
 
-def test_compiled_mac_segments_stream_like_eager(monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"memory_retention_kl": 1.0, "memory_momentum": False}], ids=["titans", "memora"])
+def test_compiled_mac_segments_stream_like_eager(monkeypatch, extra):
     """TitansLM.set_memory_compile under inference: MAC's whole segments run as one compiled graph
     each (MACBlock._segment_step, shared by both blocks); logits and memory state match eager."""
     import titans.blocks.mac as mac_mod
@@ -90,7 +93,7 @@ def test_compiled_mac_segments_stream_like_eager(monkeypatch):
 
     torch.manual_seed(0)
     cfg = TitansConfig(variant="mac", vocab_size=61, dim=32, depth=2, heads=2, window=8, segment=8,
-                       memory_chunk=4, persistent_tokens=2, memory_expansion=2.0)  # fmt: skip
+                       memory_chunk=4, persistent_tokens=2, memory_expansion=2.0, **extra)  # fmt: skip
     model = TitansLM(cfg).eval()
     ids = torch.randint(0, 61, (2, 45), generator=torch.Generator().manual_seed(1))
     results = []
@@ -112,7 +115,8 @@ def test_compiled_mac_segments_stream_like_eager(monkeypatch):
 
 
 @pytest.mark.parametrize(("variant", "extra"), [("mac", {}), ("mag", {}), ("mal", {}), ("lmm", {}),
-                                              ("mag", {"memory_window": 3, "memory_feature_degree": 2})])
+                                              ("mag", {"memory_window": 3, "memory_feature_degree": 2}),
+                                              ("mac", {"memory_retention_kl": 1.0, "memory_momentum": False})])
 def test_compiled_decode_step_matches_eager_without_recompiling(variant, extra):
     """TitansLM.set_memory_compile: the one-token decode step runs as one compiled graph that
     serves every token of a stream (across segment, window and memory-chunk boundaries, from a

@@ -10,6 +10,7 @@ from _helpers import (
     assert_close,
     check_analytic_backward_equals_autograd,
     check_chunk_equals_naive,
+    check_layer_streams_in_pieces,
     make_inputs,
     state_tensors,
     step_tokens,
@@ -140,12 +141,7 @@ def test_layer_streams_in_pieces_like_one_call_and_trains_its_threshold(objectiv
     layer = NeuralMemory(32, heads=2, chunk_size=4, objective=objective, momentum=objective != "huber",
                          retention_q=retention_q).double()  # fmt: skip
     x = torch.randn(2, 19, 32, dtype=torch.float64)
-    y, s = layer(x)
-    y1, s1 = layer(x[:, :7])
-    y2, s2 = layer(x[:, 7:], s1)
-    assert_close(torch.cat([y1, y2], 1), y, 1e-12, "two pieces against one call")
-    for a, b in zip(s2.memory.tensors(), s.memory.tensors()):
-        assert_close(a, b, 1e-12, "final state")
+    y, _, _, _ = check_layer_streams_in_pieces(layer, x)
     assert (layer.to_delta is not None) == (objective == "huber")
     y.square().sum().backward()
     if objective == "huber":  # the threshold is learned through the writes
@@ -222,7 +218,7 @@ def test_named_rules_set_their_settings_and_refuse_contradictions(tmp_path):
     from titans.ops.memory.rules import MEMORY_RULES, rule_settings
     from titans.train.config import load_run_config
 
-    assert set(MEMORY_RULES) == {"titans", "moneta", "yaad", "omega"}
+    assert set(MEMORY_RULES) == {"titans", "moneta", "yaad", "memora", "omega"}
     moneta = TitansConfig.with_memory_rule("moneta", variant="lmm", dim=32)
     assert (moneta.memory_objective, moneta.memory_objective_p, moneta.memory_retention_q, moneta.memory_momentum) == (
         "lp", 3.0, 4.0, False)  # fmt: skip
@@ -234,8 +230,10 @@ def test_named_rules_set_their_settings_and_refuse_contradictions(tmp_path):
         TitansConfig.with_memory_rule("moneta", memory_momentum=True)
     with pytest.raises(ValueError, match="sets objective='huber'"):
         NeuralMemory.from_rule("yaad", 16, objective="l2")
-    with pytest.raises(ValueError, match="'memora' needs MIRAS's KL .* not implemented yet; available: titans"):
-        rule_settings("memora")
+    memora = TitansConfig.with_memory_rule("memora", variant="lmm", dim=32)
+    assert (memora.memory_objective, memora.memory_retention_kl, memora.memory_momentum) == ("l2", 1.0, False)
+    with pytest.raises(ValueError, match="'atlas' needs ATLAS's Muon .* not implemented yet; available: titans"):
+        rule_settings("atlas")
     with pytest.raises(ValueError, match="unknown memory rule 'adam'"):
         rule_settings("adam")
     cfg = tmp_path / "c.yaml"

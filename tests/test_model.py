@@ -19,7 +19,8 @@ from titans.model import VARIANTS, ModelState, TitansConfig, TitansLM
 # MAC with the memory writing the residual stream (mac_memory_input="residual") and MAG with its
 # inner gradients clipped (memory_max_grad_norm, acting on most tokens at this size) run every
 # model-level property test too.
-CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mac-input", "mag-clip", "mac-omega", "mal-omega", "lmm-poly")
+CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mac-input", "mag-clip", "mac-omega", "mal-omega", "lmm-poly",
+         "mac-memora", "lmm-memora")
 
 
 def _cfg(variant, **kw):
@@ -31,6 +32,8 @@ def _cfg(variant, **kw):
         variant, kw = "mac", {"mac_memory_input": "input", "mac_gate_input": "attention", **kw}
     if variant == "mag-clip":
         variant, kw = "mag", {"memory_max_grad_norm": 0.05, **kw}
+    if variant in ("mac-memora", "lmm-memora"):  # Memora's KL retention; theta large enough to move its softmax
+        variant, kw = variant[:3], {"memory_retention_kl": 1.0, "memory_momentum": False, "memory_theta_init": 0.5, **kw}
     if variant == "lmm-poly":  # ATLAS's degree-2 feature map
         variant, kw = "lmm", {"memory_feature_degree": 2, **kw}
     if variant in ("mac-omega", "mal-omega"):  # the Omega rule over 3 tokens (with huber on the MAL)
@@ -193,6 +196,7 @@ def test_gradients_and_training_steps(variant):
         (dict(mac_gate_input="residual"), "mac_gate_input"),
         (dict(memory_max_grad_norm=0.0), "memory_max_grad_norm"),
         (dict(memory_max_grad_norm=float("nan")), "memory_max_grad_norm"),
+        (dict(memory_retention_kl=0.0, memory_momentum=False), "memory_retention_kl must be None or a number in"),
     ],
 )
 def test_bad_configs(kwargs, match):
@@ -506,6 +510,9 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
         ("mal", dict(memory_window=3, memory_chunk=5)),
         ("lmm", dict(memory_window=2, memory_objective="huber", memory_feature_degree=2)),
         ("mac", dict(memory_window=4)),
+        ("mac-memora", {}),
+        ("mag-clip", dict(memory_retention_kl=2.0, memory_momentum=False, memory_theta_init=0.5, memory_chunk=3)),
+        ("lmm-memora", dict(memory_forgetting=False, memory_residual=True, memory_objective="huber")),
     ],
 )
 def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):

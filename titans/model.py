@@ -26,7 +26,7 @@ from .layers.features import polynomial_feature_dim
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.objectives import Objective
 from .ops.memory.rules import merge_rule
-from .ops.memory.state import check_max_grad_norm, check_retention_q
+from .ops.memory.state import check_max_grad_norm, check_retention_kl, check_retention_q
 from .ops.tensors import standard_strides
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
@@ -68,6 +68,10 @@ class TitansConfig:
     # Moneta's l_q retention (NeuralMemory retention_q; None: off). Moneta: memory_objective="lp",
     # memory_retention_q=4, memory_momentum=False
     memory_retention_q: float | None = None
+    # Memora's KL retention (NeuralMemory retention_kl; None: off): every row of the memory's weights
+    # on the simplex of this sum c, each write a softmax step. Memora: memory_retention_kl=1,
+    # memory_momentum=False
+    memory_retention_kl: float | None = None
     # The Omega rule (ATLAS eqs. 9-10; NeuralMemory window): each write descends the loss of the
     # memory_window latest tokens, weighted by learned gates. 1: the Titans rule
     memory_window: int = 1
@@ -174,6 +178,17 @@ class TitansConfig:
                              "to an output of another size")  # fmt: skip
         if self.memory_window > 1 and self.memory_retention_q is not None:
             raise ValueError("memory_window (the Omega rule) and memory_retention_q (Moneta's retention) do not combine yet")
+        if self.memory_retention_kl is not None:
+            self.memory_retention_kl = float(self.memory_retention_kl)  # one spelling: 1 and 1.0 resume each other
+            if self.memory_momentum:
+                raise ValueError("memory_retention_kl (Memora's KL retention) is gradient descent without momentum: "
+                                 "set memory_momentum=False")  # fmt: skip
+            if self.memory_retention_q is not None:
+                raise ValueError("memory_retention_kl (Memora's KL retention) and memory_retention_q (Moneta's l_q "
+                                 "retention) are two retentions: set one")  # fmt: skip
+            if self.memory_window > 1:
+                raise ValueError("memory_window (the Omega rule) and memory_retention_kl (Memora's retention) do not "
+                                 "combine yet")  # fmt: skip
         if self.memory_activation not in ("silu", "gelu", "relu"):
             raise ValueError(f"memory_activation must be 'silu', 'gelu' or 'relu', got {self.memory_activation!r}")
         if self.memory_qk_activation not in ("silu", "identity"):
@@ -211,6 +226,7 @@ class TitansConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
+        check_retention_kl(self.memory_retention_kl, "memory_retention_kl")  # None or a number in (0, 1e6]
 
     @property
     def ffn_hidden(self) -> int:
@@ -228,7 +244,7 @@ class TitansConfig:
             associative_init=self.memory_associative_init, max_grad_norm=self.memory_max_grad_norm,
             product_dtype=self.memory_product_dtype, qk_activation=self.memory_qk_activation,
             objective=self.memory_objective, objective_p=self.memory_objective_p, delta_init=self.memory_delta_init,
-            retention_q=self.memory_retention_q, window=self.memory_window,
+            retention_q=self.memory_retention_q, retention_kl=self.memory_retention_kl, window=self.memory_window,
             feature_degree=self.memory_feature_degree,
         )  # fmt: skip
 
@@ -246,8 +262,8 @@ class TitansConfig:
     @classmethod
     def with_memory_rule(cls, rule: str, **fields) -> "TitansConfig":
         """A config whose memories follow a named rule (``titans.ops.memory.rules``: "titans",
-        "moneta", "yaad", "omega"), with ``fields`` for the rest; a field the rule fixes to
-        another value is refused."""
+        "moneta", "yaad", "memora", "omega"), with ``fields`` for the rest; a field the rule fixes
+        to another value is refused."""
         return cls(**merge_rule(rule, fields, rename=lambda key: f"memory_{key}"))
 
     @classmethod
@@ -286,8 +302,11 @@ class ModelState:
 _MEMORY_SETTINGS = (
     "memory_heads", "memory_depth", "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting",
     "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation", "memory_objective",
-    "memory_objective_p", "memory_retention_q", "memory_window", "memory_feature_degree",
+    "memory_objective_p", "memory_retention_q", "memory_retention_kl", "memory_window", "memory_feature_degree",
 )  # fmt: skip
+# Settings added after states were first saved: a fingerprint names them only away from these
+# defaults, so that states saved before them still fit the models they came from.
+_LATER_SETTINGS = {"memory_retention_kl": None}
 STATE_SETTINGS = {
     "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),
     "mag": ("window", "persistent_tokens", *_MEMORY_SETTINGS),
@@ -430,6 +449,7 @@ class TitansLM(nn.Module):
         cfg = self.cfg
         values = {"memory_heads": cfg.memory_heads or cfg.heads, "memory_expansion": float(cfg.memory_expansion)}
         keys = ("variant", "dim", "depth", "heads", *STATE_SETTINGS[cfg.variant])
+        keys = [k for k in keys if k not in _LATER_SETTINGS or getattr(cfg, k) != _LATER_SETTINGS[k]]
         return " ".join(f"{k}={values.get(k, getattr(cfg, k))}" for k in keys)
 
     def check_state(self, state: ModelState) -> None:

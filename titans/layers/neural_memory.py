@@ -27,8 +27,10 @@ from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
 from ..ops.memory.objectives import Objective
 from ..ops.memory.rules import merge_rule
-from ..ops.memory.state import MemoryWindow, check_max_grad_norm, check_retention_q, compute_dtype, window_weights
-from ..ops.memory.step import step_flat
+from ..ops.memory.state import (
+    MemoryWindow, check_max_grad_norm, check_retention_kl, check_retention_q, compute_dtype, kl_simplex, window_weights,
+)  # fmt: skip
+from ..ops.memory.step import kl_step_flat, step_flat
 from ..ops.tensors import distinct, nonfinite, standard_strides
 from ..runtime.cpu import warn_if_cpu_bf16_is_slow
 from .features import PolynomialFeatures, polynomial_feature_dim
@@ -90,6 +92,10 @@ class MemoryStep:
     window_k, window_v, window_delta: the Omega rule's last ``window - 1`` keys and values
         ``[B*H, window - 1, D]`` (thresholds ``[B*H, window - 1]``), None without the rule (or the
         threshold); window_valid: how many of them are real tokens (0-dim tensor).
+    log_weights: Memora's log-weights ``[B, H, out, in]`` per layer (``retention_kl``; else None);
+        position: the open chunk's tokens seen (0-dim tensor, Memora only: its first token steps
+        exactly, and its last puts the weights back on the simplex). With Memora the step also
+        returns new chunk weights (the lag token's).
     """
 
     weights: tuple[Tensor, ...]
@@ -100,6 +106,8 @@ class MemoryStep:
     window_v: Tensor | None = None
     window_delta: Tensor | None = None
     window_valid: Tensor | None = None
+    log_weights: tuple[Tensor, ...] | None = None
+    position: Tensor | None = None
 
 
 def _causal_depthwise(u: Tensor, tail: Tensor | None, weight: Tensor) -> Tensor:
@@ -370,6 +378,15 @@ class NeuralMemory(nn.Module):
             accumulator ``A`` read and written as ``A / ||A||_q^(q-2)``, renormalised at chunk
             starts (``ops/memory/README.md``); the forget gate then decays ``A``. Moneta is
             ``objective="lp"``, ``retention_q=4``, ``momentum=False``.
+        retention_kl: Memora's KL retention (MIRAS eqs. 19-21, 27; None: off), the number being
+            ``c``, the sum of every row of the memory's weights: the weights stay positive, each
+            row on the simplex of sum c, and a write is ``W = c softmax((1 - alpha) log W - theta
+            grad)`` row by row, so the forget gate pulls every row toward uniform instead of toward
+            zero, and theta steps the log-weights. The initial weights' parameters are logits
+            (``M_0 = c softmax`` of their rows). Inside a chunk reads follow the papers' linear
+            approximation (eqs. 30-32; ``ops/memory/README.md``, "Memora: KL retention"). Needs
+            ``momentum=False``; not with ``retention_q`` or ``window``. Memora is ``objective="l2"``,
+            ``retention_kl=1``, ``momentum=False``.
         delta_init: the huber threshold of an untrained layer (the bias of ``to_delta``).
         feature_degree: ATLAS's polynomial feature map (section 3.1; None: off): the memory stores
             ``phi(k) -> v`` and reads ``phi(q)``, ``phi`` every monomial of the normalised key up
@@ -412,6 +429,7 @@ class NeuralMemory(nn.Module):
         objective: str = "l2",
         objective_p: float = 3.0,
         retention_q: float | None = None,
+        retention_kl: float | None = None,
         delta_init: float = 1.0,
         window: int = 1,
         feature_degree: int | None = None,
@@ -444,6 +462,16 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"window must be an integer >= 1 (1: the Titans rule), got {window!r}")
         if window > 1 and retention_q is not None:
             raise ValueError("window (the Omega rule) and retention_q (Moneta's retention) do not combine yet")
+        check_retention_kl(retention_kl)
+        if retention_kl is not None:
+            if retention_q is not None:
+                raise ValueError("retention_kl (Memora's KL retention) and retention_q (Moneta's l_q retention) are two "
+                                 "retentions: pass one")  # fmt: skip
+            if momentum:
+                raise ValueError("retention_kl (Memora's KL retention) is gradient descent without momentum: "
+                                 "pass momentum=False")  # fmt: skip
+            if window > 1:
+                raise ValueError("window (the Omega rule) and retention_kl (Memora's retention) do not combine yet")
         if not (isinstance(delta_init, (int, float)) and 0 < delta_init < math.inf):
             raise ValueError(f"delta_init must be a positive number, got {delta_init!r}")
         if not 0 < theta_init < (max_lr if theta_activation == "sigmoid" else math.inf):
@@ -462,6 +490,7 @@ class NeuralMemory(nn.Module):
         self.objective = Objective(objective, p=float(objective_p))
         check_retention_q(retention_q)
         self.retention_q = None if retention_q is None else float(retention_q)
+        self.retention_kl = None if retention_kl is None else float(retention_kl)
         self.momentum, self.forgetting = momentum, forgetting
         self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
         self.theta_activation, self.max_lr = theta_activation, max_lr
@@ -497,7 +526,8 @@ class NeuralMemory(nn.Module):
     @classmethod
     def from_rule(cls, rule: str, dim: int, **kwargs) -> "NeuralMemory":
         """A layer following a named rule (``titans.ops.memory.rules``: "titans", "moneta",
-        "yaad", "omega"), ``kwargs`` for the rest; a keyword the rule fixes otherwise is refused."""
+        "yaad", "memora", "omega"), ``kwargs`` for the rest; a keyword the rule fixes otherwise is
+        refused."""
         return cls(dim, **merge_rule(rule, kwargs))
 
     def reset_parameters(self) -> None:
@@ -637,7 +667,7 @@ class NeuralMemory(nn.Module):
             q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
             max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(x),
-            retention_q=self.retention_q, gamma=self.window_gates(x),
+            retention_q=self.retention_q, gamma=self.window_gates(x), retention_kl=self.retention_kl,
         )  # fmt: skip
         if state is None:
             kwargs["weights"] = tuple(self.initial_weights)
@@ -713,12 +743,21 @@ class NeuralMemory(nn.Module):
             mix = window_weights(gamma, state.window_valid, 0, 1).squeeze(1)  # (B*H, c)
             window = dict(window_k=kk[:, 1:], window_v=vv[:, 1:], window_delta=None if dd is None else dd[:, 1:],
                           window_valid=torch.clamp(state.window_valid + 1, max=c - 1))  # fmt: skip
+        unflat = lambda ws: None if ws is None else tuple(w.reshape(B, H, *w.shape[1:]) for w in ws)  # noqa: E731
+        if self.retention_kl is not None:  # Memora: the position decides the lag and closing steps
+            y, W, Wc, Z = kl_step_flat(
+                flat(state.weights), flat(state.chunk_weights), flat(state.log_weights), q.to(cd), kk, vv,
+                gate(theta), gate(alpha), self.activation, self.residual, self.max_grad_norm, self.objective, dd,
+                self.retention_kl, lag=state.position == 0, end=state.position == self.chunk_size - 1,
+            )  # fmt: skip
+            answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)
+            return answer, MemoryStep(unflat(W), unflat(Wc), None, conv_tail, log_weights=unflat(Z),
+                                      position=(state.position + 1) % self.chunk_size)  # fmt: skip
         y, W, S = step_flat(
             flat(state.weights), flat(state.chunk_weights), flat(state.momentum), q.to(cd), kk, vv,
             gate(theta), gate(eta), gate(alpha), self.activation, self.residual, self.max_grad_norm,
             self.objective, dd, self.retention_q, mix,
         )  # fmt: skip
-        unflat = lambda ws: None if ws is None else tuple(w.reshape(B, H, *w.shape[1:]) for w in ws)  # noqa: E731
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
         return answer, MemoryStep(unflat(W), state.chunk_weights, unflat(S), conv_tail, **window)
 
@@ -732,6 +771,9 @@ class NeuralMemory(nn.Module):
         m = state.memory
         shapes = [(batch_size, *w.shape) for w in self.initial_weights]
         groups = [m.weights, m.chunk_weights] + ([] if m.momentum is None else [m.momentum])
+        if (m.log_weights is None) != (self.retention_kl is None):
+            return None
+        groups += [] if m.log_weights is None else [m.log_weights]
         tail = None if not self.conv_kernel else (batch_size, self.conv_kernel - 1, self.to_qkv.out_features)
         if not (
             0 <= m.position < self.chunk_size
@@ -741,7 +783,9 @@ class NeuralMemory(nn.Module):
         ):
             return None
         chunk_w = distinct(m.weights if m.position == 0 else m.chunk_weights, m.weights)
-        window = {}
+        extra = {}
+        if m.log_weights is not None:  # Memora: the log-weights, and the position as a tensor
+            extra = dict(log_weights=m.log_weights, position=torch.tensor(m.position, device=m.weights[0].device))
         if self.window > 1:  # the Omega window as flat tensors (zeros where no token was seen yet)
             c, N = self.window, batch_size * self.heads
             w, key_dim = m.window, self.initial_weights[0].shape[-1]  # keys after the feature map, if any
@@ -752,9 +796,9 @@ class NeuralMemory(nn.Module):
             if w.size != c or (w.delta is None) == self.objective.needs_delta or w.k.shape[-1] != key_dim:
                 return None  # the general path explains
             flat = lambda t: None if t is None else t.reshape(N, *t.shape[2:]).contiguous()  # noqa: E731  (B, H, ...) -> (B*H, ...)
-            window = dict(window_k=flat(w.k), window_v=flat(w.v), window_delta=flat(w.delta),
-                          window_valid=torch.tensor(w.valid, device=m.weights[0].device))  # fmt: skip
-        return MemoryStep(m.weights, chunk_w, m.momentum, standard_strides(state.conv), **window)
+            extra = dict(window_k=flat(w.k), window_v=flat(w.v), window_delta=flat(w.delta),
+                         window_valid=torch.tensor(w.valid, device=m.weights[0].device))  # fmt: skip
+        return MemoryStep(m.weights, chunk_w, m.momentum, standard_strides(state.conv), **extra)
 
     def state_after_step(self, before: NeuralMemoryState, step: MemoryStep) -> NeuralMemoryState:
         """The state after one ``step`` (or ``step_memorize``) continued ``before``."""
@@ -767,7 +811,7 @@ class NeuralMemory(nn.Module):
             before_valid = 0 if before.memory.window is None else before.memory.window.valid
             valid = min(self.window - 1, before_valid + 1)  # on the host: no device sync per token
             window = MemoryWindow(unflat(step.window_k), unflat(step.window_v), unflat(step.window_delta), valid)
-        memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window)
+        memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window, step.log_weights)
         return NeuralMemoryState(memory, step.conv)
 
     def step(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:
@@ -809,8 +853,11 @@ class NeuralMemory(nn.Module):
         return self.to_out(rearrange(y, "b t h d -> b t (h d)") * gate)
 
     def initial_weights_for(self, batch_size: int) -> tuple[Tensor, ...]:
-        """M_0 broadcast to the batch, ``[B, H, out, in]`` per layer (a view: gradients flow)."""
-        return tuple(w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
+        """M_0 broadcast to the batch, ``[B, H, out, in]`` per layer (a view: gradients flow): the
+        weights a read uses before any write; with ``retention_kl``, ``c softmax`` of the rows of
+        the parameters (which are then logits)."""
+        ws = tuple(w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
+        return ws if self.retention_kl is None else kl_simplex(ws, self.retention_kl)[1]
 
     def retrieve(
         self, x: Tensor, weights: tuple[Tensor, ...], conv_tail: Tensor | None = None
@@ -853,5 +900,6 @@ class NeuralMemory(nn.Module):
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, chunk_size={self.chunk_size}, momentum={self.momentum}, "
             f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}, retention_q={self.retention_q}, "
+            f"retention_kl={self.retention_kl}, "
             f"window={self.window}, feature_degree={None if self.features is None else self.features.degree}"
         )

@@ -11,6 +11,9 @@ from pre-activations in the backward pass: memory is one state per chunk plus sm
 no per-token weights are ever stored.
 ``backward="autograd"`` differentiates the same forward with autograd instead: the simple
 reference the analytic backward is tested against (it keeps every intermediate alive).
+Memora's softmax retention (``retention_kl``) is not linear inside a chunk: each chunk's first token
+takes its exact step (``step.kl_step_flat``) and the kernel runs the rest, the papers' chunk
+approximation (README, "Memora: KL retention").
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from torch.autograd.function import once_differentiable
 from .mlp import activation as act_fn
 from .mlp import activation_with_grads, clip_scale
 from .objectives import L2, Objective, as_objective
+from .step import kl_step_flat
 from .state import (
     full_precision,
     MemoryState,
     check_inputs,
     compute_dtype,
     initial_memory_state,
+    kl_simplex,
     log_gate,
     lq_scale,
     next_window,
@@ -569,6 +574,32 @@ def _outer_backward(G: Tensor, dz: Tensor, h: Tensor, c: Tensor, gc: Tensor, gdz
         _add_product(gh, c.unsqueeze(-1) * dz, G, alpha=-1)
 
 
+def _kl_plan(sizes: list[int], position: int, chunk_size: int, theta: Tensor, alpha: Tensor | None, log_a):
+    """Memora's split of a call's spans (``sizes``, the first continuing a chunk at ``position``):
+    every span that opens a chunk starts with its lag token, which takes the exact step; the kernel
+    runs the span's other tokens. theta, alpha ``[N, T]`` (alpha None without forgetting), log_a
+    the log of 1 - alpha. Returns the kernel's coefficients per span (None where it has no tokens)
+    and an iterator over the lag tokens' ``(theta, alpha)``, ``[N, 1, 1]`` each. Gates are gathered
+    once, not sliced per chunk (a slice's backward zero-fills a full-length gradient each time)."""
+    opens, starts, p, T = [], [], position, 0
+    for n in sizes:
+        opens.append(p == 0)
+        starts.append(T)
+        p, T = (p + n) % chunk_size, T + n
+    lags = [t0 for t0, o in zip(starts, opens) if o]
+    lag_set = set(lags)
+    rest = torch.tensor([t for t in range(T) if t not in lag_set], dtype=torch.long, device=theta.device)
+    runs = [n - o for n, o in zip(sizes, opens)]
+    pick = lambda x: None if x is None else x.index_select(1, rest)  # noqa: E731
+    coefs = iter(_chunk_coefficients([r for r in runs if r], pick(theta), pick(log_a), None))
+    coefficients = [next(coefs) if r else None for r in runs]
+    at = torch.tensor(lags, dtype=torch.long, device=theta.device)
+    N = theta.shape[0]
+    th = theta.index_select(1, at).reshape(N, -1, 1, 1).unbind(1)
+    al = [None] * len(lags) if alpha is None else alpha.index_select(1, at).reshape(N, -1, 1, 1).unbind(1)
+    return coefficients, iter(zip(th, al))
+
+
 def check_product_dtype(product_dtype: torch.dtype | None, compute: torch.dtype) -> torch.dtype:
     """The dtype of the chunk's products: ``compute`` (the state's dtype) unless bfloat16 is asked
     for, with a float32 state."""
@@ -608,6 +639,7 @@ def chunk_memory(
     delta: Tensor | None = None,
     retention_q: float | None = None,
     gamma: Tensor | None = None,
+    retention_kl: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunk-parallel neural memory; same signature and results as ``naive_memory``.
 
@@ -626,12 +658,13 @@ def chunk_memory(
     """
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
-                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual)  # fmt: skip
+                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual,
+                 retention_kl=retention_kl)  # fmt: skip
     return chunk_memory_unchecked(
         q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, state=state,
         chunk_size=chunk_size, activation=activation, residual=residual, max_grad_norm=max_grad_norm,
         backward=backward, compile=compile, product_dtype=product_dtype, objective=objective, delta=delta,
-        retention_q=retention_q, gamma=gamma,
+        retention_q=retention_q, gamma=gamma, retention_kl=retention_kl,
     )  # fmt: skip
 
 
@@ -657,6 +690,7 @@ def chunk_memory_unchecked(
     delta: Tensor | None = None,
     retention_q: float | None = None,
     gamma: Tensor | None = None,
+    retention_kl: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """``chunk_memory`` without ``check_inputs``, for callers that build q, k, v and the gates
     themselves from an input they validated once and then call the op many times (MAC, once
@@ -672,7 +706,7 @@ def chunk_memory_unchecked(
     B, T, H, D = q.shape
     N = B * H
     if state is None:
-        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd)
+        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
     L = state.depth
     has_mom = eta is not None
 
@@ -713,16 +747,34 @@ def chunk_memory_unchecked(
 
     use_fn = backward == "analytic" and torch.is_grad_enabled()
     # Groups of fresh chunks run as one compiled call in inference; Moneta's retention renormalises
-    # between chunks, so it runs chunk by chunk.
-    grouping = compile and not torch.is_grad_enabled() and retention_q is None and gamma is None
+    # between chunks and Memora's steps exactly at each chunk's first token, so they run chunk by chunk.
+    grouping = compile and not torch.is_grad_enabled() and retention_q is None and gamma is None and retention_kl is None
     group_forward = _maybe_compiled(_chunk_group_forward, True) if grouping else None
     ys, pos = [], state.position
-    coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
+    if retention_kl is None:
+        coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
+    else:  # the kernel runs each chunk's tokens after its lag token (its first): their gates alone
+        alpha_f = None if alpha is None else flat(alpha)
+        coefficients, lag_gates = _kl_plan(sizes, state.position, chunk_size, thf, alpha_f, log_a)
+        Z = tuple(flat_w(z) for z in state.log_weights)
     spans = list(zip(sizes, split(qf), split(kf), split(vf), coefficients, split(delta_f)))
     if gamma is not None:  # keys per span: the c - 1 tokens before it, then its own
         starts = list(itertools.accumulate([0, *sizes[:-1]]))
         k_spans, v_spans = _window_spans(kk, kf, sizes, starts, c), _window_spans(vv, vf, sizes, starts, c)
         d_spans = _window_spans(dd, delta_f, sizes, starts, c)
+
+    def kernel(q_c, k_c, v_c, d_c, gates, W, S, Wg, fresh):
+        """One span through ``_chunk_forward`` (its analytic backward when training)."""
+        if use_fn:
+            states = W + (S if has_mom else ()) + (() if fresh else Wg)
+            cfg = (L, has_mom, fresh, activation, residual, max_grad_norm, compile, objective)
+            out = _ChunkFunction.apply(cfg, q_c, k_c, v_c, d_c, *gates, *states)
+            return out[0], tuple(out[1 : 1 + L]), (tuple(out[1 + L :]) if has_mom else None)
+        forward = _maybe_compiled(_chunk_forward, compile and not torch.is_grad_enabled())
+        y, W, S = forward(q_c, k_c, v_c, *gates, W, S, None if fresh else Wg, activation, residual, max_grad_norm,
+                          objective=objective, delta=d_c)  # fmt: skip
+        return y, tuple(W), (tuple(S) if has_mom else None)
+
     i = 0
     while i < len(spans):
         n, q_c, k_c, v_c, gates, d_c = spans[i]
@@ -748,6 +800,26 @@ def chunk_memory_unchecked(
             W, S = tuple(W), (tuple(S) if has_mom else None)
             i += g  # whole chunks: pos stays 0, the next span is fresh
             continue
+        if retention_kl is not None:  # Memora (README, "Memora: KL retention")
+            if fresh:  # the lag token: the exact step from the chunk-start weights c softmax(Z)
+                (q1, q_c), (k1, k_c), (v1, v_c) = (x.split([1, n - 1], 1) for x in (q_c, k_c, v_c))
+                d1, d_c = (None, None) if d_c is None else d_c.split([1, n - 1], 1)
+                th1, a1 = next(lag_gates)
+                y1, W, Wg, Z = kl_step_flat(W, W, Z, q1.to(cd), k1, v1, th1, a1, activation, residual, max_grad_norm,
+                                            objective, d1, retention_kl, lag=True, end=chunk_size == 1)  # fmt: skip
+                ys.append(y1.to(qf.dtype))
+            if gates is not None:  # the rest of the chunk: the kernel, linear in W from the lag token's weights
+                W0, Z0 = W, Z
+                y, W, _ = kernel(q_c, k_c, v_c, d_c, gates, W, None, Wg, fresh)
+                ys.append(y)
+                # The log-weights take the same gradient sum G: W_end = A W0 - G, so Z_end = A Z0 - G.
+                A_end = None if gates[0] is None else gates[0][:, -1, None, None]
+                Z = tuple(w + (z - w0 if A_end is None else A_end * (z - w0)) for w, z, w0 in zip(W, Z0, W0))
+                if (pos + n) % chunk_size == 0:  # the chunk's end: back on the simplex
+                    Z, W = kl_simplex(Z, retention_kl)
+            pos = (pos + n) % chunk_size
+            i += 1
+            continue
         if retention_q is not None:  # the kernel is linear in the accumulators: scale in, scale back out
             s = lq_scale(W if fresh else Wg, retention_q)  # (N,): the chunk-start accumulator's scale
             A_c, B_c, C_c, e_c, m_c = gates
@@ -755,16 +827,7 @@ def chunk_memory_unchecked(
             start = Wg  # the chunk-start accumulator (the running one at a fresh chunk)
             W, Wg = _divided(W, s), _divided(Wg, s)
             S = _divided(S, s) if has_mom else None
-        if use_fn:
-            states = W + (S if has_mom else ()) + (() if fresh else Wg)
-            cfg = (L, has_mom, fresh, activation, residual, max_grad_norm, compile, objective)
-            out = _ChunkFunction.apply(cfg, q_c, k_c, v_c, d_c, *gates, *states)
-            y, W, S = out[0], tuple(out[1 : 1 + L]), (tuple(out[1 + L :]) if has_mom else None)
-        else:
-            forward = _maybe_compiled(_chunk_forward, compile and not torch.is_grad_enabled())
-            y, W, S = forward(q_c, k_c, v_c, *gates, W, S, None if fresh else Wg, activation, residual, max_grad_norm,
-                              objective=objective, delta=d_c)  # fmt: skip
-            W, S = tuple(W), (tuple(S) if has_mom else None)
+        y, W, S = kernel(q_c, k_c, v_c, d_c, gates, W, S, Wg, fresh)
         if retention_q is not None:
             W, S, Wg = _multiplied(W, s), (_multiplied(S, s) if has_mom else None), start
         ys.append(y)
@@ -774,5 +837,5 @@ def chunk_memory_unchecked(
     y = torch.cat(ys, dim=1).reshape(B, H, T, vf.shape[-1]).transpose(1, 2).to(dtype)
 
     window = next_window(kk, vv, dd, valid, c) if gamma is not None else None
-    final = state_from_flat(B, H, W, S, Wg, pos, window)
+    final = state_from_flat(B, H, W, S, Wg, pos, window, log_weights=Z if retention_kl is not None else None)
     return y, final

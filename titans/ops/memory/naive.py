@@ -7,6 +7,9 @@ Per token t (gradients at the chunk-start weights M_c, everything else token by 
     M_t = (1 - alpha_t) * M_{t-1} + S_t
     y_t = M_t(q_t)
 
+With ``retention_kl`` (Memora) the update is MIRAS eq. 27 at a chunk's first token and the papers'
+linear approximation at the others (eqs. 30-32; see ``naive_memory``).
+
 The per-token gradient is taken with ``torch.func.grad`` (autograd), independently of the
 analytic gradients of the chunk path. Every token's weights stay alive for the backward pass,
 so use it on short sequences only.
@@ -22,8 +25,8 @@ from torch import Tensor
 from .mlp import activation
 from .objectives import Objective, as_objective
 from .state import (
-    MemoryState, MemoryWindow, check_inputs, compute_dtype, full_precision, initial_memory_state, lq_scale, next_window,
-    window_tokens,
+    MemoryState, MemoryWindow, check_inputs, compute_dtype, full_precision, initial_memory_state, kl_simplex, lq_scale,
+    next_window, window_tokens,
 )  # fmt: skip
 
 __all__ = ["naive_memory"]
@@ -57,6 +60,7 @@ def naive_memory(
     delta: Tensor | None = None,
     retention_q: float | None = None,
     gamma: Tensor | None = None,
+    retention_kl: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Token loop. q, k, v ``[B, T, H, D]``; theta, eta, alpha ``[B, T, H]`` (eta / alpha = None:
     no momentum / no forgetting). Start from ``weights`` (M_0, per layer ``[H, out, in]`` or
@@ -70,16 +74,24 @@ def naive_memory(
     before its own write). ``gamma`` ``[B, T, H, c]``: the Omega rule (ATLAS eq. 9-10): token t's
     update is ``sum_j gamma[t, j] u_{t-j}`` over the c latest tokens (j = 0 the token itself), each
     ``u`` taken at the chunk-start weights and clipped on its own; the state keeps the last c - 1
-    tokens (``MemoryWindow``). Returns ``(y [B, T, H, D], final state)``."""
+    tokens (``MemoryWindow``). ``retention_kl = c``: Memora (MIRAS eqs. 19-21, 27), no momentum;
+    ``weights`` are logits and the memory starts at ``c softmax`` of each of their rows. The
+    state's ``log_weights`` Z take ``Z = (1 - alpha) Z - theta u`` at every token; a chunk's first
+    token (the lag token, eq. 30) sets the weights to ``c softmax(Z)`` row by row (eq. 27 exactly),
+    the chunk's other tokens take their gradients there and move the weights that reads use
+    linearly, ``W = (1 - alpha) W - theta u`` (eqs. 31-32); at the chunk's end the weights are
+    ``c softmax(Z)`` again. At chunk_size 1 every token is a lag token: eq. 27 itself. Returns
+    ``(y [B, T, H, D], final state)``."""
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
-                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual)  # fmt: skip
+                 objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual,
+                 retention_kl=retention_kl)  # fmt: skip
     dtype = q.dtype
     cd = compute_dtype(dtype)
     if state is None:
-        state = initial_memory_state(weights, q.shape[0], momentum=eta is not None, dtype=cd)
+        state = initial_memory_state(weights, q.shape[0], momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
     W, Wc, pos = state.weights, state.chunk_weights, state.position
-    S = state.momentum
+    S, Z = state.momentum, state.log_weights
     if S is None and eta is not None:
         S = tuple(torch.zeros_like(w) for w in W)
     q, k, v, theta = q.to(cd), k.to(cd), v.to(cd), theta.to(cd)
@@ -116,6 +128,19 @@ def naive_memory(
                 g = tuple(x * gamma[:, t, :, j, None, None].to(cd) for x in g)
             u = g if u is None else tuple(a + b for a, b in zip(u, g))
         th = theta[:, t, :, None, None]
+        if retention_kl is not None:  # Memora: the lag token exact, the chunk's others linear in W
+            keep = 1 if alpha is None else 1 - alpha[:, t, :, None, None].to(cd)
+            Z = tuple(keep * z - th * g for z, g in zip(Z, u))
+            if pos == 0:
+                Z, W = kl_simplex(Z, retention_kl)
+                Wc = W
+            else:
+                W = tuple(keep * w - th * g for w, g in zip(W, u))
+            ys.append(_mlp(W, q[:, t], activation, residual))
+            pos = (pos + 1) % chunk_size
+            if pos == 0:  # the chunk's end: back on the simplex
+                Z, W = kl_simplex(Z, retention_kl)
+            continue
         if eta is not None:
             et = eta[:, t, :, None, None].to(cd)
             S = tuple(et * s - th * g for s, g in zip(S, u))
@@ -140,5 +165,6 @@ def naive_memory(
         chunk_weights=tuple(W) if pos == 0 else tuple(Wc),
         position=pos,
         window=window,
+        log_weights=None if Z is None else tuple(Z),
     )
     return y, final

@@ -68,6 +68,9 @@ class MemoryState:
                    that chunk takes its gradient there. Equal to ``weights`` when position == 0.
     position:      tokens of the pending chunk already seen (0 <= position < chunk_size).
     window:        the Omega rule's recent tokens (``MemoryWindow``); None for a window of one.
+    log_weights:   Memora's log-weights (``retention_kl``), same shapes: what its KL retention
+                   carries from token to token (``weights`` are what a read uses; at position 0
+                   ``weights = exp(log_weights)``, every row on the simplex). None for other rules.
     """
 
     weights: tuple[Tensor, ...]
@@ -75,6 +78,7 @@ class MemoryState:
     chunk_weights: tuple[Tensor, ...]
     position: int = 0
     window: MemoryWindow | None = None
+    log_weights: tuple[Tensor, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -93,7 +97,7 @@ class MemoryState:
         out += list(self.momentum) if self.momentum is not None else []
         if self.window is not None:
             out += [self.window.k, self.window.v] + ([self.window.delta] if self.window.delta is not None else [])
-        return out
+        return out + (list(self.log_weights) if self.log_weights is not None else [])
 
     def num_bytes(self) -> int:
         """Bytes held by the state (chunk weights shared with the running weights count once)."""
@@ -115,7 +119,8 @@ class MemoryState:
         if window is not None:
             delta = None if window.delta is None else fn(window.delta)
             window = replace(window, k=fn(window.k), v=fn(window.v), delta=delta)
-        return replace(self, weights=weights, momentum=momentum, chunk_weights=chunk, window=window)
+        logs = None if self.log_weights is None else tuple(fn(z) for z in self.log_weights)
+        return replace(self, weights=weights, momentum=momentum, chunk_weights=chunk, window=window, log_weights=logs)
 
     def detach(self) -> "MemoryState":
         """Cut the autograd history (truncated backprop through time between calls)."""
@@ -126,18 +131,26 @@ class MemoryState:
 
 
 def initial_memory_state(
-    weights: Sequence[Tensor], batch_size: int, momentum: bool, dtype: torch.dtype | None = None
+    weights: Sequence[Tensor],
+    batch_size: int,
+    momentum: bool,
+    dtype: torch.dtype | None = None,
+    retention_kl: float | None = None,
 ) -> MemoryState:
     """The state before any token: M_0 = ``weights`` (``[H, out, in]`` shared by the batch, or
-    ``[B, H, out, in]``), S_0 = 0, position 0. Broadcasting keeps gradients flowing to ``weights``."""
+    ``[B, H, out, in]``), S_0 = 0, position 0. Broadcasting keeps gradients flowing to ``weights``.
+    With ``retention_kl = c`` (Memora) ``weights`` are logits, free parameters: the memory starts at
+    ``c * softmax`` of each of their rows (``kl_simplex``), and its log-weights are kept too."""
     ws = []
     for w in weights:
         if w.dim() == 3:
             w = w.unsqueeze(0).expand(batch_size, *w.shape)
         ws.append(w if dtype is None else w.to(dtype))
-    ws = tuple(ws)
+    ws, logs = tuple(ws), None
+    if retention_kl is not None:
+        logs, ws = kl_simplex(ws, retention_kl)
     mom = tuple(torch.zeros_like(w) for w in ws) if momentum else None
-    return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0)
+    return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0, log_weights=logs)
 
 
 def lq_scale(weights, q: float) -> Tensor:
@@ -146,6 +159,26 @@ def lq_scale(weights, q: float) -> Tensor:
     ``[..., out, in]`` -> ``[...]``; 1 for q = 2; floored away from 0 (an all-zero accumulator)."""
     total = sum(w.abs().pow(q).sum((-1, -2)) for w in weights)
     return total.clamp_min(torch.finfo(total.dtype).tiny).pow((q - 2) / q)
+
+
+def kl_simplex(logits, scale: float) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Memora's map onto its constraint set (MIRAS eqs. 19-21: ``W >= 0`` with every slice summing
+    to ``c``; a slice here is a row of a layer's ``[..., out, in]`` matrix, the weights into one
+    unit): ``(log W, W)`` with ``W = c * softmax(row)`` of each row of each layer's ``logits``.
+    The log-weights come from ``log_softmax`` (no log of a rounded-to-zero weight); a softmax is
+    unchanged by adding a constant to a row, so any logits of the same rows give the same W."""
+    logs = tuple(torch.log_softmax(z, dim=-1) + math.log(scale) for z in logits)
+    return logs, tuple(z.exp() for z in logs)
+
+
+def check_retention_kl(retention_kl, name: str = "retention_kl") -> None:
+    """None (no KL retention) or ``c``, a positive finite number: Memora's KL retention with every
+    row of the memory's weights on the simplex of sum c (MIRAS eqs. 19-21, 27)."""
+    if retention_kl is None:
+        return
+    if isinstance(retention_kl, bool) or not isinstance(retention_kl, (int, float)) or not 0 < retention_kl <= 1e6:
+        raise ValueError(f"{name} must be None or a number in (0, 1e6] (the scale c of Memora's simplex rows), "
+                         f"got {retention_kl!r}")  # fmt: skip
 
 
 def check_retention_q(retention_q) -> None:
@@ -157,7 +190,8 @@ def check_retention_q(retention_q) -> None:
 
 
 def state_from_flat(
-    batch: int, heads: int, weights, momentum, chunk_weights, position: int, window: MemoryWindow | None = None
+    batch: int, heads: int, weights, momentum, chunk_weights, position: int, window: MemoryWindow | None = None,
+    log_weights=None,
 ) -> MemoryState:
     """Build a MemoryState from ``[B*H, out, in]`` tensors (the layout the fast paths compute in);
     ``window`` as ``[B*H, c - 1, ...]`` tensors."""
@@ -174,6 +208,7 @@ def state_from_flat(
         window=None if window is None else MemoryWindow(
             unflat(window.k), unflat(window.v), None if window.delta is None else unflat(window.delta), window.valid
         ),
+        log_weights=None if log_weights is None else tuple(unflat(z) for z in log_weights),
     )
 
 
@@ -279,12 +314,22 @@ def check_inputs(
     retention_q: float | None = None,
     gamma: Tensor | None = None,
     residual: bool = False,
+    retention_kl: float | None = None,
 ) -> None:
     """Raise a ValueError/TypeError that names the bad argument. ``objective`` (an
     ``objectives.Objective``; None is the paper's l2) decides whether ``delta`` is required;
     ``gamma`` ``[B, T, H, c]`` are the Omega rule's window weights (None: a window of one token)."""
     check_max_grad_norm(max_grad_norm)
     check_retention_q(retention_q)
+    check_retention_kl(retention_kl)
+    if retention_kl is not None:
+        if retention_q is not None:
+            raise ValueError("retention_kl (Memora's KL retention) and retention_q (Moneta's l_q retention) are two "
+                             "retentions: pass one")  # fmt: skip
+        if eta is not None:
+            raise ValueError("retention_kl (Memora's KL retention) is gradient descent without momentum: pass eta=None")
+        if gamma is not None:
+            raise ValueError("gamma (the Omega rule's window) and retention_kl (Memora's retention) do not combine yet")
     needs_delta = objective is not None and objective.needs_delta
     if needs_delta and delta is None:
         raise ValueError(f"the {objective.name} objective needs delta, its per-token threshold [B, T, H]")
@@ -357,9 +402,14 @@ def check_inputs(
                 f"state.position = {state.position} is outside [0, chunk_size = {chunk_size}): "
                 "the state was made with another chunk_size"
             )
+        if (state.log_weights is None) != (retention_kl is None):
+            raise ValueError("state holds Memora's log-weights: pass retention_kl" if retention_kl is None else
+                             "state has no log-weights: it was not made with retention_kl (Memora's KL retention)")  # fmt: skip
         groups = [("state.weights", state.weights), ("state.chunk_weights", state.chunk_weights)]
         if state.momentum is not None:
             groups.append(("state.momentum", state.momentum))
+        if state.log_weights is not None:
+            groups.append(("state.log_weights", state.log_weights))
         for name, group in groups:
             if len(group) != len(layers):
                 raise ValueError(f"{name} has {len(group)} layers, state.weights has {len(layers)}")

@@ -6,8 +6,9 @@ each weight once (one rank-1 update per layer), so decoding costs O(1) per token
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from .mlp import clip_scale, key_gradients, mlp_forward
@@ -18,6 +19,7 @@ from .state import (
     check_inputs,
     compute_dtype,
     initial_memory_state,
+    kl_simplex,
     lq_scale,
     next_window,
     state_from_flat,
@@ -25,7 +27,7 @@ from .state import (
     window_weights,
 )
 
-__all__ = ["step_memory", "step_flat"]
+__all__ = ["kl_step_flat", "step_memory", "step_flat"]
 
 
 def step_flat(
@@ -81,6 +83,76 @@ def step_flat(
     return mlp_forward(W, q, activation, residual), W, S
 
 
+def _when(flag: bool | Tensor, then: Callable[[], tuple], otherwise: Callable[[], tuple]) -> tuple:
+    """``then()`` where ``flag`` holds, else ``otherwise()`` (tuples of tensors): a Python branch
+    for a bool; for a 0-dim bool tensor (the decode graph, which has no Python branch on the
+    state) both are computed and chosen elementwise."""
+    if isinstance(flag, bool):
+        return then() if flag else otherwise()
+    return tuple(torch.where(flag, a, b) for a, b in zip(then(), otherwise()))
+
+
+def kl_step_flat(
+    W: Sequence[Tensor],
+    Wc: Sequence[Tensor],
+    Z: Sequence[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    alpha: Tensor | None,
+    activation: str,
+    residual: bool,
+    max_grad_norm: float | None,
+    objective: Objective,
+    delta: Tensor | None,
+    scale: float,
+    lag: bool | Tensor,
+    end: bool | Tensor,
+) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """One token of Memora (``retention_kl = scale``), unchecked, on flat memories ``[N, out, in]``.
+
+    MIRAS eq. 27 (with eq. 21's scale c): every row of every layer becomes
+    ``W = c softmax(a log W - theta u)``, ``a = 1 - alpha`` (eq. 27's alpha_t, eq. 21's
+    1 - lambda_t), theta eq. 27's eta_t, ``u`` the loss gradient at ``Wc``. The chunk approximation
+    (eqs. 30-32): with ``lag`` (a chunk's first token) the token takes that step exactly and its
+    weights become the chunk's gradient point ``Wc``; the chunk's other tokens take their gradients
+    at ``Wc`` and move the weights reads use linearly, ``W = a W - theta u``. The log-weights ``Z``
+    take ``Z = a Z - theta u`` at every token, and with ``end`` (a chunk's last token) the weights
+    are ``c softmax(Z)`` again.
+
+    Choices (``ops/memory/README.md``, "Memora: KL retention", compares the sources): a slice is a
+    row, the weights into one unit (two implementations normalise rows; one transcription says
+    only "per slice"; eqs. 18-21 constrain a whole matrix); ``c`` is one fixed number; the
+    log-weights, not the linear W, cross chunk boundaries (one transcription carries W and takes
+    its log at the next lag token, undefined where a linear step left an entry <= 0, and its forget
+    gate would reach log W once per chunk; another accumulates log W); any objective, ``u``
+    clipped before the step with ``max_grad_norm``; no momentum.
+
+    q, k, v ``[N, 1, D]``; theta, alpha ``[N, 1, 1]`` (alpha None: no forgetting); ``delta``
+    ``[N, 1]`` (objectives with a threshold). ``lag`` and ``end`` are bools, or 0-dim bool tensors
+    in the decode graph (no Python branch on the state there). Returns ``(y [N, 1, D], W, Wc, Z)``."""
+    L = len(W)
+    hs, _, dzs = key_gradients(Wc, k, v, activation, residual, objective, delta)
+    th = theta
+    if max_grad_norm is not None:
+        th = th * clip_scale(dzs, hs, max_grad_norm)[0].unsqueeze(-1)  # (N, 1, 1)
+    u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]
+    keep = 1.0 if alpha is None else 1 - alpha
+    Z = tuple(keep * z - th * g for z, g in zip(Z, u))  # eq. 27's alpha log W - eta grad, every token
+
+    def on_simplex(Z):  # (W, Wc, Z) with W = c softmax(Z) row by row, also the chunk's gradient point
+        logs, ws = kl_simplex(Z, scale)
+        return ws + ws + logs
+
+    # the lag token takes the exact step; the chunk's others move the read weights linearly (eqs. 31-32)
+    out = _when(lag, lambda: on_simplex(Z), lambda: tuple(keep * w - th * g for w, g in zip(W, u)) + tuple(Wc) + Z)
+    W, Wc, Z = out[:L], out[L : 2 * L], out[2 * L :]
+    y = mlp_forward(W, q, activation, residual)
+    out = _when(end, lambda: on_simplex(Z), lambda: W + Wc + Z)  # a chunk's end: back on the simplex
+    return y, out[:L], out[L : 2 * L], out[2 * L :]
+
+
 @full_precision
 def step_memory(
     *,
@@ -100,6 +172,7 @@ def step_memory(
     delta: Tensor | None = None,
     retention_q: float | None = None,
     gamma: Tensor | None = None,
+    retention_kl: float | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """One token: q, k, v ``[B, 1, H, D]``, gates (and ``delta``) ``[B, 1, H]``, ``gamma``
     ``[B, 1, H, c]``. Returns ``(y [B, 1, H, D], state)``."""
@@ -107,12 +180,13 @@ def step_memory(
     check_inputs(
         q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True, max_grad_norm=max_grad_norm,
         objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual,
+        retention_kl=retention_kl,
     )  # fmt: skip
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     B, _, H, D = q.shape
     N = B * H
     if state is None:
-        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd)
+        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
 
     def flat_w(w: Tensor) -> Tensor:  # (B, H, o, i) -> (B*H, o, i)
         return w.to(cd).reshape(N, *w.shape[2:])
@@ -129,6 +203,15 @@ def step_memory(
     if eta is not None:
         S_prev = tuple(flat_w(s) for s in state.momentum) if state.momentum is not None else None
     kk, vv, dd = tok(k), tok(v), None if delta is None else delta.to(cd).reshape(N, 1)
+    pos = (state.position + 1) % chunk_size
+    if retention_kl is not None:
+        y, W, Wc, Z = kl_step_flat(
+            W, Wc, tuple(flat_w(z) for z in state.log_weights), tok(q), kk, vv, gate(theta),
+            None if alpha is None else gate(alpha), activation, residual, max_grad_norm, objective, dd,
+            retention_kl, lag=state.position == 0, end=pos == 0,
+        )  # fmt: skip
+        final = state_from_flat(B, H, W, None, Wc, pos, log_weights=Z)
+        return y.reshape(B, H, 1, v.shape[-1]).transpose(1, 2).to(dtype), final
     mix, window = None, None
     if gamma is not None:  # the Omega rule: the window's c - 1 tokens, then this one
         c = gamma.shape[-1]
@@ -140,7 +223,5 @@ def step_memory(
         None if eta is None else gate(eta), None if alpha is None else gate(alpha),
         activation, residual, max_grad_norm, objective, dd, retention_q, mix,
     )  # fmt: skip
-    pos = (state.position + 1) % chunk_size
-
     final = state_from_flat(B, H, W, S, Wc, pos, window)
     return y.reshape(B, H, 1, v.shape[-1]).transpose(1, 2).to(dtype), final
