@@ -497,7 +497,7 @@ def test_cli_niah_end_to_end_from_a_checkpoint(tmp_path, capsys):
               "--no-progress", "--out", str(tmp_path / "niah2"))  # fmt: skip
     assert cli("niah", "--checkpoint", str(tmp_path / "run"), "--model.memory_max_grad_norm=3", *common) == 0
     (model,) = json.loads((tmp_path / "niah2" / "results.json").read_text())["meta"]["models"]
-    assert model["model_settings"] == {"memory_max_grad_norm": {"trained": None, "inference": 3.0}}
+    assert model["model_settings"] == {"memory_max_grad_norm": {"trained": 10.0, "inference": 3.0}}
     capsys.readouterr()
     assert cli("niah", "--checkpoint", str(tmp_path / "run"), "--model.dim=64", *common) == 2
     assert "do not fit the checkpoint's weights" in capsys.readouterr().err
