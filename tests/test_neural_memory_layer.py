@@ -314,3 +314,24 @@ def test_l2_normalize_matches_f_normalize():
         x3 = torch.randn(64, 4, 16, generator=g).to(dtype)
         x3[0, 0] = 1e-6
         assert torch.equal(l2_normalize(x3), F.normalize(x3, dim=-1)), dtype
+
+
+@pytest.mark.parametrize("rule", ["titans", "moneta", "yaad", "memora"])
+def test_a_read_without_writes_answers_what_the_memory_answers(rule):
+    """``read`` / ``retrieve`` (the MAC's M*) read the memory the writes read: with writes too small
+    to move it (theta ~ 0), the layer's own answers equal a read with the state's weights, before
+    and after a call (Moneta's state holds accumulators that every read divides)."""
+    from titans.layers import NeuralMemory
+
+    torch.manual_seed(0)
+    layer = NeuralMemory.from_rule(rule, 32, heads=2, chunk_size=4, theta_init=1e-12, forgetting=False).double()
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.initial_weights:
+            p.mul_(3.0)  # far from a normalised memory, so an undivided accumulator reads differently
+        y, state = layer(x)
+        read, _ = layer.retrieve(x, layer.initial_weights_for(2))
+        assert torch.allclose(y, read, atol=1e-9)
+        y2, _ = layer(x, state)
+        read2, _ = layer.retrieve(x, state.memory.weights)  # no query-convolution tail: from token 4 on
+        assert torch.allclose(y2[:, 3:], read2[:, 3:], atol=1e-9)

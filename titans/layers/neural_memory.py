@@ -28,7 +28,8 @@ from ..ops.memory.mlp import mlp_read
 from ..ops.memory.objectives import Objective
 from ..ops.memory.rules import merge_rule
 from ..ops.memory.state import (
-    MemoryWindow, check_max_grad_norm, check_retention_kl, check_retention_q, compute_dtype, kl_simplex, window_weights,
+    MemoryWindow, check_max_grad_norm, check_retention_kl, check_retention_q, compute_dtype, kl_simplex, lq_scale,
+    window_weights,
 )  # fmt: skip
 from ..ops.memory.step import kl_step_flat, step_flat
 from ..ops.tensors import distinct, nonfinite, standard_strides
@@ -887,10 +888,15 @@ class NeuralMemory(nn.Module):
 
     def read(self, queries: MemoryQueries, weights: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
         """Read without writing, the paper's M*: ``y = M(q)`` with the fixed ``weights``
-        (``[B, H, out, in]`` per layer) for ``queries`` (of t tokens) -> ``[B, t, dim]`` in ``dtype``."""
+        (``[B, H, out, in]`` per layer, as a state holds them: with ``retention_q`` Moneta's
+        accumulators, divided here as every write's read divides them) for ``queries`` (of t
+        tokens) -> ``[B, t, dim]`` in ``dtype``."""
         flat_q, gate = queries.q, queries.gate
         B, (BH, T, _) = gate.shape[0], flat_q.shape
         flat_w = [w.to(flat_q.dtype).reshape(BH, *w.shape[2:]) for w in weights]
+        if self.retention_q is not None:  # Moneta's state holds the accumulators A; M reads A / ||A||_q^(q-2)
+            s = lq_scale(flat_w, self.retention_q)[:, None, None]
+            flat_w = [w / s for w in flat_w]
         y = mlp_read(flat_w, flat_q, self.activation, self.residual)  # saves q and weights only
         y = y.reshape(B, self.heads, T, self.head_dim).transpose(1, 2)
         return self._gated_output(y, gate, dtype)
