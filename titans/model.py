@@ -12,6 +12,7 @@ pieces, one token at a time included, with the outputs of one call.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -32,6 +33,23 @@ from .ops.tensors import standard_strides
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
+
+
+class _class_or_instance:
+    """A method that receives the class and the instance it was called on (None on the class)."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+        functools.update_wrapper(self, method)
+
+    def __get__(self, instance, owner):
+        method = self.method
+
+        @functools.wraps(method)
+        def bound(*args, **kwargs):
+            return method(owner, instance, *args, **kwargs)
+
+        return bound
 
 
 @dataclass
@@ -259,12 +277,15 @@ class TitansConfig:
             raise ValueError(f"unknown config keys: {unknown}")
         return cls(**d)
 
-    @classmethod
-    def with_memory_rule(cls, rule: str, **fields) -> "TitansConfig":
+    @_class_or_instance
+    def with_memory_rule(cls, config, rule: str, **fields) -> "TitansConfig":
         """A config whose memories follow a named rule (``titans.ops.memory.rules``: "titans",
         "moneta", "yaad", "memora", "omega"), with ``fields`` for the rest; a field the rule fixes
-        to another value is refused."""
-        return cls(**merge_rule(rule, fields, rename=lambda key: f"memory_{key}"))
+        to another value is refused. On the class, the other fields keep their defaults
+        (``TitansConfig.with_memory_rule("moneta", dim=256)``); on a config, its own
+        (``cfg.with_memory_rule("moneta")``: cfg with the rule's memory settings)."""
+        merged = merge_rule(rule, fields, rename=lambda key: f"memory_{key}")
+        return cls(**merged) if config is None else replace(config, **merged)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TitansConfig":
