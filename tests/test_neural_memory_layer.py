@@ -317,21 +317,27 @@ def test_l2_normalize_matches_f_normalize():
 
 
 @pytest.mark.parametrize("rule", ["titans", "moneta", "yaad", "memora"])
-def test_a_read_without_writes_answers_what_the_memory_answers(rule):
-    """``read`` / ``retrieve`` (the MAC's M*) read the memory the writes read: with writes too small
-    to move it (theta ~ 0), the layer's own answers equal a read with the state's weights, before
-    and after a call (Moneta's state holds accumulators that every read divides)."""
+@pytest.mark.parametrize("first", [8, 6])  # the state at a chunk start, and 2 tokens into a chunk of 4
+def test_a_read_without_writes_answers_what_the_memory_answers(rule, first):
+    """``read(read_weights(state))`` (the MAC's M*) reads the memory the writes read: once writes
+    stop moving it (theta, eta ~ 0 after ``first`` tokens), the layer's answers equal that read, also
+    mid-chunk, where Moneta's reads divide the running accumulator by its chunk-start scale."""
     from titans.layers import NeuralMemory
 
     torch.manual_seed(0)
-    layer = NeuralMemory.from_rule(rule, 32, heads=2, chunk_size=4, theta_init=1e-12, forgetting=False).double()
-    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    layer = NeuralMemory.from_rule(rule, 32, heads=2, chunk_size=4, conv_kernel=0, forgetting=False).double()
+    x = torch.randn(2, first + 2, 32, dtype=torch.float64)
     with torch.no_grad():
         for p in layer.initial_weights:
-            p.mul_(3.0)  # far from a normalised memory, so an undivided accumulator reads differently
-        y, state = layer(x)
-        read, _ = layer.retrieve(x, layer.initial_weights_for(2))
-        assert torch.allclose(y, read, atol=1e-9)
-        y2, _ = layer(x, state)
-        read2, _ = layer.retrieve(x, state.memory.weights)  # no query-convolution tail: from token 4 on
-        assert torch.allclose(y2[:, 3:], read2[:, 3:], atol=1e-9)
+            p.mul_(3.0)  # far from a normalised memory, so a wrongly scaled read differs
+        layer.to_theta.bias.fill_(5.0)  # strong writes for the first tokens
+        _, state = layer(x[:, :first])
+        layer.to_theta.bias.fill_(-60.0)  # then none: the answers read the memory as it is
+        if layer.to_eta is not None:
+            layer.to_eta.bias.fill_(-60.0)  # and no momentum carrying the earlier writes on
+        y, _ = layer(x[:, first:], state)
+        read, _ = layer.retrieve(x[:, first:], layer.read_weights(state, 2))
+        assert torch.allclose(y, read, atol=1e-9), (y - read).abs().max()
+        y0, _ = layer(x[:, first:])
+        read0, _ = layer.retrieve(x[:, first:], layer.read_weights(None, 2))
+        assert torch.allclose(y0, read0, atol=1e-9)

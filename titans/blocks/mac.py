@@ -73,7 +73,7 @@ class MACBlock(nn.Module):
         spans = zip(sizes, queries.split(sizes), *(z.split(sizes, dim=1) for z in (aq, ak, av, x, u)))
         for n, q_s, aq_s, ak_s, av_s, x_s, u_s in spans:
             if pos % self.segment == 0:  # a new segment reads the memory as it is now
-                seg_w = mem.memory.weights if mem is not None else self.memory.initial_weights_for(B)
+                seg_w = self.memory.read_weights(mem, B)
             if self._compiled_segment_applies(n, mem):
                 # the whole segment as one compiled graph; it leaves no open segment to cache
                 y, a, answer, mem = _segment_step_compiled(
@@ -133,7 +133,7 @@ class MACBlock(nn.Module):
         Why: a single stream of 4-token memory chunks is bound by per-operation overhead (a few
         hundred small ops per segment); one graph per segment removes most of that overhead
         (docs/speed.md)."""
-        h = self.memory.read(q_s, mem.memory.weights, dtype)
+        h = self.memory.read(q_s, self.memory.read_weights(mem, x_s.shape[0]), dtype)
         hk, hv = self.attn.keys(h, positions)
         a = self.attn.segment_block(aq_s, ak_s, av_s, hk, hv, prefix, mask)
         y = self._write_input(x_s, u_s, a)
@@ -167,7 +167,8 @@ class MACBlock(nn.Module):
         ):
             return None
         # a new segment reads the memory as it is now (a copy: see ``distinct``)
-        seg_w = distinct(memory.weights if slot == 0 else state.segment_weights, memory.weights + memory.chunk_weights)
+        read = self.memory.read_weights(state.memory, batch_size) if slot == 0 else state.segment_weights
+        seg_w = distinct(read, memory.weights + memory.chunk_weights)
         kv = (cache.k, cache.v, cache.mem_k, cache.mem_v) if slot else (cache.k[:, :0],) * 4
         k, v, mem_k, mem_v = (self._padded(t) for t in kv)
         position = torch.tensor(state.position, device=k.device)

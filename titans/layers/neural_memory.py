@@ -860,11 +860,24 @@ class NeuralMemory(nn.Module):
         ws = tuple(w.unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_weights)
         return ws if self.retention_kl is None else kl_simplex(ws, self.retention_kl)[1]
 
+    def read_weights(self, state: NeuralMemoryState | None, batch_size: int) -> tuple[Tensor, ...]:
+        """The weights ``read`` takes to answer as the memory answers at ``state`` (M_0 before any
+        write): the state's running weights; with ``retention_q``, Moneta's accumulators divided by
+        the scale its writes' reads use (that of the open chunk's start accumulator)."""
+        if state is None:
+            weights = start = self.initial_weights_for(batch_size)
+        else:
+            weights, start = state.memory.weights, state.memory.chunk_weights  # equal at a chunk start
+        if self.retention_q is None:
+            return weights
+        s = lq_scale(start, self.retention_q)[..., None, None]  # (B, H, 1, 1)
+        return tuple(w / s.to(w.dtype) for w in weights)
+
     def retrieve(
         self, x: Tensor, weights: tuple[Tensor, ...], conv_tail: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Read without writing (the paper's M*): ``y_t = M(q_t)`` with the fixed ``weights``
-        (``[B, H, out, in]`` per layer, e.g. ``state.memory.weights``), queries from x through the
+        (``[B, H, out, in]`` per layer, e.g. ``read_weights(state, B)``), queries from x through the
         query projection and its own causal-convolution stream, continued from ``conv_tail``
         (the last ``kernel - 1`` query projections ``[B, K-1, heads * head_dim]``).
         Returns ``(y [B, T, dim], new conv tail)``."""
@@ -888,15 +901,11 @@ class NeuralMemory(nn.Module):
 
     def read(self, queries: MemoryQueries, weights: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
         """Read without writing, the paper's M*: ``y = M(q)`` with the fixed ``weights``
-        (``[B, H, out, in]`` per layer, as a state holds them: with ``retention_q`` Moneta's
-        accumulators, divided here as every write's read divides them) for ``queries`` (of t
-        tokens) -> ``[B, t, dim]`` in ``dtype``."""
+        (``[B, H, out, in]`` per layer, e.g. ``read_weights(state)``) for ``queries`` (of t tokens)
+        -> ``[B, t, dim]`` in ``dtype``."""
         flat_q, gate = queries.q, queries.gate
         B, (BH, T, _) = gate.shape[0], flat_q.shape
         flat_w = [w.to(flat_q.dtype).reshape(BH, *w.shape[2:]) for w in weights]
-        if self.retention_q is not None:  # Moneta's state holds the accumulators A; M reads A / ||A||_q^(q-2)
-            s = lq_scale(flat_w, self.retention_q)[:, None, None]
-            flat_w = [w / s for w in flat_w]
         y = mlp_read(flat_w, flat_q, self.activation, self.residual)  # saves q and weights only
         y = y.reshape(B, self.heads, T, self.head_dim).transpose(1, 2)
         return self._gated_output(y, gate, dtype)
