@@ -39,10 +39,14 @@ TASKS = ("kv", "mqar")
 
 
 def model_for(rule: str, vocab: int, args) -> TitansLM:
+    # M_0's output at zero (the memory answers only what was written), except under Memora's
+    # retention, whose weights are softmax rows and cannot answer zero
+    zero_output = MEMORY_RULES[rule].settings.get("retention_kl") is None
     cfg = TitansConfig.with_memory_rule(
         rule, variant="lmm", vocab_size=vocab, dim=args.dim, depth=2, heads=4, persistent_tokens=4,
         memory_chunk=args.chunk, memory_theta_activation="sigmoid", memory_max_lr=0.1, memory_theta_init=0.03,
-        memory_eta_init=0.5, memory_alpha_init=1e-4, memory_zero_init_output=True, memory_associative_init=True,
+        memory_eta_init=0.5, memory_alpha_init=1e-4, memory_zero_init_output=zero_output,
+        memory_associative_init=True,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     return TitansLM(cfg)

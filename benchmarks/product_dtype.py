@@ -30,14 +30,15 @@ def speed(T: int, rounds: int, compiled: bool) -> None:
     from titans.runtime.cpu import tune_cpu_allocator
 
     tune_cpu_allocator()
-    base = NeuralMemory(256, heads=4, head_dim=64, depth=2, expansion=4.0, chunk_size=64)
+    # max_grad_norm=None: the paper's update, as memory_throughput.py measures it
+    base = NeuralMemory(256, heads=4, head_dim=64, depth=2, expansion=4.0, chunk_size=64, max_grad_norm=None)
     settings = [("float32", None, False), ("bf16", "bfloat16", False)]
     if compiled:
         settings += [("float32 compiled", None, True), ("bf16 compiled", "bfloat16", True)]
     layers = {}
     for name, product_dtype, compile in settings:
         layers[name] = NeuralMemory(256, heads=4, head_dim=64, depth=2, expansion=4.0, chunk_size=64,
-                                    product_dtype=product_dtype, compile=compile)  # fmt: skip
+                                    product_dtype=product_dtype, compile=compile, max_grad_norm=None)  # fmt: skip
         layers[name].load_state_dict(base.state_dict())
     x = torch.randn(4, T, 256, requires_grad=True)
 

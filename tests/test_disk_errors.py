@@ -67,7 +67,7 @@ def test_an_unwritable_output_directory_is_one_line(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(ckpt, "save_tree", read_only)
     assert main(["train", "--config", _config(tmp_path, max_steps=2, checkpoint_every=1)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "read-only" in err[0] and "no checkpoint" in err[0], err
+    assert len(err) == 1 and "read-only" in err[0] and "holds no checkpoint" in err[0], err
 
 
 def test_other_commands_report_write_failures_in_one_line(tmp_path, monkeypatch, capsys):
@@ -97,6 +97,37 @@ def test_a_length_the_machine_cannot_hold_is_one_line(error, tmp_path, monkeypat
     code = main(["eval", "mqar", "--config", "micro-untrained", "--out", str(tmp_path / "e"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "--batch-size" in err[0], err
+
+
+def test_out_of_memory_in_training_names_training_settings(tmp_path, monkeypatch, capsys):
+    def too_big(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(trainer_mod, "evaluate", too_big)
+    assert main(["train", "--config", _config(tmp_path, max_steps=3, eval_every=1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--train.micro_batch" in err[0] and "--batch-size" not in err[0], err
+
+
+def test_a_missing_file_inside_a_run_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the refusals a user fixes on the machine (full disk, read-only, permission) become one
+    line; a file the code looked for and did not find is a bug or a missing input, and says so."""
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent/recipe.yaml")
+
+    monkeypatch.setattr(ckpt, "save_tree", missing)
+    with pytest.raises(FileNotFoundError):
+        main(["train", "--config", _config(tmp_path, max_steps=2, checkpoint_every=1)])
+
+
+def test_a_permission_refusal_reads_as_one_for_any_path(tmp_path, monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/corpus/train.bin")
+
+    monkeypatch.setattr(ckpt, "save_tree", forbidden)
+    assert main(["train", "--config", _config(tmp_path, max_steps=2, checkpoint_every=1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no permission for that path" in err[0] and "checkpoint" not in err[0], err
 
 
 def test_other_runtime_errors_still_raise(tmp_path, monkeypatch):

@@ -223,9 +223,11 @@ def test_named_rules_set_their_settings_and_refuse_contradictions(tmp_path):
     assert (moneta.memory_objective, moneta.memory_objective_p, moneta.memory_retention_q, moneta.memory_momentum) == (
         "lp", 3.0, 4.0, False)  # fmt: skip
     assert TitansConfig.with_memory_rule("titans") == TitansConfig()
-    mine = TitansConfig(variant="mag", dim=64, vocab_size=300)  # on a config: its own fields stay
-    assert mine.with_memory_rule("moneta") == TitansConfig.with_memory_rule("moneta", variant="mag", dim=64,
-                                                                             vocab_size=300)  # fmt: skip
+    mine = dict(variant="mag", dim=64, vocab_size=300)  # on a config: its own fields stay, no rule's
+    for first in MEMORY_RULES:
+        for then in MEMORY_RULES:
+            assert TitansConfig.with_memory_rule(first, **mine).with_memory_rule(then) == (
+                TitansConfig.with_memory_rule(then, **mine)), (first, then)  # fmt: skip
     layer = NeuralMemory.from_rule("yaad", 16, heads=2)
     assert layer.objective.name == "huber" and not layer.momentum and layer.to_eta is None
     assert NeuralMemory.from_rule("omega", 16, heads=2).window == rule_settings("omega")["window"]

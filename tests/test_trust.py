@@ -504,3 +504,32 @@ def test_tree_metadata_that_lies_is_refused_by_name(tmp_path):
         save_file({"0": torch.ones(2, dtype=torch.bfloat16)}, str(tmp_path / "t.safetensors"), metadata={"titans.tree": meta})
         with pytest.raises(TreeError):
             load_tree(tmp_path / "t.safetensors")
+
+
+def test_a_saved_config_without_the_clip_field_loads_with_no_clip(tmp_path):
+    """Configs saved before every field was written lack memory_max_grad_norm: they were trained
+    with the paper's update, and load so (TitansConfig.from_dict, a checkpoint, a HF config.json,
+    a time-series config), while a new config gets the bounded default."""
+    import json
+
+    from titans.model import TitansConfig
+    from titans.timeseries.models import ForecasterConfig
+
+    saved = TitansConfig(variant="mag", dim=32, heads=2, vocab_size=64, memory_max_grad_norm=None).to_dict()
+    del saved["memory_max_grad_norm"]
+    assert TitansConfig.from_dict(saved).memory_max_grad_norm is None
+    assert TitansConfig(variant="mag").memory_max_grad_norm == 10.0
+    ckpt.save_checkpoint(tmp_path / "run", 1, TitansLM(TitansConfig.from_dict(saved)).state_dict(), {}, {},
+                         {"config": {"model": saved}, "tokenizer": ByteTokenizer().to_spec(), "step": 1})  # fmt: skip
+    model, _, _ = ckpt.load_pretrained(tmp_path / "run")
+    assert model.cfg.memory_max_grad_norm is None
+    pytest.importorskip("transformers")
+    from titans.hf import TitansForCausalLM, TitansHFConfig
+
+    TitansForCausalLM.from_titans(model).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["memory_max_grad_norm"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert TitansForCausalLM.from_pretrained(tmp_path / "hf").config.memory_max_grad_norm is None
+    assert TitansHFConfig(variant="mag").memory_max_grad_norm == 10.0
+    assert ForecasterConfig.from_dict({"model": "titans"}).mem_max_grad_norm is None

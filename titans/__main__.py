@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError, describe_os_error, first_line, out_of_memory
+    from .errors import UserError, describe_os_error, first_line, machine_refused, out_of_memory
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -58,16 +58,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"titans {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as err:  # the machine refused a file operation (full disk, read-only, no permission)
-        if err.errno is None:
+        if not machine_refused(err):
             raise
         print(f"titans {args.command}: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
         if not out_of_memory(err):
             raise
-        print(f"titans {args.command}: out of memory ({first_line(err)}); use shorter lengths, fewer "
-              f"samples per batch (--batch-size) or smaller chunks (--chunk-tokens)", file=sys.stderr)  # fmt: skip
+        smaller = _SMALLER.get(args.command, "smaller sizes")
+        print(f"titans {args.command}: out of memory ({first_line(err)}); use {smaller}", file=sys.stderr)
         return 2
+
+
+# what shrinks a command's memory, for the out-of-memory message
+_SMALLER = {
+    "train": "fewer rows per micro batch (--train.micro_batch), shorter rows (--train.seq_len) or a smaller model",
+    "eval": "shorter lengths, fewer prompts side by side (--batch-size) or smaller chunks (--chunk-tokens)",
+    "generate": "a shorter prompt or smaller chunks (--chunk-tokens)",
+    "bench": "fewer tokens (--stream-tokens) or rows (--batch)",
+    "demo": "shorter lengths (--lengths) or smaller chunks (--chunk-tokens)",
+}
 
 
 if __name__ == "__main__":

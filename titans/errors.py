@@ -33,14 +33,22 @@ _REMEDIES = {
     errno.ENOSPC: "free space on that disk or write elsewhere",
     errno.EDQUOT: "free space under your quota or write elsewhere",
     errno.EROFS: "the file system is read-only: write elsewhere",
-    errno.EACCES: "no permission to write there: choose a directory you own",
-    errno.EPERM: "no permission to write there: choose a directory you own",
+    errno.EACCES: "no permission for that path: choose one you may use",
+    errno.EPERM: "no permission for that path: choose one you may use",
 }
+# failures of a write that no input can cause: a checkpoint or result could not be written
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def machine_refused(err: BaseException) -> bool:
+    """Whether ``err`` is a file operation the machine refused for a reason the user fixes there
+    (full disk or quota, read-only file system, no permission); other OSErrors are bugs or
+    missing inputs, which keep their own messages."""
+    return isinstance(err, OSError) and err.errno in _REMEDIES
 
 
 def describe_os_error(err: OSError) -> str:
-    """One line for a failed file operation: the cause, the path and, for the failures a user
-    fixes on their machine (full disk or quota, read-only or forbidden directory), what to do."""
+    """One line for a refused file operation: the cause, the path and what to do."""
     cause = err.strerror or str(err)
     where = f" ({err.filename})" if err.filename else ""
     remedy = _REMEDIES.get(err.errno)

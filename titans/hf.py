@@ -57,7 +57,7 @@ if Version(transformers.__version__) < Version("4.40"):  # pragma: no cover
 from .layers.attention import PersistentMemory
 from .layers.features import PolynomialFeatures
 from .layers.neural_memory import NeuralMemory
-from .model import ModelState, TitansConfig, TitansLM
+from .model import FORMER_DEFAULTS, ModelState, TitansConfig, TitansLM
 
 __all__ = ["TitansForCausalLM", "TitansHFConfig"]
 
@@ -112,6 +112,12 @@ class TitansHFConfig(PretrainedConfig):
             pad_token_id=pad_token_id,
             **kwargs,
         )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config.json (``from_pretrained`` reads through here): a Titans field it lacks
+        takes the value it had when it was saved (``FORMER_DEFAULTS``), not today's default."""
+        return super().from_dict({**FORMER_DEFAULTS, **config_dict}, **kwargs)
 
     def to_titans_config(self) -> TitansConfig:
         d = {k: getattr(self, k) for k in _TITANS_DEFAULTS if k != "tie_embeddings"}

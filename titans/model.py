@@ -13,6 +13,7 @@ pieces, one token at a time included, with the outputs of one call.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -26,13 +27,19 @@ from .errors import MemoryDivergedError, StateMismatchError
 from .layers.features import polynomial_feature_dim
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.objectives import Objective
-from .ops.memory.rules import merge_rule
+from .ops.memory.rules import MEMORY_RULES, merge_rule
 from .ops.memory.state import check_max_grad_norm, check_retention_kl, check_retention_q
 from .ops.tensors import standard_strides
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
+
+
+# Fields whose default changed after configs were first saved, with the value a saved config that
+# lacks them was trained with (every field is saved since 2026-12-01; earlier run.json files may
+# lack the inner-gradient clip, which had no default bound then).
+FORMER_DEFAULTS = {"memory_max_grad_norm": None}
 
 
 class _class_or_instance:
@@ -49,6 +56,8 @@ class _class_or_instance:
         def bound(*args, **kwargs):
             return method(owner, instance, *args, **kwargs)
 
+        signature = inspect.signature(method)  # as called: without the class and the instance
+        bound.__signature__ = signature.replace(parameters=list(signature.parameters.values())[2:])
         return bound
 
 
@@ -207,6 +216,10 @@ class TitansConfig:
             if self.memory_window > 1:
                 raise ValueError("memory_window (the Omega rule) and memory_retention_kl (Memora's retention) do not "
                                  "combine yet")  # fmt: skip
+            if self.memory_zero_init_output:
+                raise ValueError("memory_zero_init_output and memory_retention_kl (Memora's retention) do not combine: "
+                                 "Memora's weights are softmax rows of M_0's parameters, so zeroing them gives uniform "
+                                 "rows, not a memory that answers zero")  # fmt: skip
         if self.memory_activation not in ("silu", "gelu", "relu"):
             raise ValueError(f"memory_activation must be 'silu', 'gelu' or 'relu', got {self.memory_activation!r}")
         if self.memory_qk_activation not in ("silu", "identity"):
@@ -271,21 +284,28 @@ class TitansConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TitansConfig":
+        """A saved config (``to_dict``'s output, e.g. a checkpoint's run.json): a field it lacks
+        takes the value it had when the config was saved (``FORMER_DEFAULTS``), else its default."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {unknown}")
-        return cls(**d)
+        return cls(**{**FORMER_DEFAULTS, **d})
 
     @_class_or_instance
     def with_memory_rule(cls, config, rule: str, **fields) -> "TitansConfig":
         """A config whose memories follow a named rule (``titans.ops.memory.rules``: "titans",
         "moneta", "yaad", "memora", "omega"), with ``fields`` for the rest; a field the rule fixes
         to another value is refused. On the class, the other fields keep their defaults
-        (``TitansConfig.with_memory_rule("moneta", dim=256)``); on a config, its own
-        (``cfg.with_memory_rule("moneta")``: cfg with the rule's memory settings)."""
+        (``TitansConfig.with_memory_rule("moneta", dim=256)``); on a config, its own except the
+        settings any rule sets, which follow the rule (``cfg.with_memory_rule("moneta")``)."""
         merged = merge_rule(rule, fields, rename=lambda key: f"memory_{key}")
-        return cls(**merged) if config is None else replace(config, **merged)
+        if config is None:
+            return cls(**merged)
+        # what any rule sets goes back to its default first, so that no earlier rule's setting stays
+        owned = {f"memory_{key}" for named in MEMORY_RULES.values() for key in named.settings}
+        defaults = {name: f.default for name, f in cls.__dataclass_fields__.items() if name in owned}
+        return replace(config, **{**defaults, **merged})
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TitansConfig":

@@ -161,7 +161,7 @@ def register(sub) -> None:
         _common(parser, name)
         parser.epilog = ("With --config, model fields can be overridden as --model.KEY=VALUE (e.g. --model.dim=64); "
                          "with --checkpoint, the settings that keep every weight's shape (test-time settings, "
-                         "e.g. --model.memory_max_grad_norm=10), recorded in results.json.")
+                         "e.g. --model.memory_max_grad_norm=5), recorded in results.json.")
         # the dispatcher hands unparsed --section.key=value arguments over as args.overrides
         parser.set_defaults(func=run, accepts_overrides=True)
     p.set_defaults(func=run, accepts_overrides=True)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..layers import NeuralMemory
 from ..io.config_files import dataclass_from_dict
+from ..ops.memory.state import check_max_grad_norm
 
 __all__ = [
     "DLinear",
@@ -59,6 +60,9 @@ class ForecasterConfig:
     mem_expansion: float = 2.0
     mem_chunk: int = 4  # tokens per memory chunk
     bidirectional: bool = False  # run a second memory over the reversed tokens (sum both)
+    # clip of each token's inner gradient (NeuralMemory max_grad_norm); None, the paper's update,
+    # is what the Table 3 runs used, and what checkpoints saved without this field ran with
+    mem_max_grad_norm: float | None = None
     revin: bool = (
         True  # instance normalisation of each window (and de-normalisation of the forecast)
     )
@@ -85,6 +89,7 @@ class ForecasterConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads and einfft_blocks")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_max_grad_norm(self.mem_max_grad_norm, "mem_max_grad_norm")
 
     @classmethod
     def from_dict(cls, d: dict) -> ForecasterConfig:
@@ -167,6 +172,7 @@ class MemoryMixer(nn.Module):
             depth=cfg.mem_depth,
             expansion=cfg.mem_expansion,
             chunk_size=cfg.mem_chunk,
+            max_grad_norm=cfg.mem_max_grad_norm,
         )
         self.fwd = make()
         self.bwd = make() if cfg.bidirectional else None

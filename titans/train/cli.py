@@ -57,14 +57,17 @@ def run(args) -> int:
         print(f"\ntitans train: {err}")
         return 130
     except OSError as err:  # a full disk or an unwritable directory: say what is kept and how to go on
-        if err.errno is None:
-            raise
-        from ..errors import describe_os_error
+        from ..errors import WRITE_ERRNOS, describe_os_error, machine_refused
         from .checkpoint import latest_checkpoint
 
-        latest = latest_checkpoint(cfg.train.out_dir)
-        kept = f"the last complete checkpoint is {latest} (continue with --resume auto)" if latest else "no checkpoint was written"
-        print(f"titans train: {describe_os_error(err)}; {kept}", file=sys.stderr)
+        if not machine_refused(err):
+            raise
+        said = describe_os_error(err)
+        if err.errno in WRITE_ERRNOS:
+            latest = latest_checkpoint(cfg.train.out_dir)
+            said += (f"; the run directory's last complete checkpoint is {latest} (continue with --resume auto)"
+                     if latest else "; the run directory holds no checkpoint")  # fmt: skip
+        print(f"titans train: {said}", file=sys.stderr)
         return 2
     floor = _unigram_floor(cfg)
     if floor is not None and summary["val_loss"] is not None:
