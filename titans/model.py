@@ -504,8 +504,12 @@ class TitansLM(nn.Module):
                 raise StateMismatchError(f"the state's fingerprint is malformed: {str(state.fingerprint)[:80]!r}")
             theirs = dict(w.split("=", 1) for w in words)
             ours = dict(w.split("=", 1) for w in mine.split())
-            # the settings both sides have (a transformer's state has no memory settings)
-            diff = [f"{k}: state {theirs[k]}, model {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+            # the settings both sides have (a transformer's state has no memory settings), and a
+            # later setting one side names away from its default (absent: the default)
+            later = {k: str(v) for k, v in _LATER_SETTINGS.items()}
+            keys = [k for k in ours if k in theirs] + [k for k in later if (k in ours) != (k in theirs)]
+            diff = [f"{k}: state {theirs.get(k, later.get(k))}, model {ours.get(k, later.get(k))}" for k in keys
+                    if theirs.get(k, later.get(k)) != ours.get(k, later.get(k))]  # fmt: skip
             raise StateMismatchError(f"the state comes from another model layout ({'; '.join(diff) or state.fingerprint})")
         if not isinstance(state.position, int) or isinstance(state.position, bool) or state.position < 0:
             raise StateMismatchError(f"state position must be an integer >= 0, got {state.position!r}")
