@@ -71,17 +71,21 @@ class Preset:
 
 
 # Every memory model bounds each inner step (memory_max_grad_norm): untrained memories of this size
-# diverge within the first thousand tokens of a row without it (docs/reliability.md).
+# diverge within the first thousand tokens of a row without it (docs/reliability.md). And its
+# learning rate (theta) is bounded by a sigmoid at max_lr: with the unbounded softplus the MAC's
+# gates pushed theta to 0.7 with momentum near 1 and the outer gradient spiked to 1e6
+# (docs/lm_study.md, "Stability").
+BOUNDED = {"memory_max_grad_norm": 10.0, "memory_theta_activation": "sigmoid", "memory_max_lr": 0.1}
 PRESETS = {
     "cpu": Preset(dim=128, depth=4, heads=4, window=128, vocab=8192, seq_len=2048, rows=4, tokens=2_000_000,
                   lrs=(5e-4, 1e-3, 2e-3), warmup_steps=25, held_out_plays=4, held_out_wiki=0.02,
-                  memory={"memory_chunk": 64, "memory_max_grad_norm": 10.0}),
+                  memory={"memory_chunk": 64, **BOUNDED}),
     "smoke": Preset(dim=32, depth=1, heads=2, window=64, vocab=8192, seq_len=256, rows=2, tokens=20_000,
                     lrs=(1e-3, 2e-3), warmup_steps=2, held_out_plays=4, held_out_wiki=0.02,
-                    memory={"memory_chunk": 16, "memory_max_grad_norm": 10.0}),  # a pipeline check, not a result
+                    memory={"memory_chunk": 16, **BOUNDED}),  # a pipeline check, not a result
     "gpu": Preset(dim=768, depth=12, heads=12, window=512, vocab=32000, seq_len=4096, rows=32, tokens=2_000_000_000,
                   lrs=(2e-4, 4e-4, 8e-4), warmup_steps=1000, held_out_plays=4, held_out_wiki=0.02,
-                  memory={"memory_chunk": 64, "memory_max_grad_norm": 10.0}),
+                  memory={"memory_chunk": 64, **BOUNDED}),
 }  # fmt: skip
 
 
