@@ -72,9 +72,9 @@ class Preset:
 
 # Every memory model bounds each inner step (memory_max_grad_norm): untrained memories of this size
 # diverge within the first thousand tokens of a row without it (docs/reliability.md). And its
-# learning rate (theta) is bounded by a sigmoid at max_lr: with the unbounded softplus the MAC's
-# gates pushed theta to 0.7 with momentum near 1 and the outer gradient spiked to 1e6
-# (docs/lm_study.md, "Stability").
+# learning rate (theta) is bounded by a sigmoid at max_lr: with the unbounded softplus the gates
+# can raise theta while momentum keeps each write acting for thousands of tokens, and the outer
+# gradient through that recurrence explodes (docs/lm_study.md, "Stability").
 BOUNDED = {"memory_max_grad_norm": 10.0, "memory_theta_activation": "sigmoid", "memory_max_lr": 0.1}
 PRESETS = {
     "cpu": Preset(dim=128, depth=4, heads=4, window=128, vocab=8192, seq_len=2048, rows=4, tokens=2_000_000,
