@@ -513,6 +513,9 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
         ("mac-memora", {}),
         ("mag-clip", dict(memory_retention_kl=2.0, memory_momentum=False, memory_theta_init=0.5, memory_chunk=3)),
         ("lmm-memora", dict(memory_forgetting=False, memory_residual=True, memory_objective="huber")),
+        ("mag", dict(memory_gate_kernel=3)),
+        ("mac", dict(memory_gate_kernel=2, memory_window=3)),
+        ("lmm-memora", dict(memory_gate_kernel=4)),
     ],
 )
 def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):
@@ -547,7 +550,9 @@ def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):
         if b.attn is not None:
             pairs += [(a.attn.k, b.attn.k), (a.attn.v, b.attn.v)]
             assert a.attn.position == b.attn.position
-        pairs += [(x, y) for x, y in ((a.query_conv, b.query_conv), (a.memory.conv, b.memory.conv)) if y is not None]
+        tails = ((a.query_conv, b.query_conv), (a.memory.conv, b.memory.conv), (a.memory.gate_conv, b.memory.gate_conv))
+        assert all((x is None) == (y is None) for x, y in tails)
+        pairs += [(x, y) for x, y in tails if y is not None]
         for x, y in pairs:
             assert x.shape == y.shape and (x.numel() == 0 or rel_rms(x, y) < 1e-10)
 

@@ -26,6 +26,7 @@ ABLATIONS = {
     "no convolution": dict(conv_kernel=0),
     "residual memory, gelu, sigmoid lr": dict(residual=True, activation="gelu", theta_activation="sigmoid"),
     "no SiLU on queries and keys": dict(qk_activation="identity"),
+    "gates read the last 3 tokens": dict(gate_kernel=3),
 }
 
 
@@ -48,6 +49,9 @@ def test_streaming_equals_one_call(name):
         assert rel_rms(u, w) < 1e-12
     if state.conv is not None:
         assert rel_rms(state.conv, s_full.conv) < 1e-12
+    assert (state.gate_conv is None) == (s_full.gate_conv is None) == ("gate_kernel" not in ABLATIONS[name])
+    if state.gate_conv is not None:
+        assert rel_rms(state.gate_conv, s_full.gate_conv) < 1e-12
 
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
@@ -341,3 +345,50 @@ def test_a_read_without_writes_answers_what_the_memory_answers(rule, first):
         y0, _ = layer(x[:, first:])
         read0, _ = layer.retrieve(x[:, first:], layer.read_weights(None, 2))
         assert torch.allclose(y0, read0, atol=1e-9)
+
+
+def test_gates_over_context_start_as_the_token_gates():
+    """gate_kernel's convolution starts at the current token: an untrained layer with it computes
+    what the same weights compute without it, and training then moves its taps."""
+    plain, wide = _layer(), _layer(gate_kernel=4)
+    missing, unexpected = wide.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["gate_conv.weight"] and not unexpected
+    x = torch.randn(2, 30, 24, dtype=torch.float64)
+    y0, _ = plain(x)
+    y1, s1 = wide(x)
+    assert torch.equal(y0, y1)
+    assert s1.gate_conv.shape == (2, 3, 24)
+    (y1 * torch.randn_like(y1)).sum().backward()
+    assert wide.gate_conv.weight.grad[:, 0, :-1].abs().sum() > 0  # the earlier taps learn too
+
+
+def test_gates_over_context_read_earlier_tokens():
+    layer = _layer(gate_kernel=3)
+    with torch.no_grad():
+        layer.gate_conv.weight.normal_()
+    x = torch.randn(1, 12, 24, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 5] += 1.0
+    g, g2 = layer.gates(layer.gate_inputs(x, None)[0])[0], layer.gates(layer.gate_inputs(x2, None)[0])[0]
+    changed = (g - g2).abs().amax(-1)[0] > 0
+    assert changed.tolist() == [t in (5, 6, 7) for t in range(12)]  # the token and the two after it
+
+
+def test_a_state_without_the_gates_tail_is_refused():
+    from titans.errors import StateMismatchError
+
+    x = torch.randn(2, 10, 24, dtype=torch.float64)
+    _, plain_state = _layer()(x)
+    _, wide_state = _layer(gate_kernel=3)(x)
+    with pytest.raises(StateMismatchError, match="gates' convolution.*gate_kernel=3"):
+        _layer(gate_kernel=3)(x, plain_state)
+    with pytest.raises(StateMismatchError, match="gates' convolution.*gate_kernel=0"):
+        _layer()(x, wide_state)
+    with pytest.raises(StateMismatchError, match=r"gates' convolution.*\(2, 3, 24\)"):
+        _layer(gate_kernel=4)(x, wide_state)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "3", 2**11])
+def test_gate_kernel_must_be_a_small_integer(bad):
+    with pytest.raises(ValueError, match="gate_kernel must be an integer"):
+        _layer(gate_kernel=bad)

@@ -201,6 +201,37 @@ def test_stop_at_step_ends_partway_through_the_schedule(tmp_path):
         tiny_run(tmp_path / "bad", max_steps=6, stop_at_step=7).train.validate()
 
 
+def test_init_new_keeps_a_new_module_at_its_initial_values(tmp_path, capsys):
+    """train.init_new: a model with a module the checkpoint lacks (the gates' convolution) starts
+    from the checkpoint's weights and the new module's initial values, named in the log; a
+    pattern that matches nothing the checkpoint lacks, or init_new without init_from, is refused."""
+    first = tmp_path / "stage1"
+    trainer_mod.train(tiny_run(first, max_steps=2))
+    trained, _, _ = ckpt.load_pretrained(first)
+    second = tiny_run(tmp_path / "stage2", max_steps=1, lr=1e-12, warmup_steps=0, init_from=str(first),
+                      init_new=r"memory\.gate_conv\.")  # fmt: skip
+    second.model.memory_gate_kernel = 3
+    with pytest.raises(ckpt.CheckpointError, match="missing.*gate_conv"):  # not without init_new
+        trainer_mod.train(_with_gates(tiny_run(tmp_path / "refused", init_from=str(first))))
+    trainer_mod.train(second)
+    out = capsys.readouterr().out
+    assert "at their initial values (train.init_new): blocks.0.memory.gate_conv.weight" in out
+    after, _, _ = ckpt.load_pretrained(tmp_path / "stage2")
+    ids = torch.randint(0, 257, (1, 40))
+    assert torch.allclose(trained(ids)[0], after(ids)[0], atol=1e-5)  # the new taps start as the token alone
+    typo = tiny_run(tmp_path / "typo", init_from=str(first), init_new="gate_konv")
+    typo.model.memory_gate_kernel = 3
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        trainer_mod.train(typo)
+    with pytest.raises(ConfigError, match="set train.init_from too"):
+        tiny_run(tmp_path / "alone", init_new="gate_conv").train.validate()
+
+
+def _with_gates(run, kernel=3):
+    run.model.memory_gate_kernel = kernel
+    return run
+
+
 def test_init_from_refuses_other_weights_or_tokenizer(tmp_path, monkeypatch):
     first = tmp_path / "stage1"
     trainer_mod.train(tiny_run(first, max_steps=2))

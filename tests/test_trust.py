@@ -363,6 +363,7 @@ def _lm(**kw):
     (dict(segment=16), "segment: state 16, model 8"),
     (dict(memory_expansion=2.0), "memory_expansion: state 2.0, model 4.0"),
     (dict(memory_heads=1), "memory_heads: state 1, model 2"),
+    (dict(memory_gate_kernel=3), "memory_gate_kernel: state 3, model 0"),
 ])  # fmt: skip
 def test_a_state_from_another_layout_is_refused_naming_both_sides(other, named, tmp_path):
     from titans.errors import StateMismatchError

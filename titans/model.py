@@ -105,6 +105,10 @@ class TitansConfig:
     # ATLAS's polynomial feature map of the memory's keys and queries (NeuralMemory feature_degree;
     # None: off): the memory stores phi(k) -> v, phi every monomial up to this degree
     memory_feature_degree: int | None = None
+    # What the memory's gates read (NeuralMemory gate_kernel): 0, the token's own input (the
+    # paper); K >= 2, a causal convolution of the input over the last K tokens, so that a gate can
+    # tell a token by its context (e.g. the value of a "key value" pair). Not in the paper
+    memory_gate_kernel: int = 0
     memory_theta_init: float = 1e-3
     # 'softplus' leaves the memory's learning rate unbounded; 'sigmoid' bounds it by
     # memory_max_lr, which keeps the test-time updates stable when training pushes theta up
@@ -229,7 +233,8 @@ class TitansConfig:
     # blocks than this would take longer to build than any run here could use it
     _INTS = (("vocab_size", 1, 2**31 - 1), ("dim", 1, 2**20), ("depth", 1, 4096), ("heads", 1, 2**16),
              ("window", 1, 2**31 - 1), ("segment", 1, 2**31 - 1), ("persistent_tokens", 0, 2**20),
-             ("memory_depth", 1, 64), ("memory_chunk", 1, 2**20), ("memory_conv_kernel", 0, 2**10))  # fmt: skip
+             ("memory_depth", 1, 64), ("memory_chunk", 1, 2**20), ("memory_conv_kernel", 0, 2**10),
+             ("memory_gate_kernel", 0, 2**10))  # fmt: skip
     # (name, lowest, highest, lowest included) of the real-valued settings
     _FLOATS = (("ffn_mult", 0.0, 1e4, False), ("rope_base", 1.0, 1e12, False), ("norm_eps", 0.0, 1.0, False),
                ("memory_expansion", 0.0, 1e4, False), ("memory_theta_init", 0.0, 1e6, False),
@@ -276,7 +281,7 @@ class TitansConfig:
             product_dtype=self.memory_product_dtype, qk_activation=self.memory_qk_activation,
             objective=self.memory_objective, objective_p=self.memory_objective_p, delta_init=self.memory_delta_init,
             retention_q=self.memory_retention_q, retention_kl=self.memory_retention_kl, window=self.memory_window,
-            feature_degree=self.memory_feature_degree,
+            feature_degree=self.memory_feature_degree, gate_kernel=self.memory_gate_kernel,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -344,10 +349,11 @@ _MEMORY_SETTINGS = (
     "memory_heads", "memory_depth", "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting",
     "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation", "memory_objective",
     "memory_objective_p", "memory_retention_q", "memory_retention_kl", "memory_window", "memory_feature_degree",
+    "memory_gate_kernel",
 )  # fmt: skip
 # Settings added after states were first saved: a fingerprint names them only away from these
 # defaults, so that states saved before them still fit the models they came from.
-_LATER_SETTINGS = {"memory_retention_kl": None}
+_LATER_SETTINGS = {"memory_retention_kl": None, "memory_gate_kernel": 0}
 STATE_SETTINGS = {
     "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),
     "mag": ("window", "persistent_tokens", *_MEMORY_SETTINGS),

@@ -42,23 +42,25 @@ __all__ = ["MemoryQueries", "MemoryStep", "NeuralMemory", "NeuralMemoryState", "
 @dataclass
 class NeuralMemoryState:
     """memory: the test-time-trained MLPs (see MemoryState); conv: the last ``kernel - 1``
-    projected inputs, so the causal convolution continues across calls (None without conv)."""
+    projected inputs, so the causal convolution continues across calls (None without conv);
+    gate_conv: the last ``gate_kernel - 1`` layer inputs, the gates' convolution tail (None
+    without one)."""
 
     memory: MemoryState
     conv: Tensor | None
+    gate_conv: Tensor | None = None
 
     def detach(self) -> "NeuralMemoryState":
-        return replace(
-            self, memory=self.memory.detach(), conv=None if self.conv is None else self.conv.detach()
-        )
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        return replace(self, memory=self.memory.detach(), conv=detach(self.conv), gate_conv=detach(self.gate_conv))
 
     def to(self, *args, **kwargs) -> "NeuralMemoryState":
-        conv = None if self.conv is None else self.conv.to(*args, **kwargs)
-        return replace(self, memory=self.memory.to(*args, **kwargs), conv=conv)
+        move = lambda t: None if t is None else t.to(*args, **kwargs)  # noqa: E731
+        return replace(self, memory=self.memory.to(*args, **kwargs), conv=move(self.conv), gate_conv=move(self.gate_conv))
 
     def num_bytes(self) -> int:
-        conv = 0 if self.conv is None else self.conv.numel() * self.conv.element_size()
-        return self.memory.num_bytes() + conv
+        tails = sum(t.numel() * t.element_size() for t in (self.conv, self.gate_conv) if t is not None)
+        return self.memory.num_bytes() + tails
 
 
 @dataclass
@@ -97,6 +99,7 @@ class MemoryStep:
         position: the open chunk's tokens seen (0-dim tensor, Memora only: its first token steps
         exactly, and its last puts the weights back on the simplex). With Memora the step also
         returns new chunk weights (the lag token's).
+    gate_conv: the gates' convolution tail ``[B, K-1, dim]`` (None without one, ``gate_kernel``).
     """
 
     weights: tuple[Tensor, ...]
@@ -109,6 +112,7 @@ class MemoryStep:
     window_valid: Tensor | None = None
     log_weights: tuple[Tensor, ...] | None = None
     position: Tensor | None = None
+    gate_conv: Tensor | None = None
 
 
 def _causal_depthwise(u: Tensor, tail: Tensor | None, weight: Tensor) -> Tensor:
@@ -138,9 +142,8 @@ def _tap_sums(g: Tensor, x: Tensor, K: int, block: int = 256) -> Tensor:
 
 
 def _taps(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """The ``[C, 1, K]`` conv weight as contiguous rows ``[K, C]``: multiplying ``[B, T, C]`` by a
-    strided column ``weight[:, 0, j]`` ran 2.5x slower than by a contiguous row (7.8 vs 3.1 ms for
-    [4, 4096, 768], 2 threads)."""
+    """The ``[C, 1, K]`` conv weight as contiguous rows ``[K, C]``: a product of ``[B, T, C]`` with
+    a contiguous row runs at memory speed, with a strided column ``weight[:, 0, j]`` it does not."""
     return weight[:, 0, :].t().to(dtype).contiguous()
 
 
@@ -288,6 +291,16 @@ class RMSNorm(nn.RMSNorm):
         return _RMSNormFunction.apply(x, w, eps)
 
 
+def _token_depthwise(u: Tensor, tail: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``_causal_depthwise`` of one token u ``[B, 1, C]`` after ``tail`` ``[B, K-1, C]`` (weight
+    ``[C, 1, K]``) as plain tensor math, no autograd node of its own (the decode graph traces it):
+    ``(out [B, 1, C], next tail)``."""
+    full = torch.cat([tail.to(u.dtype), u], dim=1)  # (B, K, C)
+    w = weight[:, 0, :].t().to(u.dtype)  # (K, C)
+    # contiguous: the next token's tail then keeps one stride pattern (no copy per token)
+    return (full * w).sum(1, keepdim=True), full[:, 1:].contiguous()
+
+
 def _next_tail(u: Tensor, tail: Tensor | None, K: int) -> Tensor:
     """The last K-1 inputs of ``[tail || u]`` (zeros before the first token): the next call's tail.
     A copy, not a view: a state kept between calls must not pin the whole ``[B, T, C]`` projection."""
@@ -398,6 +411,14 @@ class NeuralMemory(nn.Module):
             gate per head and window offset from the writing token (``window_gates``); each gate
             starts at ``1 / window``, so an untrained layer moves its memory as far per token as
             with ``window=1``. One-token decoding carries the window in ``MemoryStep``.
+        gate_kernel: what the gates read (theta, eta, alpha, and the huber threshold and the Omega
+            rule's window gates when those are on). 0 or 1: the token's own input x_t, the paper's
+            data-dependent gates (section 3.1). K >= 2: a causal depthwise convolution of the
+            input over the token and the K - 1 before it (``gate_inputs``), with its own taps,
+            which start at the current token alone, so that an untrained layer gates exactly as
+            with 0. A gate can then tell a token by its context (whether it is the value of a
+            "key value" pair) and not only by its identity. Not in the paper; the convolution's
+            tail travels in the state (``NeuralMemoryState.gate_conv``).
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
             call compiles, for tens of seconds on CPU; later steps are faster).
         product_dtype: ``"bfloat16"`` (or ``torch.bfloat16``): the matrix products inside each
@@ -434,6 +455,7 @@ class NeuralMemory(nn.Module):
         delta_init: float = 1.0,
         window: int = 1,
         feature_degree: int | None = None,
+        gate_kernel: int = 0,
         compile: bool = False,
         product_dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -481,6 +503,9 @@ class NeuralMemory(nn.Module):
             raise ValueError("eta_init and alpha_init must lie in (0, 1)")
         if conv_kernel < 0:
             raise ValueError(f"conv_kernel must be >= 0, got {conv_kernel}")
+        if isinstance(gate_kernel, bool) or not isinstance(gate_kernel, int) or not 0 <= gate_kernel <= 2**10:
+            raise ValueError(f"gate_kernel must be an integer in [0, 1024] (0 or 1: gates from the token alone), "
+                             f"got {gate_kernel!r}")  # fmt: skip
         if associative_init and conv_kernel < 2:
             raise ValueError(f"associative_init reads the previous token through the convolution: "
                              f"it needs conv_kernel >= 2, got {conv_kernel}")
@@ -504,6 +529,9 @@ class NeuralMemory(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         if self.conv_kernel:
             self.conv = nn.Conv1d(3 * inner, 3 * inner, self.conv_kernel, groups=3 * inner, bias=False)
+        self.gate_kernel = gate_kernel if gate_kernel > 1 else 0
+        if self.gate_kernel:
+            self.gate_conv = nn.Conv1d(dim, dim, self.gate_kernel, groups=dim, bias=False)
         self.to_theta = nn.Linear(dim, heads)
         self.to_eta = nn.Linear(dim, heads) if momentum else None
         self.to_alpha = nn.Linear(dim, heads) if forgetting else None
@@ -544,6 +572,10 @@ class NeuralMemory(nn.Module):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.constant_(lin.bias, bias)
+        if self.gate_kernel:  # the gates start reading the current token alone (gate_kernel=0's gates)
+            with torch.no_grad():
+                self.gate_conv.weight.zero_()
+                self.gate_conv.weight[:, 0, -1] = 1.0
         if self.associative_init:
             self._init_associative()
 
@@ -602,6 +634,12 @@ class NeuralMemory(nn.Module):
                 )
             if (state.conv is None) != (self.conv_kernel == 0):
                 raise ValueError("state.conv does not match this layer's convolution setting")
+            tail = None if state.gate_conv is None else tuple(state.gate_conv.shape)
+            mine = None if not self.gate_kernel else (x.shape[0], self.gate_kernel - 1, self.dim)
+            if tail != mine:
+                theirs = "none" if tail is None else f"a tail of shape {tail}"
+                raise StateMismatchError(f"the state has {theirs} for the gates' convolution; this layer (gate_kernel="
+                                         f"{self.gate_kernel}) takes {'none' if mine is None else mine}")  # fmt: skip
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -612,8 +650,17 @@ class NeuralMemory(nn.Module):
         tail = None if tail is None else tail.to(u.dtype)
         return _causal_depthwise(u, tail, self.conv.weight), _next_tail(u, tail, self.conv_kernel)
 
+    def gate_inputs(self, x: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """What the gates read for x ``[B, T, dim]`` after ``tail`` (``gate_kernel``): x itself, or
+        its causal convolution over the last ``gate_kernel`` tokens; and the next call's tail."""
+        if not self.gate_kernel:
+            return x, None
+        tail = None if tail is None else tail.to(x.dtype)
+        return _causal_depthwise(x, tail, self.gate_conv.weight), _next_tail(x, tail, self.gate_kernel)
+
     def gates(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Per-token, per-head (theta, eta, alpha), each ``[B, T, H]``, from the layer input."""
+        """Per-token, per-head (theta, eta, alpha), each ``[B, T, H]``, from what the gates read
+        (``gate_inputs``: the layer input, or its convolution)."""
         if self.theta_activation == "softplus":
             theta = F.softplus(self.to_theta(x))
         else:
@@ -663,12 +710,13 @@ class NeuralMemory(nn.Module):
         qkv = self._activate(qkv)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
         q, k = self.featurize(l2_normalize(q)), self.featurize(l2_normalize(k))
-        theta, eta, alpha = self.gates(x)
+        xg, gate_tail = self.gate_inputs(x, None if state is None else state.gate_conv)
+        theta, eta, alpha = self.gates(xg)
         kwargs = dict(
             q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
-            max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(x),
-            retention_q=self.retention_q, gamma=self.window_gates(x), retention_kl=self.retention_kl,
+            max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(xg),
+            retention_q=self.retention_q, gamma=self.window_gates(xg), retention_kl=self.retention_kl,
         )  # fmt: skip
         if state is None:
             kwargs["weights"] = tuple(self.initial_weights)
@@ -686,7 +734,7 @@ class NeuralMemory(nn.Module):
             y, mem = op(**kwargs, compile=self.use_compile and compile_chunks, product_dtype=self.product_dtype)
         if not torch.compiler.is_compiling() and nonfinite({"y": y}):
             self._raise_diverged(y, theta)
-        return y, NeuralMemoryState(memory=mem, conv=conv_tail)
+        return y, NeuralMemoryState(memory=mem, conv=conv_tail, gate_conv=gate_tail)
 
     def _raise_diverged(self, y: Tensor, theta: Tensor) -> None:
         """Name the first token and head whose answer is not finite (inputs were checked finite,
@@ -711,10 +759,7 @@ class NeuralMemory(nn.Module):
         """The causal convolution of one token u ``[B, 1, C]`` after ``tail`` ``[B, K-1, C]``
         (the convolution's ``channels``): ``(out [B, 1, C], next tail)``. ``_conv`` for T = 1
         without its autograd node, as plain tensor math the decode graph can trace."""
-        full = torch.cat([tail.to(u.dtype), u], dim=1)  # (B, K, C)
-        w = self.conv.weight[channels, 0, :].t().to(u.dtype)  # (K, C)
-        # contiguous: the next token's tail then keeps one stride pattern (no copy per token)
-        return (full * w).sum(1, keepdim=True), full[:, 1:].contiguous()
+        return _token_depthwise(u, tail, self.conv.weight[channels])
 
     def step_memorize(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:
         """``memorize`` for one token x ``[B, 1, dim]`` after ``state`` (from ``step_state``):
@@ -722,7 +767,9 @@ class NeuralMemory(nn.Module):
         run it inside one compiled graph. Returns ``(answer [B, 1, H, D], state)``. Checked
         against ``memorize`` by the tests."""
         B, H, D = x.shape[0], self.heads, self.head_dim
-        conv_tail = state.conv
+        conv_tail, xg, gate_tail = state.conv, x, None
+        if self.gate_kernel:
+            xg, gate_tail = _token_depthwise(x, state.gate_conv, self.gate_conv.weight)
         u = self.to_qkv(x)
         if self.conv_kernel:
             u, conv_tail = self._token_conv(u, conv_tail, slice(None))
@@ -731,8 +778,8 @@ class NeuralMemory(nn.Module):
         cd = compute_dtype(x.dtype)
         flat = lambda ws: None if ws is None else tuple(w.to(cd).reshape(B * H, *w.shape[2:]) for w in ws)  # noqa: E731
         gate = lambda g: None if g is None else g.to(cd).reshape(B * H, 1, 1)  # noqa: E731  (B, 1, H) -> (B*H, 1, 1)
-        theta, eta, alpha = self.gates(x)
-        delta = self.threshold(x)
+        theta, eta, alpha = self.gates(xg)
+        delta = self.threshold(xg)
         kk, vv = k.to(cd), v.to(cd)
         dd = None if delta is None else delta.to(cd).reshape(B * H, 1)
         mix, window = None, {}
@@ -740,7 +787,7 @@ class NeuralMemory(nn.Module):
             c = self.window
             kk, vv = torch.cat([state.window_k, kk], 1), torch.cat([state.window_v, vv], 1)
             dd = None if dd is None else torch.cat([state.window_delta, dd], 1)
-            gamma = self.window_gates(x).to(cd).reshape(B * H, 1, c)
+            gamma = self.window_gates(xg).to(cd).reshape(B * H, 1, c)
             mix = window_weights(gamma, state.window_valid, 0, 1).squeeze(1)  # (B*H, c)
             window = dict(window_k=kk[:, 1:], window_v=vv[:, 1:], window_delta=None if dd is None else dd[:, 1:],
                           window_valid=torch.clamp(state.window_valid + 1, max=c - 1))  # fmt: skip
@@ -753,14 +800,14 @@ class NeuralMemory(nn.Module):
             )  # fmt: skip
             answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)
             return answer, MemoryStep(unflat(W), unflat(Wc), None, conv_tail, log_weights=unflat(Z),
-                                      position=(state.position + 1) % self.chunk_size)  # fmt: skip
+                                      position=(state.position + 1) % self.chunk_size, gate_conv=gate_tail)  # fmt: skip
         y, W, S = step_flat(
             flat(state.weights), flat(state.chunk_weights), flat(state.momentum), q.to(cd), kk, vv,
             gate(theta), gate(eta), gate(alpha), self.activation, self.residual, self.max_grad_norm,
             self.objective, dd, self.retention_q, mix,
         )  # fmt: skip
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
-        return answer, MemoryStep(unflat(W), state.chunk_weights, unflat(S), conv_tail, **window)
+        return answer, MemoryStep(unflat(W), state.chunk_weights, unflat(S), conv_tail, **window, gate_conv=gate_tail)
 
     def step_state(self, state: NeuralMemoryState | None, batch_size: int) -> MemoryStep | None:
         """``state`` as ``step`` takes it; at a chunk start the chunk's weights are the running
@@ -776,10 +823,12 @@ class NeuralMemory(nn.Module):
             return None
         groups += [] if m.log_weights is None else [m.log_weights]
         tail = None if not self.conv_kernel else (batch_size, self.conv_kernel - 1, self.to_qkv.out_features)
+        gate_tail = None if not self.gate_kernel else (batch_size, self.gate_kernel - 1, self.dim)
         if not (
             0 <= m.position < self.chunk_size
             and all(len(g) == len(shapes) and all(w.shape == s for w, s in zip(g, shapes)) for g in groups)
             and (None if state.conv is None else tuple(state.conv.shape)) == tail
+            and (None if state.gate_conv is None else tuple(state.gate_conv.shape)) == gate_tail
             and m.weights[0].device == self.initial_weights[0].device
         ):
             return None
@@ -799,7 +848,8 @@ class NeuralMemory(nn.Module):
             flat = lambda t: None if t is None else t.reshape(N, *t.shape[2:]).contiguous()  # noqa: E731  (B, H, ...) -> (B*H, ...)
             extra = dict(window_k=flat(w.k), window_v=flat(w.v), window_delta=flat(w.delta),
                          window_valid=torch.tensor(w.valid, device=m.weights[0].device))  # fmt: skip
-        return MemoryStep(m.weights, chunk_w, m.momentum, standard_strides(state.conv), **extra)
+        return MemoryStep(m.weights, chunk_w, m.momentum, standard_strides(state.conv), **extra,
+                          gate_conv=standard_strides(state.gate_conv))  # fmt: skip
 
     def state_after_step(self, before: NeuralMemoryState, step: MemoryStep) -> NeuralMemoryState:
         """The state after one ``step`` (or ``step_memorize``) continued ``before``."""
@@ -813,7 +863,7 @@ class NeuralMemory(nn.Module):
             valid = min(self.window - 1, before_valid + 1)  # on the host: no device sync per token
             window = MemoryWindow(unflat(step.window_k), unflat(step.window_v), unflat(step.window_delta), valid)
         memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window, step.log_weights)
-        return NeuralMemoryState(memory, step.conv)
+        return NeuralMemoryState(memory, step.conv, step.gate_conv)
 
     def step(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:
         """``forward`` for one token x ``[B, 1, dim]`` after ``state`` (see ``step_memorize``):
@@ -916,5 +966,6 @@ class NeuralMemory(nn.Module):
             f"expansion={self.expansion}, chunk_size={self.chunk_size}, momentum={self.momentum}, "
             f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}, retention_q={self.retention_q}, "
             f"retention_kl={self.retention_kl}, "
-            f"window={self.window}, feature_degree={None if self.features is None else self.features.degree}"
+            f"window={self.window}, feature_degree={None if self.features is None else self.features.degree}, "
+            f"gate_kernel={self.gate_kernel}"
         )

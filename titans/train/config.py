@@ -48,6 +48,10 @@ class TrainConfig:
     # a fresh run starts from this checkpoint's (or run directory's latest) model weights, with a
     # new optimiser, schedule and data stream: the next stage of a curriculum
     init_from: str | None = None
+    # parameters (names matching this regular expression, re.search) that init_from's checkpoint
+    # lacks and that keep their initial values: a module added since the checkpoint was trained
+    # (e.g. "memory\\.gate_conv\\."); every other missing or unexpected parameter is still refused
+    init_new: str | None = None
     # the first detached_prefix tokens of every row stream without gradient; only the state they
     # leave (what the memory wrote) reaches the scored rest of the row: truncated backpropagation,
     # for rows (needle-to-question gaps) longer than the backward pass can hold
@@ -97,6 +101,14 @@ class TrainConfig:
                 f"train.detached_prefix must be in [0, seq_len - 1 = {self.seq_len - 1}) (the scored rest of a "
                 f"row needs at least two tokens), got {self.detached_prefix}"
             )
+        if self.init_new is not None:
+            if self.init_from is None:
+                raise ConfigError("train.init_new names parameters that train.init_from's checkpoint lacks: "
+                                  "set train.init_from too")  # fmt: skip
+            try:
+                re.compile(self.init_new)
+            except (re.error, TypeError) as err:
+                raise ConfigError(f"train.init_new is not a regular expression ({err}): {self.init_new!r}") from None
         if self.train_only is not None:
             try:
                 re.compile(self.train_only)

@@ -49,7 +49,7 @@ __all__ = ["train", "resolve_device"]
 _RESUMABLE_CHANGES = {
     "max_steps", "max_minutes", "eval_every", "eval_batches", "eval_rows", "log_every", "checkpoint_every",
     "keep_checkpoints", "parallel", "device", "progress", "tensorboard", "out_dir", "micro_batch", "stop_at_step",
-    "init_from",  # only read by a fresh run
+    "init_from", "init_new",  # only read by a fresh run
 }  # fmt: skip
 
 
@@ -126,12 +126,22 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
             f"train.init_from: {where} was trained with another tokenizer "
             f"({saved.get('tokenizer', {}).get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
         )
-    ckpt.load_model_weights(model, ckpt.read_weights(where / "model.safetensors"), f"train.init_from {where}")
+    weights = ckpt.read_weights(where / "model.safetensors")
+    kept = []
+    if run.train.init_new is not None:
+        pattern = re.compile(run.train.init_new)
+        own = model.state_dict()
+        kept = sorted(name for name in set(own) - set(weights) if pattern.search(name))
+        if not kept:
+            raise ConfigError(f"train.init_new {run.train.init_new!r} matches no parameter that {where} lacks")
+        weights = {**weights, **{name: own[name] for name in kept}}
+    ckpt.load_model_weights(model, weights, f"train.init_from {where}")
     old, new = _with_defaults(saved["config"], "model"), run.to_dict()["model"]
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if verbose:
         print(f"initialised from {where} (step {saved.get('step')})"
-              + (f"; model settings changed: {', '.join(changed)}" if changed else ""), flush=True)  # fmt: skip
+              + (f"; model settings changed: {', '.join(changed)}" if changed else "")
+              + (f"; at their initial values (train.init_new): {', '.join(kept)}" if kept else ""), flush=True)  # fmt: skip
 
 
 class _Metrics:
