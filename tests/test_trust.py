@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -43,6 +44,11 @@ def _plant(directory, name, marker):
     """Replace ``directory/name`` by a pickle payload and rewrite the manifest to match it."""
     with open(directory / name, "wb") as f:
         pickle.dump({"state": _Payload(marker)}, f)
+    _match_manifest(directory, name)
+
+
+def _match_manifest(directory, name):
+    """Rewrite the manifest entry of ``directory/name`` to match the file, as a hostile sender would."""
     manifest = json.loads((directory / "MANIFEST.json").read_text())
     manifest[name] = {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
     (directory / "MANIFEST.json").write_text(json.dumps(manifest))
@@ -534,3 +540,236 @@ def test_a_saved_config_without_the_clip_field_loads_with_no_clip(tmp_path):
     assert TitansForCausalLM.from_pretrained(tmp_path / "hf").config.memory_max_grad_norm is None
     assert TitansHFConfig(variant="mag").memory_max_grad_norm == 10.0
     assert ForecasterConfig.from_dict({"model": "titans"}).mem_max_grad_norm is None
+
+
+# ----------------------------------------------------------------------------- hostile records (independent probe)
+
+
+def _rewrite(directory, name, text):
+    (directory / name).write_text(text)
+    _match_manifest(directory, name)
+
+
+def _run_json(directory, **change):
+    run = json.loads((directory / "run.json").read_text())
+    for key, value in change.items():
+        if key == "model":
+            run["config"]["model"].update(value)
+        elif value is None:
+            del run[key]
+        else:
+            run[key] = value
+    return json.dumps(run)
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("MANIFEST.json", "[" * 100_000 + "]" * 100_000, "MANIFEST.json is corrupted (RecursionError"),
+    ("MANIFEST.json", b'{"a\xff": 1}', "MANIFEST.json is corrupted (UnicodeDecodeError"),
+    ("run.json", "{not json", "run.json is corrupted (JSONDecodeError"),
+    ("run.json", '{"config": ' + "[" * 100_000 + "]" * 100_000 + "}", "run.json is corrupted (RecursionError"),
+    ("run.json", '{"config": {"model": {"dim": ' + "9" * 5000 + "}}}", "run.json is corrupted (ValueError: Exceeds"),
+    ("run.json", "[1, 2]", "run.json is not a run record"),
+    ("run.json", dict(tokenizer=None), "run.json is not a run record"),
+    ("run.json", dict(tokenizer=[1]), "run.json is not a run record"),
+    ("run.json", dict(model={"dim": 10**12}), "run.json's model config cannot be used (dim must be"),
+    ("run.json", dict(model={"variant": "__import__('os')"}), "run.json's model config cannot be used (variant"),
+    ("run.json", dict(tokenizer={"name": "sentencepiece", "path": "/etc/passwd"}), "run.json's tokenizer cannot be loaded"),
+    ("run.json", dict(tokenizer={"name": "bpe", "json": "{garbage"}), "run.json's tokenizer cannot be loaded"),
+])  # fmt: skip
+def test_a_hostile_run_record_or_manifest_is_refused_by_name(tmp_path, capsys, name, text, said):
+    from titans.__main__ import main
+
+    out = ckpt.save_for_inference(TitansLM(tiny_run(tmp_path).model), ByteTokenizer(), tmp_path / "ck")
+    if isinstance(text, dict):
+        text = _run_json(out, **text)
+    if name == "MANIFEST.json":
+        (out / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    else:
+        _rewrite(out, name, text)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(said)):
+        ckpt.load_pretrained(out)
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "ab", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_a_checkpoint_file_that_links_outside_its_directory_is_refused(tmp_path):
+    import os
+
+    out = ckpt.save_for_inference(TitansLM(tiny_run(tmp_path).model), ByteTokenizer(), tmp_path / "ck")
+    shutil.move(out / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", out / "model.safetensors")  # the manifest still matches
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors is a link to .*outside the checkpoint directory"):
+        ckpt.load_pretrained(out)
+    (out / "model.safetensors").unlink()
+    shutil.move(tmp_path / "elsewhere.safetensors", out / "model.safetensors")
+    os.symlink(out / "model.safetensors", out / "same.safetensors")  # a link inside the directory is its own file
+    ckpt.load_pretrained(out)
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda t: t.update(scheduler=[1, 2]), "optimiser or trainer state does not fit this run \\(TypeError"),
+    (lambda t: t.pop("rng"), "trainer.safetensors lacks step, tokens, scheduler, data, rng"),
+    (lambda t: t.update(step=-5), "trainer.safetensors has step -5"),
+    (lambda t: t.update(data=[]), "optimiser or trainer state does not fit this run"),
+])  # fmt: skip
+def test_resume_refuses_a_trainer_state_that_does_not_fit_by_name(tmp_path, change, said):
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    tree = load_tree(latest / "trainer.safetensors")
+    change(tree)
+    save_tree(tree, latest / "trainer.safetensors")
+    _match_manifest(latest, "trainer.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=said):
+        trainer_mod.train(tiny_run(tmp_path / "run", max_steps=4), resume="auto")
+
+
+def test_resume_refuses_an_optimizer_state_of_other_parameters_by_name(tmp_path):
+    trainer_mod.train(tiny_run(tmp_path / "run", max_steps=2))
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    tree = load_tree(latest / "optimizer.safetensors")
+    tree["state"] = {k: {} for k in list(tree["state"])[:1]}
+    save_tree(tree, latest / "optimizer.safetensors")
+    _match_manifest(latest, "optimizer.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="optimiser or trainer state does not fit this run"):
+        trainer_mod.train(tiny_run(tmp_path / "run", max_steps=4), resume="auto")
+
+
+def test_init_from_reads_its_run_record_by_name(tmp_path):
+    out = ckpt.save_for_inference(TitansLM(tiny_run(tmp_path).model), ByteTokenizer(), tmp_path / "ck")
+    _rewrite(out, "run.json", _run_json(out, tokenizer="bytes"))  # a bare name is a tokenizer spec too
+    trainer_mod.train(tiny_run(tmp_path / "a", max_steps=1, init_from=str(out)))
+    _rewrite(out, "run.json", "{x")
+    with pytest.raises(ckpt.CheckpointError, match="run.json is corrupted"):
+        trainer_mod.train(tiny_run(tmp_path / "b", max_steps=1, init_from=str(out)))
+
+
+def test_a_lock_file_from_someone_else_is_never_written_through_nor_printed_raw(tmp_path, capsys):
+    import os
+
+    from titans.train.lock import RunLockError, run_lock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    (tmp_path / "a").mkdir()
+    os.symlink(victim, tmp_path / "a" / ".lock")
+    with pytest.raises(RunLockError, match=r"\.lock is a symbolic link .*remove the link"):
+        with run_lock(tmp_path / "a"):
+            pass
+    assert victim.read_text() == "the user's file"
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / ".lock").write_bytes(b"pid 1\n\x1b[31mred\x1b[0m\nmore" + b"\xff" * 300)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    os.symlink(outside, tmp_path / "b" / "checkpoints" / ".step-0000003.tmp")
+    with run_lock(tmp_path / "b"):
+        pass
+    said = capsys.readouterr().out
+    assert "(pid 1 ...) did not exit cleanly" in said and "\x1b" not in said and len(said.splitlines()) == 2
+    assert (outside / "keep").exists() and not (tmp_path / "b" / "checkpoints" / ".step-0000003.tmp").exists()
+
+
+def test_a_malformed_state_file_is_refused_by_name(tmp_path):
+    from titans.inference.state_io import load_state, save_state
+
+    model, ids = _lm(), torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        state = model(ids)[2]
+
+    def saved(name, change=None, text=None):
+        save_state(state, tmp_path / name)
+        doc = json.loads((tmp_path / name / "state.json").read_text())
+        if change:
+            change(doc)
+        (tmp_path / name / "state.json").write_text(text or json.dumps(doc))
+        return tmp_path / name
+
+    fields = lambda doc: doc["state"]["fields"]  # noqa: E731
+    cases = [
+        (saved("deep", text='{"format": "titans-state/1", "state": ' + "[" * 100_000 + "]" * 100_000 + "}"), "RecursionError"),
+        (saved("digits", text='{"format": "titans-state/1", "state": {"value": ' + "9" * 5000 + "}}"), "Exceeds the limit"),
+        (saved("nostate", lambda d: d.pop("state")), "holds no 'state'"),
+        (saved("key", lambda d: fields(d).update(layers={"list": [{"tensor": ["t0"]}]})), r"tensor \['t0'\] is missing"),
+        (saved("cls", lambda d: d["state"].update(dataclass=["ModelState"])), "unknown state class"),
+        (saved("layers", lambda d: fields(d).update(layers={"value": 5})), "layers must be a list, got int"),
+    ]  # fmt: skip
+    for directory, said in cases:
+        with pytest.raises(ValueError, match=said):
+            load_state(directory, model=model)
+    with pytest.warns(UserWarning, match="records no SHA-256"):
+        load_state(saved("nosha", lambda d: d.pop("sha256")))
+
+
+def test_hugging_face_loading_reads_no_pickle(tmp_path):
+    pytest.importorskip("transformers")
+    from titans.hf import TitansForCausalLM
+
+    model = TitansForCausalLM.from_titans(_lm())
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")  # plain tensors, but a pickle
+    with pytest.raises(OSError, match="model.safetensors"):
+        TitansForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def test_timeseries_checkpoints_and_forecasts_that_do_not_fit_are_named(tmp_path, capsys):
+    from titans.timeseries.experiment import load_checkpoint
+    from titans.timeseries.models import ForecasterConfig, build_forecaster
+    from titans.timeseries.report import plot_runs
+
+    config = ForecasterConfig.from_dict({"model": "dlinear", "seq_len": 32, "horizon": 8, "channels": 3})
+    weights = build_forecaster(config).state_dict()
+    for change, said in (
+        ({"state_dict": {k: torch.zeros(3, 3) for k in weights}}, "weights do not fit its model_config"),
+        ({"state_dict": {**weights, "extra": torch.zeros(1)}}, "weights do not fit its model_config"),
+        ({"state_dict": [1, 2]}, "model_config / state_dict are not tables"),
+        ({"model_config": "dlinear"}, "model_config / state_dict are not tables"),
+        ({"model_config": {**config.to_dict(), "d_model": 10}}, "its model_config cannot be used"),
+    ):
+        save_tree({"model_config": config.to_dict(), "state_dict": weights, **change}, tmp_path / "c.safetensors")
+        with pytest.raises(ValueError, match=said):
+            load_checkpoint(tmp_path / "c.safetensors")
+    forecasts = tmp_path / "out" / "forecasts"
+    forecasts.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    np.savez(forecasts / "ETTh1_dlinear_H96_seed0.npz", x=np.array([_Payload(marker)], dtype=object),
+             y=np.zeros(3), pred=np.zeros(3))  # fmt: skip
+    (forecasts / "notes.npz").write_bytes(b"x")
+    assert plot_runs(tmp_path / "out") == []
+    err = capsys.readouterr().err
+    assert "notes.npz: left out (not a forecast file" in err and "seed0.npz: left out, unreadable" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda m: m["splits"]["train"]["shards"][0].update(file="../outside.npy"), "lists shard '../outside.npy', which is not a file"),
+    (lambda m: m.update(dtype="bogus"), "records dtype 'bogus', not an integer type"),
+    (lambda m: m.update(dtype="O"), "records dtype 'O', not an integer type"),
+    (lambda m: m["splits"]["train"].update(shards="abc"), "splits are not tables of shards"),
+    (lambda m: m.update(splits=[]), "splits are not tables of shards"),
+])  # fmt: skip
+def test_a_data_manifest_cannot_point_outside_its_directory_nor_crash_the_reader(tmp_path, change, said):
+    from titans.data.text import DataError, TokenSplit, prepare
+
+    (tmp_path / "a.txt").write_text("Some words of text. " * 200)
+    prepare([tmp_path / "a.txt"], tmp_path / "data", ByteTokenizer(), val_fraction=0.0, progress=False)
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    change(manifest)
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=said):
+        TokenSplit(tmp_path / "data", "train")
+    (tmp_path / "data" / "manifest.json").write_text('{"format": "titans-token-shards", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DataError, match="is not valid JSON \\(RecursionError"):
+        TokenSplit(tmp_path / "data", "train")
+
+
+def test_a_config_file_with_a_python_tag_is_one_line(tmp_path, capsys):
+    from titans.__main__ import main
+
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.yaml").write_text(f"train:\n  lr: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main(["train", "--config", str(tmp_path / "evil.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not determine a constructor for the tag" in err and "(line 2, column 7)" in err
+    assert len(err.splitlines()) == 1 and not marker.exists()

@@ -279,7 +279,10 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``; an LMM saved without persistent tokens is refused
-        unless loaded with ``persistent_tokens=0`` (``_check_loading_info``)."""
+        unless loaded with ``persistent_tokens=0`` (``_check_loading_info``). Weights are read
+        from safetensors only: a ``pytorch_model.bin`` (a pickle) is refused unless the caller
+        passes ``use_safetensors=False``, which unpickles it (restricted to tensors by torch)."""
+        kwargs.setdefault("use_safetensors", True)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         _check_loading_info(model.config, info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))

@@ -385,15 +385,39 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
             raise FileNotFoundError(f"data directory not found: {data_dir}")
         raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: prepare it first (titans data prepare ... --out {data_dir})")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid JSON ({err}); prepare the data again") from err
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # a JSONDecodeError is a ValueError
+        raise DataError(f"{path} is not valid JSON ({type(err).__name__}: {err}); prepare the data again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not a titans shard manifest")
     missing = [k for k in ("tokenizer", "vocab_size", "eos_id", "dtype", "splits") if k not in manifest]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; prepare the data again")
+    try:
+        dtype = np.dtype(manifest["dtype"])
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "iu":
+        raise DataError(f"{path} records dtype {manifest['dtype']!r}, not an integer type; prepare the data again")
+    splits = manifest["splits"]
+    malformed = DataError(f"{path}: its splits are not tables of shards (file, tokens, sha256); prepare the data again")
+    if not isinstance(splits, dict) or not all(
+        isinstance(info, dict) and isinstance(info.get("shards", []), list) for info in splits.values()
+    ):
+        raise malformed
+    shards = [shard for info in splits.values() for shard in info.get("shards", [])]
+    if not all(_is_shard(shard) for shard in shards):
+        raise malformed
+    for shard in shards:  # a shard is a file of the directory: a manifest never points a read outside it
+        name = shard["file"]
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise DataError(f"{path} lists shard {name!r}, which is not a file of {data_dir}; prepare the data again")
     return manifest
+
+
+def _is_shard(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("tokens"), int)
+            and isinstance(entry.get("sha256"), str))  # fmt: skip
 
 
 class TokenSplit:
@@ -421,6 +445,8 @@ class TokenSplit:
 
     def _open(self, shard: dict[str, Any], dtype: np.dtype, verify: bool) -> np.ndarray:
         path = self.data_dir / shard["file"]
+        if path.is_symlink() and path.resolve().parent != self.data_dir.resolve():
+            raise DataError(f"shard {path} is a link to {os.readlink(path)}, outside {self.data_dir}")
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} listed in the manifest is missing; prepare the data again")
         if verify:

@@ -6,14 +6,16 @@ safetensors file holds the tensors, each once even where the state refers to it 
 whose chunk-start weights are its running weights). Only the project's own state classes are
 rebuilt on load. Both files are written to temporary names and renamed, so an interrupted save
 never leaves a half-written state behind. ``state.json`` records the SHA-256 of the tensors file: a
-flipped bit is refused on load, as are a state with no layers or a negative position; given the
-model, ``load_state`` also refuses a state of another layout (``TitansLM.check_state``) or dtype.
+flipped bit is refused on load (a ``state.json`` that records no checksum is loaded with a
+warning), as are a state with no layers or a negative position and a ``state.json`` whose structure
+is not one ``save_state`` writes; given the model, ``load_state`` also refuses a state of another layout (``TitansLM.check_state``) or dtype.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
@@ -64,22 +66,22 @@ def _decode(node, tensors: dict[str, Tensor]):
         raise ValueError(f"corrupt state file: unexpected node {str(node)[:80]}")
     if "tensor" in node:
         key = node["tensor"]
-        if key not in tensors:
+        if not isinstance(key, str) or key not in tensors:
             raise ValueError(f"corrupt state file: tensor {key!r} is missing from the safetensors file")
         return tensors[key]
     if "dataclass" in node:
-        cls = _state_classes().get(node["dataclass"])
+        cls = _state_classes().get(node["dataclass"]) if isinstance(node["dataclass"], str) else None
         if cls is None:
             raise ValueError(f"corrupt state file: unknown state class {node['dataclass']!r}")
         known = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         given = node.get("fields", {})
-        if not required <= set(given) <= known:  # fields added later (with defaults) may be absent
+        if not isinstance(given, dict) or not required <= set(given) <= known:  # fields added later (with defaults) may be absent
             raise ValueError(f"corrupt state file: {cls.__name__} fields {sorted(given)} != {sorted(known)}")
         return cls(**{k: _decode(v, tensors) for k, v in given.items()})
-    if "tuple" in node:
+    if "tuple" in node and isinstance(node["tuple"], list):
         return tuple(_decode(n, tensors) for n in node["tuple"])
-    if "list" in node:
+    if "list" in node and isinstance(node["list"], list):
         return [_decode(n, tensors) for n in node["list"]]
     if "value" in node:
         return node["value"]
@@ -117,18 +119,27 @@ def load_state(directory: str | os.PathLike, device: str | torch.device | None =
         if not p.is_file():
             raise FileNotFoundError(f"no state file at {p}")
     try:
-        doc = json.loads(jpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"corrupt state file {jpath}: {exc}") from exc
+        doc = json.loads(jpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # a JSONDecodeError is a ValueError
+        raise ValueError(f"corrupt state file {jpath}: {type(exc).__name__}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{jpath} is not a titans state (format {doc.get('format') if isinstance(doc, dict) else None!r})")
-    if "sha256" in doc and sha256_file(tpath) != doc["sha256"]:
+    if "state" not in doc:
+        raise ValueError(f"corrupt state file {jpath}: it holds no 'state'")
+    if "sha256" not in doc:
+        warnings.warn(f"{jpath} records no SHA-256 of {tpath.name}: its tensors cannot be verified", stacklevel=2)
+    elif sha256_file(tpath) != doc["sha256"]:
         raise ValueError(f"corrupt state file {tpath}: its SHA-256 differs from the one {jpath.name} records")
     try:
         tensors = load_file(str(tpath), device=str(device) if device is not None else "cpu")
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"corrupt state file {tpath}: {exc}") from exc
-    state = _decode(doc["state"], tensors)
+    try:
+        state = _decode(doc["state"], tensors)
+    except RecursionError:
+        raise ValueError(f"corrupt state file {jpath}: its structure nests deeper than any state") from None
+    except TypeError as exc:  # a field of the wrong kind for its state class
+        raise ValueError(f"corrupt state file {jpath}: {exc}") from None
     _check_loaded(state, jpath, model)
     return state, doc.get("metadata", {})
 
@@ -137,6 +148,8 @@ def _check_loaded(state, where: Path, model) -> None:
     from ..model import ModelState
 
     if isinstance(state, ModelState):
+        if not isinstance(state.layers, list):
+            raise ValueError(f"{where}: the state's layers must be a list, got {type(state.layers).__name__}")
         if not state.layers:
             raise ValueError(f"{where}: the state has no layers")
         if not isinstance(state.position, int) or isinstance(state.position, bool) or state.position < 0:

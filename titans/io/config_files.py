@@ -56,13 +56,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
     except ConfigError:
         raise
-    except Exception as err:  # yaml / toml parse errors carry line numbers; keep them
-        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    except Exception as err:  # yaml / toml parse errors carry line numbers; keep them, on one line
+        raise ConfigError(f"cannot parse config file {path}: {_one_line(err)}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
     return data
+
+
+def _one_line(err: Exception) -> str:
+    """A parser's error on one line: YAML's marked errors name the problem and where it is, then
+    quote the line under it (left out here: the line and column say where)."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        context = getattr(err, "context", None)
+        return f"{context + ': ' if context else ''}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
 
 
 def _parse_value(text: str) -> Any:

@@ -114,8 +114,20 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
         raise ValueError(
             f"{path} is not a titans timeseries checkpoint (no model_config / state_dict)"
         )
-    model = build_forecaster(ForecasterConfig.from_dict(ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["state_dict"])
+    weights = ckpt["state_dict"]
+    if not isinstance(ckpt["model_config"], dict) or not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise ValueError(f"{path} is not a titans timeseries checkpoint (model_config / state_dict are not tables)")
+    try:
+        config = ForecasterConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its model_config cannot be used ({err})") from None
+    model = build_forecaster(config).to(device)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # names the missing, unexpected or other-shaped weights
+        raise ValueError(f"{path}: its weights do not fit its model_config ({' '.join(str(err).split())})") from None
     return model, ckpt
 
 

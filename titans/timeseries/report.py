@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -217,13 +218,27 @@ def plot_runs(
     art = out if artifacts_dir is None else Path(artifacts_dir)
     found = defaultdict(dict)  # (dataset, horizon) -> {model: npz path}
     for f in sorted((art / "forecasts").glob("*.npz")):
-        dataset, model, h, _seed = f.stem.rsplit("_", 3)
+        parts = f.stem.rsplit("_", 3)
+        if len(parts) != 4 or not parts[2].startswith("H") or not parts[2][1:].isdigit():
+            print(f"warning: {f}: left out (not a forecast file: <dataset>_<model>_H<horizon>_seed<seed>.npz)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            continue
+        dataset, model, h, _seed = parts
         found[(dataset, int(h[1:]))].setdefault(model, f)
     written = []
     for (dataset, h), files in sorted(found.items()):
         if h not in horizons:
             continue
-        loaded = {m: np.load(p) for m, p in files.items()}
+        loaded = {}
+        for m, p in files.items():
+            try:  # plain arrays only: an array of objects (a pickle) is refused, never loaded
+                with np.load(p, allow_pickle=False) as d:
+                    loaded[m] = {k: d[k] for k in ("x", "y", "pred")}
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                print(f"warning: {p}: left out, unreadable ({' '.join(str(err).split())[:160]})", file=sys.stderr,
+                      flush=True)  # fmt: skip
+        if not loaded:
+            continue
         first = next(iter(loaded.values()))
         forecasts = {MODEL_LABELS.get(m, m): d["pred"] for m, d in loaded.items()}
         written.append(plot_forecasts(out / f"forecast_{dataset}_H{h}.png",

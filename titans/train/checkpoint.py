@@ -17,7 +17,8 @@ It is assembled in a hidden temporary directory and renamed into place, so a cra
 leaves a directory that looks complete. ``<out_dir>/checkpoints/LATEST`` names the newest one (also
 replaced atomically). Loading checks the manifest first: a truncated or altered file is refused with
 a ``CheckpointError`` that names it; a manifest entry that is not a plain file name of the directory
-(``../x``, an absolute path) is refused.
+(``../x``, an absolute path), or a file of it that is a link to one outside it, is refused, as is a
+``run.json`` / ``MANIFEST.json`` that is not JSON text or not the record a load needs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io.files import sha256_file, write_text_atomic
 from .tree_io import TreeError, load_tree, save_tree
 
@@ -48,6 +49,43 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: missing, incomplete, corrupted or from another config."""
 
 
+
+
+def read_json(path: Path, where: str) -> Any:
+    """The JSON in ``path``; text that is not UTF-8 JSON (or nests, or spells a number, beyond what
+    the parser takes) is refused as a ``CheckpointError`` naming ``where`` and the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{where}: {path.name} is corrupted ({type(err).__name__}: {first_line(err)})") from None
+
+
+def read_run_record(path: Path) -> dict[str, Any]:
+    """``run.json`` of checkpoint directory ``path``, checked for what loads read from it: a table
+    whose ``config`` holds a ``model`` table (and ``data`` / ``train`` tables if any) and whose
+    ``tokenizer`` is a spec."""
+    run = read_json(path / "run.json", f"checkpoint {path}")
+    config = run.get("config") if isinstance(run, dict) else None
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("model"), dict)
+        or not all(isinstance(config.get(k, {}), dict) for k in ("data", "train"))
+        or not isinstance(run.get("tokenizer"), (dict, str))
+    ):
+        raise CheckpointError(f"checkpoint {path}: run.json is not a run record (a table with config.model and "
+                              f"a tokenizer spec)")  # fmt: skip
+    return run
+
+
+def check_trainer_state(state: Any, path: Path) -> None:
+    """Refuse a trainer state that lacks what a resume restores, or counts steps below zero."""
+    keys = ("step", "tokens", "scheduler", "data", "rng")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise CheckpointError(f"checkpoint {path}: trainer.safetensors lacks {', '.join(keys)}")
+    for key in ("step", "tokens"):
+        value = state[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"checkpoint {path}: trainer.safetensors has {key} {value!r} (an integer >= 0)")
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -153,10 +191,8 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
     manifest_path = path / "MANIFEST.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: MANIFEST.json is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {path}: MANIFEST.json is corrupted ({err})") from err
+    _inside(path, "MANIFEST.json")
+    manifest = read_json(manifest_path, f"checkpoint {path}")
     if not isinstance(manifest, dict):
         raise CheckpointError(f"checkpoint {path}: MANIFEST.json is not a table of files")
     listed = [name for name, entry in manifest.items() if isinstance(entry, dict)]
@@ -178,6 +214,7 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
         entry = manifest.get(name)
         if entry is None or not file.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        _inside(path, name)
         if not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
             raise CheckpointError(f"checkpoint {path}: MANIFEST.json's entry for {name} has no size and SHA-256")
         size = file.stat().st_size
@@ -190,19 +227,31 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
     return path
 
 
+def _inside(path: Path, name: str) -> None:
+    """Refuse a file of checkpoint ``path`` that is a link leading out of it: a load reads the
+    checkpoint's own files only."""
+    file = path / name
+    if file.is_symlink() and file.resolve().parent != path.resolve():
+        raise CheckpointError(f"checkpoint {path}: {name} is a link to {os.readlink(file)}, outside the checkpoint "
+                              f"directory")  # fmt: skip
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Verify and read a checkpoint: {'path', 'run', 'model', 'optimizer', 'trainer'}."""
     path = verify_checkpoint(path)
+    run = read_run_record(path)
     try:
-        return {
+        state = {
             "path": path,
-            "run": json.loads((path / "run.json").read_text()),
+            "run": run,
             "model": {k: v.to(map_location) for k, v in read_weights(path / "model.safetensors").items()},
             "optimizer": load_tree(path / "optimizer.safetensors", device=map_location),
             "trainer": load_tree(path / "trainer.safetensors"),
         }
-    except (TreeError, json.JSONDecodeError) as err:
+    except TreeError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from err
+    check_trainer_state(state["trainer"], path)
+    return state
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -254,14 +303,17 @@ def load_pretrained(
     from ..model import TitansConfig, TitansLM
 
     path = verify_checkpoint(path, required=INFERENCE_FILES)
-    run = json.loads((path / "run.json").read_text())
+    run = read_run_record(path)
     changed = apply_model_settings(run["config"], model_settings) if model_settings else None
     weights = read_weights(path / "model.safetensors")
     model_config = run["config"]["model"]
     if model_config.get("variant") == "lmm" and not any(".persistent." in name for name in weights):
         # saved before the LMM read persistent tokens: that model had none, whatever the field said
         model_config = run["config"]["model"] = {**model_config, "persistent_tokens": 0}
-    cfg = TitansConfig.from_dict(model_config)
+    try:
+        cfg = TitansConfig.from_dict(model_config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: run.json's model config cannot be used ({first_line(err)})") from err
     model = TitansLM(cfg)
     try:
         load_model_weights(model, weights, str(path))
@@ -270,7 +322,10 @@ def load_pretrained(
             raise
         raise CheckpointError(f"model settings {model_settings} do not fit the checkpoint's weights: {err}") from err
     model.to(map_location).eval()
-    tokenizer = load_tokenizer(run["tokenizer"])
+    try:
+        tokenizer = load_tokenizer(run["tokenizer"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: run.json's tokenizer cannot be loaded ({first_line(err)})") from err
     info = {"path": str(path), "step": run.get("step"), "config": run["config"]}
     if changed:
         info["model_settings"] = changed
@@ -320,7 +375,7 @@ def export_for_inference(
     from safetensors.torch import save_file
 
     src = verify_checkpoint(src)
-    run = json.loads((src / "run.json").read_text())
+    run = read_run_record(src)
     if note or model_settings:
         run["provenance"] = dict(note or {})
     if model_settings:

@@ -30,8 +30,13 @@ class RunLockError(UserError, RuntimeError):
 
 
 def _holder(fd: int) -> str:
+    """Who the lock file names (``pid N on host``), as one printable line: the file may hold
+    anything (a run directory received from someone else), which must not reach the terminal."""
     os.lseek(fd, 0, os.SEEK_SET)
-    return os.read(fd, 256).decode("utf-8", errors="replace").strip()
+    text = os.read(fd, 256).decode("utf-8", errors="replace").strip()
+    line = text.splitlines()[0] if text else ""
+    clean = "".join(c if c.isprintable() else "?" for c in line)[:80]
+    return clean + (" ..." if clean != text else "")
 
 
 def _remove_partial_checkpoints(out_dir: Path) -> list[str]:
@@ -40,7 +45,10 @@ def _remove_partial_checkpoints(out_dir: Path) -> list[str]:
     removed = []
     if root.is_dir():
         for tmp in root.glob(".step-*"):
-            if tmp.is_dir():
+            if tmp.is_symlink():  # not a write of ours: remove the link, never what it points to
+                tmp.unlink()
+                removed.append(tmp.name)
+            elif tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(tmp.name)
     return removed
@@ -53,8 +61,15 @@ def run_lock(out_dir: str | Path, log=print) -> Iterator[None]:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        # never through a link: the lock file is truncated and written, and a link (from a run
+        # directory someone else made) could point at any file of the user's
+        fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:
+        if (out_dir / LOCK_FILE).is_symlink():
+            raise RunLockError(
+                f"cannot use {out_dir} as a run directory: its {LOCK_FILE} is a symbolic link (to "
+                f"{os.readlink(out_dir / LOCK_FILE)}), which titans never writes through; remove the link"
+            ) from err
         raise RunLockError(f"cannot use {out_dir} as a run directory: {err.strerror or err}") from err
     try:
         try:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.config_files import ConfigError
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, UserError, first_line, out_of_memory
 from ..model import TitansLM
 from ..runtime.cpu import warn_if_cpu_bf16_is_slow
 from . import checkpoint as ckpt
@@ -120,11 +120,12 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
     # weights and run record only: a training checkpoint, a run directory (its latest) or an
     # exported / shipped one (no optimiser state) all qualify
     where = ckpt.verify_checkpoint(path, required=ckpt.INFERENCE_FILES)
-    saved = json.loads((where / "run.json").read_text())
-    if saved.get("tokenizer") != tokenizer.to_spec():
+    saved = ckpt.read_run_record(where)
+    theirs = saved["tokenizer"] if isinstance(saved["tokenizer"], dict) else {"name": saved["tokenizer"]}
+    if theirs != tokenizer.to_spec():
         raise ckpt.CheckpointError(
             f"train.init_from: {where} was trained with another tokenizer "
-            f"({saved.get('tokenizer', {}).get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
+            f"({theirs.get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
         )
     weights = ckpt.read_weights(where / "model.safetensors")
     kept = []
@@ -375,11 +376,21 @@ def _train(run: RunConfig, resume: str | None, stop_at_step: int | None) -> dict
     if resume_path is not None:
         state = ckpt.read_checkpoint(resume_path, map_location="cpu")
         _check_compatible(state["run"]["config"], run, str(state["path"]))
-        load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
         trainer_state = state["trainer"]
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        source.load_state_dict(trainer_state["data"])
-        _set_rng_state(trainer_state["rng"])
+        try:
+            load_full_state_dicts(model, optimizer, state["model"], state["optimizer"])
+            scheduler.load_state_dict(trainer_state["scheduler"])
+            source.load_state_dict(trainer_state["data"])
+            _set_rng_state(trainer_state["rng"])
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+            if out_of_memory(err):
+                raise
+            raise ckpt.CheckpointError(
+                f"{state['path']}: its optimiser or trainer state does not fit this run "
+                f"({type(err).__name__}: {first_line(err)})"
+            ) from err
         start_step, tokens_seen = trainer_state["step"], trainer_state["tokens"]
         elapsed_before = trainer_state.get("elapsed", 0.0)
         if stop_at_step is not None and start_step > stop_at_step:
