@@ -697,7 +697,7 @@ def test_a_malformed_state_file_is_refused_by_name(tmp_path):
     for directory, said in cases:
         with pytest.raises(ValueError, match=said):
             load_state(directory, model=model)
-    with pytest.warns(UserWarning, match="records no SHA-256"):
+    with pytest.raises(ValueError, match="records no SHA-256"):  # deleting the checksum does not skip the check
         load_state(saved("nosha", lambda d: d.pop("sha256")))
 
 
@@ -773,3 +773,36 @@ def test_a_config_file_with_a_python_tag_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "could not determine a constructor for the tag" in err and "(line 2, column 7)" in err
     assert len(err.splitlines()) == 1 and not marker.exists()
+
+
+def test_inputs_and_states_found_by_the_independent_probe_are_refused_by_name():
+    """Found by a second reader: each gave an internal error (SDPA's dtype error, a size mismatch,
+    an AttributeError, an overflow in the clip) instead of a message naming the problem."""
+    from titans.errors import StateMismatchError
+    from titans.layers import NeuralMemory
+    from titans.model import TitansConfig
+
+    model, ids = _lm(), torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        state64 = _lm().double()(ids)[2]
+        with pytest.raises(StateMismatchError, match="holds float64 tensors, the model computes in torch.float32"):
+            model(ids, state=state64)
+        with pytest.raises(TypeError, match="input_ids must be a tensor"):
+            model(ids.tolist())
+        with pytest.raises(ValueError, match="empty batch dimension"):
+            model(ids[:0])
+    layer = NeuralMemory(dim=16, heads=2, chunk_size=4)
+    x = torch.randn(1, 6, 16)
+    _, narrow = NeuralMemory(dim=16, heads=2, chunk_size=4, conv_kernel=2)(x)
+    with pytest.raises(StateMismatchError, match=r"q/k/v convolution; this layer \(conv_kernel=4\) takes \(1, 3, 48\)"):
+        layer(x, narrow)
+    _, own = layer(x)
+    with pytest.raises(TypeError, match="state.memory must be a MemoryState"):
+        layer(x, type(own)(memory=torch.zeros(3), conv=own.conv))
+    with pytest.raises(ValueError, match="empty batch dimension"):
+        layer(x[:0])
+    for make in (lambda: NeuralMemory(dim=16, heads=2, max_grad_norm=1e20),
+                 lambda: TitansConfig(memory_max_grad_norm=1e20)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"max_grad_norm must be a number in \(0, 1e\+18\]"):
+            make()
+    NeuralMemory(dim=16, heads=2, max_grad_norm=1e18)(x)  # the largest bound still runs

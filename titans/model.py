@@ -29,7 +29,7 @@ from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.objectives import Objective
 from .ops.memory.rules import MEMORY_RULES, merge_rule
 from .ops.memory.state import check_max_grad_norm, check_retention_kl, check_retention_q
-from .ops.tensors import standard_strides
+from .ops.tensors import standard_strides, state_tensors
 
 __all__ = ["ModelState", "TitansConfig", "TitansLM", "VARIANTS"]
 
@@ -430,16 +430,20 @@ class TitansLM(nn.Module):
             raise ValueError(f"logits_to_keep must be >= 0 (0 = every position), got {logits_to_keep}")
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep needs labels=None: the loss is over every position's logits")
-        if labels is not None:
-            self._check_labels(input_ids, labels)
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a tensor [batch, time], got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has an empty batch dimension (B = 0)")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids has an empty time dimension")
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         if bool(((input_ids < 0) | (input_ids >= self.cfg.vocab_size)).any()):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size})")
+        if labels is not None:
+            self._check_labels(input_ids, labels)
         if state is not None:
             self.check_state(state)
         if (
@@ -521,6 +525,13 @@ class TitansLM(nn.Module):
             raise StateMismatchError(f"state position must be an integer >= 0, got {state.position!r}")
         if state.layers and len(state.layers) != len(self.blocks):
             raise StateMismatchError(f"state has {len(state.layers)} layers, the model has {len(self.blocks)}")
+        dtype = self.embed.weight.dtype
+        # a 32- or 16-bit model's state mixes float32 (the memory), its own dtype and an autocast
+        # dtype, and a float64 model computes with any of those; float64 tensors reach a lower-
+        # precision model's attention as a dtype it cannot mix
+        if dtype != torch.float64 and any(t.dtype == torch.float64 for t in state_tensors(state.layers)):
+            raise StateMismatchError(f"the state holds float64 tensors, the model computes in {dtype}: convert one "
+                                     f"(model.double(), or the state's tensors) or start a new state")  # fmt: skip
 
     def _decode_step(self, input_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState] | None:
         """One token ``[B, 1]`` after ``state`` through every block's one-token ``step`` (MAC, MAG,

@@ -6,16 +6,15 @@ safetensors file holds the tensors, each once even where the state refers to it 
 whose chunk-start weights are its running weights). Only the project's own state classes are
 rebuilt on load. Both files are written to temporary names and renamed, so an interrupted save
 never leaves a half-written state behind. ``state.json`` records the SHA-256 of the tensors file: a
-flipped bit is refused on load (a ``state.json`` that records no checksum is loaded with a
-warning), as are a state with no layers or a negative position and a ``state.json`` whose structure
-is not one ``save_state`` writes; given the model, ``load_state`` also refuses a state of another layout (``TitansLM.check_state``) or dtype.
+flipped bit is refused on load, as is a ``state.json`` that records no checksum, a state with no
+layers or a negative position, and a ``state.json`` whose structure is not one ``save_state``
+writes; given the model, ``load_state`` also refuses a state of another layout (``TitansLM.check_state``) or dtype.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..io.files import sha256_file
+from ..ops.tensors import state_tensors
 
 __all__ = ["load_state", "save_state", "state_num_bytes"]
 
@@ -126,9 +126,10 @@ def load_state(directory: str | os.PathLike, device: str | torch.device | None =
         raise ValueError(f"{jpath} is not a titans state (format {doc.get('format') if isinstance(doc, dict) else None!r})")
     if "state" not in doc:
         raise ValueError(f"corrupt state file {jpath}: it holds no 'state'")
-    if "sha256" not in doc:
-        warnings.warn(f"{jpath} records no SHA-256 of {tpath.name}: its tensors cannot be verified", stacklevel=2)
-    elif sha256_file(tpath) != doc["sha256"]:
+    if "sha256" not in doc:  # nothing to verify the tensors against: an edited file, or one of a pre-release
+        raise ValueError(f"{jpath} records no SHA-256 of {tpath.name}, so its tensors cannot be verified: "
+                         f"save the state again with save_state")  # fmt: skip
+    if sha256_file(tpath) != doc["sha256"]:
         raise ValueError(f"corrupt state file {tpath}: its SHA-256 differs from the one {jpath.name} records")
     try:
         tensors = load_file(str(tpath), device=str(device) if device is not None else "cpu")
@@ -158,31 +159,14 @@ def _check_loaded(state, where: Path, model) -> None:
         return
     model.check_state(state)
     dtype = next(model.parameters()).dtype
-    floats = {t.dtype for t in _tensors(state) if t.is_floating_point()}
+    floats = {t.dtype for t in state_tensors(state) if t.is_floating_point()}
     # a 32- or 16-bit model's state mixes float32 (the memory), its own dtype and an autocast
-    # dtype; a float64 model's is float64 only: what cannot mix is float64 with the rest
+    # dtype; a float64 model's is float64 only: a file's state is refused for either mix
     if (dtype == torch.float64) != (floats <= {torch.float64}) and floats:
         raise ValueError(f"{where}: the state holds {sorted(map(str, floats))} tensors, the model computes in {dtype}")
 
 
-def _tensors(state) -> list[Tensor]:
-    found: list[Tensor] = []
-
-    def walk(obj):
-        if isinstance(obj, Tensor):
-            found.append(obj)
-        elif is_dataclass(obj):
-            for f in fields(obj):
-                walk(getattr(obj, f.name))
-        elif isinstance(obj, (list, tuple)):
-            for o in obj:
-                walk(o)
-
-    walk(state)
-    return found
-
-
 def state_num_bytes(state) -> int:
     """Bytes held by the tensors of a state (each tensor counted once)."""
-    unique = {id(t): t for t in _tensors(state)}
+    unique = {id(t): t for t in state_tensors(state)}
     return sum(t.numel() * t.element_size() for t in unique.values())

@@ -614,6 +614,8 @@ class NeuralMemory(nn.Module):
         if x.dtype != own and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x is {x.dtype} but the layer's weights are {own}: convert one (layer.to({x.dtype}) "
                             f"or x.to({own})), or run under torch.autocast")  # fmt: skip
+        if x.shape[0] == 0:
+            raise ValueError("x has an empty batch dimension (B = 0)")
         if x.shape[1] == 0:
             raise ValueError("x has an empty time dimension (T = 0)")
         if nonfinite({"x": x}):
@@ -621,6 +623,8 @@ class NeuralMemory(nn.Module):
         if state is not None:
             if not isinstance(state, NeuralMemoryState):
                 raise TypeError(f"state must be a NeuralMemoryState, got {type(state).__name__}")
+            if not isinstance(state.memory, MemoryState):
+                raise TypeError(f"state.memory must be a MemoryState, got {type(state.memory).__name__}")
             mine = [tuple(w.shape) for w in self.initial_weights]
             theirs = [tuple(w.shape[-3:]) for w in state.memory.weights]
             if theirs != mine:
@@ -632,8 +636,12 @@ class NeuralMemory(nn.Module):
                 raise ValueError(
                     f"state was made for batch size {state.memory.batch_size}, x has {x.shape[0]}"
                 )
-            if (state.conv is None) != (self.conv_kernel == 0):
-                raise ValueError("state.conv does not match this layer's convolution setting")
+            tail = None if state.conv is None else tuple(state.conv.shape)
+            mine = None if not self.conv_kernel else (x.shape[0], self.conv_kernel - 1, self.to_qkv.out_features)
+            if tail != mine:
+                theirs = "none" if tail is None else f"a tail of shape {tail}"
+                raise StateMismatchError(f"the state has {theirs} for the q/k/v convolution; this layer (conv_kernel="
+                                         f"{self.conv_kernel}) takes {'none' if mine is None else mine}")  # fmt: skip
             tail = None if state.gate_conv is None else tuple(state.gate_conv.shape)
             mine = None if not self.gate_kernel else (x.shape[0], self.gate_kernel - 1, self.dim)
             if tail != mine:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, is_dataclass
+
 import torch
 from torch import Tensor
 
-__all__ = ["distinct", "nonfinite", "standard_strides"]
+__all__ = ["distinct", "nonfinite", "standard_strides", "state_tensors"]
 
 # ---- inputs of a compiled graph --------------------------------------------------------------
 # A compiled graph is specialised on the strides of its inputs (size-1 dims included) and on which
@@ -48,3 +50,22 @@ def nonfinite(named: dict[str, Tensor]) -> list[str]:
                             for t in named.values()])  # fmt: skip
     suspects = [name for name, ok in zip(named, torch.isfinite(sums).tolist()) if not ok]
     return [name for name in suspects if not bool(torch.isfinite(named[name]).all())]
+
+
+def state_tensors(state) -> list[Tensor]:
+    """Every tensor of a state (dataclasses, lists and tuples of them), in field order; a tensor
+    the state holds twice is listed twice."""
+    found: list[Tensor] = []
+
+    def walk(obj):
+        if isinstance(obj, Tensor):
+            found.append(obj)
+        elif is_dataclass(obj):
+            for f in fields(obj):
+                walk(getattr(obj, f.name))
+        elif isinstance(obj, (list, tuple)):
+            for o in obj:
+                walk(o)
+
+    walk(state)
+    return found

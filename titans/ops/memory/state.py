@@ -286,14 +286,19 @@ def _check_finite(named: dict[str, Tensor]) -> None:
         raise NonFiniteError(f"non-finite values (NaN or inf) in {', '.join(bad)}")
 
 
+# The clip compares squared norms in float32: a bound whose square overflows float32 cannot be
+# applied, and one this large never acts on a finite step anyway (None is the way to say "no clip").
+MAX_GRAD_NORM_LIMIT = 1e18
+
+
 def check_max_grad_norm(max_grad_norm, name: str = "max_grad_norm") -> None:
-    """None (no clipping) or a positive finite number."""
+    """None (no clipping) or a positive number up to ``MAX_GRAD_NORM_LIMIT``."""
     if max_grad_norm is None:
         return
     if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
         raise TypeError(f"{name} must be a number or None, got {type(max_grad_norm).__name__}")
-    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"{name} must be a positive finite number or None, got {max_grad_norm}")
+    if not (math.isfinite(max_grad_norm) and 0 < max_grad_norm <= MAX_GRAD_NORM_LIMIT):
+        raise ValueError(f"{name} must be a number in (0, {MAX_GRAD_NORM_LIMIT:g}] or None (no clip), got {max_grad_norm}")
 
 
 def check_inputs(
