@@ -30,6 +30,11 @@ resident size after setup; on CUDA, ``torch.cuda.max_memory_allocated``.
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch --bf16
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans --rules titans moneta yaad omega
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans --rules titans memora
+    python benchmarks/memory_throughput.py --lengths 64 --skip-naive --impls titans --rules titans omega atlas
+
+ATLAS (``--rules atlas``) orthogonalises every token's momentum, and its degree-2 keys make the first
+layer 256 x 2145 at this size: about 3 GFLOP of Newton-Schulz per token and head, so its rows take
+minutes per step even at T=64 (titans/ops/memory/README.md, "Muon: the ATLAS inner optimiser").
 """
 
 from __future__ import annotations
@@ -154,7 +159,7 @@ def main() -> None:
                    default=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
                    help="rows to measure (the naive row is controlled by --skip-naive)")
     p.add_argument("--rules", nargs="+", default=(), help="also measure these named memory rules (rows rule-NAME: "
-                   "titans, moneta, yaad, memora, omega; titans.ops.memory.rules), eager")
+                   "titans, moneta, yaad, memora, omega, atlas; titans.ops.memory.rules), eager")
     p.add_argument("--bf16", action="store_true",
                    help="also measure each chosen implementation under bf16 autocast (rows *-bf16; ours with "
                         "product_dtype='bfloat16')")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ...errors import NonFiniteError
 from ...ops.tensors import nonfinite
+from .muon import check_muon_steps
 
 __all__ = ["MemoryState", "MemoryWindow", "memory_shapes", "initial_memory_state", "check_inputs"]
 
@@ -315,13 +316,21 @@ def check_inputs(
     gamma: Tensor | None = None,
     residual: bool = False,
     retention_kl: float | None = None,
+    muon_steps: int | None = None,
 ) -> None:
     """Raise a ValueError/TypeError that names the bad argument. ``objective`` (an
     ``objectives.Objective``; None is the paper's l2) decides whether ``delta`` is required;
-    ``gamma`` ``[B, T, H, c]`` are the Omega rule's window weights (None: a window of one token)."""
+    ``gamma`` ``[B, T, H, c]`` are the Omega rule's window weights (None: a window of one token);
+    ``muon_steps``: ATLAS's Muon with that many Newton-Schulz steps (None: the Titans step)."""
     check_max_grad_norm(max_grad_norm)
     check_retention_q(retention_q)
     check_retention_kl(retention_kl)
+    check_muon_steps(muon_steps)
+    if muon_steps is not None and retention_q is not None:
+        raise ValueError("muon_steps (ATLAS's Muon) and retention_q (Moneta's retention) do not combine yet")
+    if muon_steps is not None and retention_kl is not None:
+        raise ValueError("muon_steps (ATLAS's Muon) and retention_kl (Memora's retention) do not combine: Memora's "
+                         "step is a softmax of the gradient step, not a momentum step")  # fmt: skip
     if retention_kl is not None:
         if retention_q is not None:
             raise ValueError("retention_kl (Memora's KL retention) and retention_q (Moneta's l_q retention) are two "
