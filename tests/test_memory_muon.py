@@ -41,27 +41,32 @@ def _quintic(x: torch.Tensor, steps: int) -> torch.Tensor:
     return X
 
 
-def test_newton_schulz_is_muons_quintic():
-    """Batched, either orientation, every matrix on its own: Muon's quintic written out; odd, blind
-    to the scale, singular values pushed toward 1; zero stays zero with a finite gradient."""
+@pytest.mark.parametrize("gram", [None, False, True], ids=["cheaper", "as-written", "gram"])
+def test_newton_schulz_is_muons_quintic(gram):
+    """Batched, either orientation, every matrix on its own, in either form (the iteration as
+    written, the Gram form, the cheaper of the two): Muon's quintic written out; odd, blind to the
+    scale, singular values pushed toward 1; zero stays zero with a finite gradient."""
     g = torch.Generator().manual_seed(0)
-    for shape in [(3, 5, 4, 9), (2, 9, 4), (6, 6)]:
+    for shape in [(3, 5, 4, 9), (2, 9, 4), (6, 6), (2, 3, 16), (16, 3)]:
         x = torch.randn(*shape, generator=g, dtype=F64)
-        for steps in (1, 5):
-            out = newton_schulz(x, steps)
+        for steps in (1, 2, 5):
+            out = newton_schulz(x, steps, gram=gram)
             ref = torch.stack([_quintic(m, steps) for m in x.reshape(-1, *shape[-2:])]).reshape(shape)
             assert_close(out, ref, 1e-13, f"NS_{steps} of {shape}")
-        torch.testing.assert_close(newton_schulz(-x, 5), -newton_schulz(x, 5), rtol=0, atol=0)
-        assert_close(newton_schulz(1e3 * x, 5), newton_schulz(x, 5), 1e-6, "scale")  # up to the eps of |x|_F + eps
-        s = torch.linalg.svdvals(newton_schulz(x, 5))
+            assert out.is_contiguous()
+        ns = lambda t: newton_schulz(t, 5, gram=gram)  # noqa: E731
+        torch.testing.assert_close(ns(-x), -ns(x), rtol=0, atol=0)
+        assert_close(ns(1e3 * x), ns(x), 1e-6, "scale")  # up to the eps of |x|_F + eps
+        s = torch.linalg.svdvals(ns(x))
         assert 0.6 < float(s.min()) and float(s.max()) < 1.2
     zero = torch.zeros(2, 4, 3, dtype=F64, requires_grad=True)
-    out = newton_schulz(zero, 5)
+    out = newton_schulz(zero, 5, gram=gram)
     assert torch.equal(out, torch.zeros_like(out))
     (grad,) = torch.autograd.grad(probe_loss(out), zero)
     assert torch.isfinite(grad).all()
-    x = torch.randn(2, 3, 5, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: newton_schulz(t, 3), (x,))
+    for shape in [(2, 3, 5), (2, 7, 3)]:  # wide and tall
+        x = torch.randn(*shape, generator=g, dtype=F64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: newton_schulz(t, 3, gram=gram), (x,))
 
 
 def _atlas_written_out(kw, chunk_size, steps, c=1):
@@ -323,3 +328,45 @@ def test_states_do_not_cross_optimisers_and_older_fingerprints_stay():
     """A Muon model's state names the setting; a plain model's fingerprint does not name it at all
     (as before it existed, so its saved states still load), and neither continues the other's."""
     check_setting_keeps_states_apart("memory_muon_steps", 5, variant="lmm", dim=32, depth=1, heads=2, memory_chunk=4)
+
+
+def test_momentum_states_do_not_cross_optimisers():
+    """A Titans momentum (theta-scaled gradients) continued with ``muon_steps`` (raw gradients), or
+    the reverse, is refused by every op and by the layer, naming both sides; another k continues
+    (the momentum means the same), and a state without momentum continues under either."""
+    from titans.errors import StateMismatchError
+    from titans.layers.neural_memory import NeuralMemory
+
+    kw, _ = make_inputs(T=6, seed=9)
+    first = {n: (x[:, :3] if torch.is_tensor(x) and x.dim() >= 3 and x.shape[1] == 6 else x) for n, x in kw.items()}
+    rest = {n: x[:, 3:] for n, x in kw.items() if n != "weights"}
+    one = {n: x[:, :1] for n, x in rest.items()}
+    titans_side = r"muon_steps=None \(the Titans step: its momentum sums theta-scaled gradients\)"
+    muon_side = r"muon_steps=5 \(ATLAS's Muon: its momentum sums the raw gradients\)"
+    for made, then, sides in ((None, 5, (titans_side, muon_side)), (5, None, (muon_side, titans_side))):
+        state = chunk_memory(**first, chunk_size=4, muon_steps=made)[1]
+        assert state.muon_steps == made
+        for fn, part in ((chunk_memory, rest), (naive_memory, rest), (step_memory, one)):
+            with pytest.raises(ValueError, match=f"state.momentum was written with {sides[0]}; this call has {sides[1]}"):
+                fn(**part, state=state, chunk_size=4, muon_steps=then)
+    state = chunk_memory(**first, chunk_size=4, muon_steps=5)[1]
+    chunk_memory(**rest, state=state, chunk_size=4, muon_steps=3)  # another k: the same momentum
+    no_mom = {**first, "eta": None}
+    state = chunk_memory(**no_mom, chunk_size=4, muon_steps=5)[1]
+    chunk_memory(**{**rest, "eta": None}, state=state, chunk_size=4)  # no momentum: weights mean the same
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    titans = NeuralMemory(16, heads=2, chunk_size=4)
+    muon = NeuralMemory(16, heads=2, chunk_size=4, muon_steps=5)
+    muon.load_state_dict(titans.state_dict())
+    with torch.no_grad():
+        for a, b in ((titans, muon), (muon, titans)):
+            state = a(x)[1]
+            named = (f"the state's momentum was written with muon_steps={a.muon_steps}, this layer has "
+                     f"muon_steps={b.muon_steps}")  # fmt: skip
+            for part in (x, x[:, :1]):  # the chunk path and the one-token step
+                with pytest.raises(StateMismatchError, match=named):
+                    b(part, state)
+            assert b.step_state(state, 2) is None  # the decode path leaves it to the checked one
+            assert a.step_state(state, 2) is not None

@@ -225,6 +225,7 @@ class TitansConfig:
                 raise ValueError("memory_zero_init_output and memory_retention_kl (Memora's retention) do not combine: "
                                  "Memora's weights are softmax rows of M_0's parameters, so zeroing them gives uniform "
                                  "rows, not a memory that answers zero")  # fmt: skip
+        check_muon_steps(self.memory_muon_steps, "memory_muon_steps")  # None or an integer in [1, 64], named first
         if self.memory_muon_steps is not None:
             if self.memory_retention_q is not None:
                 raise ValueError("memory_muon_steps (ATLAS's Muon) and memory_retention_q (Moneta's retention) do not "
@@ -274,7 +275,6 @@ class TitansConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
         check_retention_kl(self.memory_retention_kl, "memory_retention_kl")  # None or a number in (0, 1e6]
-        check_muon_steps(self.memory_muon_steps, "memory_muon_steps")  # None or an integer in [1, 64]
 
     @property
     def ffn_hidden(self) -> int:

@@ -625,6 +625,11 @@ class NeuralMemory(nn.Module):
                 )
             if (state.conv is None) != (self.conv_kernel == 0):
                 raise ValueError("state.conv does not match this layer's convolution setting")
+            made = state.memory.muon_steps
+            if state.memory.momentum is not None and (made is None) != (self.muon_steps is None):
+                raise StateMismatchError(f"the state's momentum was written with muon_steps={made}, this layer has "
+                                         f"muon_steps={self.muon_steps}: a Muon momentum (ATLAS: raw gradients) and a "
+                                         f"Titans one (theta-scaled gradients) do not continue each other")  # fmt: skip
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -798,6 +803,8 @@ class NeuralMemory(nn.Module):
         groups = [m.weights, m.chunk_weights] + ([] if m.momentum is None else [m.momentum])
         if (m.log_weights is None) != (self.retention_kl is None):
             return None
+        if m.momentum is not None and (m.muon_steps is None) != (self.muon_steps is None):
+            return None
         groups += [] if m.log_weights is None else [m.log_weights]
         tail = None if not self.conv_kernel else (batch_size, self.conv_kernel - 1, self.to_qkv.out_features)
         if not (
@@ -836,7 +843,7 @@ class NeuralMemory(nn.Module):
             before_valid = 0 if before.memory.window is None else before.memory.window.valid
             valid = min(self.window - 1, before_valid + 1)  # on the host: no device sync per token
             window = MemoryWindow(unflat(step.window_k), unflat(step.window_v), unflat(step.window_delta), valid)
-        memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window, step.log_weights)
+        memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window, step.log_weights, self.muon_steps)
         return NeuralMemoryState(memory, step.conv)
 
     def step(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:

@@ -865,7 +865,8 @@ def chunk_memory_unchecked(
     B, T, H, D = q.shape
     N = B * H
     if state is None:
-        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
+        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl,
+                                     muon_steps=muon_steps)
     L = state.depth
     has_mom = eta is not None
 
@@ -963,7 +964,7 @@ def chunk_memory_unchecked(
             W, S = tuple(W), (tuple(S) if has_mom else None)
         y = torch.cat(ys, dim=1).reshape(B, H, T, vf.shape[-1]).transpose(1, 2).to(dtype)
         window = next_window(kk, vv, dd, valid, c) if gamma is not None else None
-        return y, state_from_flat(B, H, W, S, Wg, pos, window)
+        return y, state_from_flat(B, H, W, S, Wg, pos, window, muon_steps=muon_steps)
 
     i = 0
     while i < len(spans):

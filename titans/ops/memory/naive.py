@@ -96,7 +96,8 @@ def naive_memory(
     dtype = q.dtype
     cd = compute_dtype(dtype)
     if state is None:
-        state = initial_memory_state(weights, q.shape[0], momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
+        state = initial_memory_state(weights, q.shape[0], momentum=eta is not None, dtype=cd, retention_kl=retention_kl,
+                                     muon_steps=muon_steps)
     W, Wc, pos = state.weights, state.chunk_weights, state.position
     S, Z = state.momentum, state.log_weights
     if S is None and eta is not None:
@@ -179,5 +180,6 @@ def naive_memory(
         position=pos,
         window=window,
         log_weights=None if Z is None else tuple(Z),
+        muon_steps=muon_steps,
     )
     return y, final

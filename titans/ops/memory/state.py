@@ -72,6 +72,10 @@ class MemoryState:
     log_weights:   Memora's log-weights (``retention_kl``), same shapes: what its KL retention
                    carries from token to token (``weights`` are what a read uses; at position 0
                    ``weights = exp(log_weights)``, every row on the simplex). None for other rules.
+    muon_steps:    the ``muon_steps`` of the call that wrote the state (None: the Titans step).
+                   ATLAS's Muon momentum sums the raw gradients, the Titans one theta-scaled
+                   steps, so a momentum of one kind does not continue under the other
+                   (``check_inputs`` refuses it); states saved before the field load as None.
     """
 
     weights: tuple[Tensor, ...]
@@ -80,6 +84,7 @@ class MemoryState:
     position: int = 0
     window: MemoryWindow | None = None
     log_weights: tuple[Tensor, ...] | None = None
+    muon_steps: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -137,11 +142,13 @@ def initial_memory_state(
     momentum: bool,
     dtype: torch.dtype | None = None,
     retention_kl: float | None = None,
+    muon_steps: int | None = None,
 ) -> MemoryState:
     """The state before any token: M_0 = ``weights`` (``[H, out, in]`` shared by the batch, or
     ``[B, H, out, in]``), S_0 = 0, position 0. Broadcasting keeps gradients flowing to ``weights``.
     With ``retention_kl = c`` (Memora) ``weights`` are logits, free parameters: the memory starts at
-    ``c * softmax`` of each of their rows (``kl_simplex``), and its log-weights are kept too."""
+    ``c * softmax`` of each of their rows (``kl_simplex``), and its log-weights are kept too.
+    ``muon_steps``: the calls that will continue it (``MemoryState.muon_steps``)."""
     ws = []
     for w in weights:
         if w.dim() == 3:
@@ -151,7 +158,7 @@ def initial_memory_state(
     if retention_kl is not None:
         logs, ws = kl_simplex(ws, retention_kl)
     mom = tuple(torch.zeros_like(w) for w in ws) if momentum else None
-    return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0, log_weights=logs)
+    return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0, log_weights=logs, muon_steps=muon_steps)
 
 
 def lq_scale(weights, q: float) -> Tensor:
@@ -192,7 +199,7 @@ def check_retention_q(retention_q) -> None:
 
 def state_from_flat(
     batch: int, heads: int, weights, momentum, chunk_weights, position: int, window: MemoryWindow | None = None,
-    log_weights=None,
+    log_weights=None, muon_steps: int | None = None,
 ) -> MemoryState:
     """Build a MemoryState from ``[B*H, out, in]`` tensors (the layout the fast paths compute in);
     ``window`` as ``[B*H, c - 1, ...]`` tensors."""
@@ -210,6 +217,7 @@ def state_from_flat(
             unflat(window.k), unflat(window.v), None if window.delta is None else unflat(window.delta), window.valid
         ),
         log_weights=None if log_weights is None else tuple(unflat(z) for z in log_weights),
+        muon_steps=muon_steps,
     )
 
 
@@ -295,6 +303,13 @@ def check_max_grad_norm(max_grad_norm, name: str = "max_grad_norm") -> None:
         raise TypeError(f"{name} must be a number or None, got {type(max_grad_norm).__name__}")
     if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise ValueError(f"{name} must be a positive finite number or None, got {max_grad_norm}")
+
+
+def _momentum_kind(muon_steps: int | None) -> str:
+    """What a momentum buffer sums under ``muon_steps``, for a refusal that names both sides."""
+    if muon_steps is None:
+        return "muon_steps=None (the Titans step: its momentum sums theta-scaled gradients)"
+    return f"muon_steps={muon_steps} (ATLAS's Muon: its momentum sums the raw gradients)"
 
 
 def check_inputs(
@@ -414,6 +429,9 @@ def check_inputs(
         if (state.log_weights is None) != (retention_kl is None):
             raise ValueError("state holds Memora's log-weights: pass retention_kl" if retention_kl is None else
                              "state has no log-weights: it was not made with retention_kl (Memora's KL retention)")  # fmt: skip
+        if state.momentum is not None and (state.muon_steps is None) != (muon_steps is None):
+            raise ValueError(f"state.momentum was written with {_momentum_kind(state.muon_steps)}; this call has "
+                             f"{_momentum_kind(muon_steps)}: one does not continue the other")  # fmt: skip
         groups = [("state.weights", state.weights), ("state.chunk_weights", state.chunk_weights)]
         if state.momentum is not None:
             groups.append(("state.momentum", state.momentum))

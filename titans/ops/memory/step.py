@@ -194,7 +194,8 @@ def step_memory(
     B, _, H, D = q.shape
     N = B * H
     if state is None:
-        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
+        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl,
+                                     muon_steps=muon_steps)
 
     def flat_w(w: Tensor) -> Tensor:  # (B, H, o, i) -> (B*H, o, i)
         return w.to(cd).reshape(N, *w.shape[2:])
@@ -231,5 +232,5 @@ def step_memory(
         None if eta is None else gate(eta), None if alpha is None else gate(alpha),
         activation, residual, max_grad_norm, objective, dd, retention_q, mix, muon_steps,
     )  # fmt: skip
-    final = state_from_flat(B, H, W, S, Wc, pos, window)
+    final = state_from_flat(B, H, W, S, Wc, pos, window, muon_steps=muon_steps)
     return y.reshape(B, H, 1, v.shape[-1]).transpose(1, 2).to(dtype), final
