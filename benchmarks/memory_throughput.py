@@ -11,6 +11,9 @@ peak memory of the forward+backward step, for
   default setting (all gradients at the initial weights of the call) and with ``batch_size=64``
   (gradients at the chunk-start weights, as ours);
 - with ``--rules``, each named memory rule (``NeuralMemory.from_rule``, rows ``rule-NAME``);
+- with ``--muon``, ATLAS's Muon alone: the layer with ``window=8, muon_steps=5`` and no feature map
+  (row ``muon``); with ``--ns-direct`` each Muon row again with Newton-Schulz run as Muon writes it
+  instead of in its Gram form (rows ``*-ns-direct``: the chunk path before the Gram form);
 - with ``--bf16``, each implementation again under ``torch.autocast(bfloat16)`` (rows ``*-bf16``),
   ours with ``product_dtype="bfloat16"`` as well (its chunk products in bf16, its state float32;
   autocast alone leaves our memory in float32).
@@ -30,6 +33,13 @@ resident size after setup; on CUDA, ``torch.cuda.max_memory_allocated``.
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans titans-pytorch --bf16
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans --rules titans moneta yaad omega
     python benchmarks/memory_throughput.py --lengths 4096 --skip-naive --impls titans --rules titans memora
+    python benchmarks/memory_throughput.py --lengths 64 --skip-naive --impls titans --rules titans omega atlas
+    python benchmarks/memory_throughput.py --lengths 128 --skip-naive --impls titans --rules omega --muon --ns-direct
+
+ATLAS (``--rules atlas``) orthogonalises every token's momentum, and its degree-2 keys make the first
+layer 256 x 2145 at this size: about 1 GFLOP of Newton-Schulz per token and head in the Gram form
+(3 as Muon writes it), so its rows take a minute or more per step even at T=64
+(titans/ops/memory/README.md, "Muon: the ATLAS inner optimiser").
 """
 
 from __future__ import annotations
@@ -52,6 +62,20 @@ B, DIM, HEADS, HEAD_DIM, DEPTH, EXPANSION, CHUNK = 4, 256, 4, 64, 2, 4.0, 64
 def _build(impl: str, device):
     bf16 = impl.endswith("-bf16")
     impl = impl.removesuffix("-bf16")
+    if impl.endswith("-ns-direct"):  # the chunk path's Newton-Schulz as Muon writes it (no Gram form)
+        import functools
+
+        import titans.ops.memory.chunk as chunk_mod
+        from titans.ops.memory.muon import newton_schulz
+
+        chunk_mod.newton_schulz = functools.partial(newton_schulz, gram=False)
+        impl = impl.removesuffix("-ns-direct")
+    if impl == "muon":  # ATLAS's Muon without its feature map: the Omega window 8, 5 Newton-Schulz steps
+        from titans.layers import NeuralMemory
+
+        layer = NeuralMemory(DIM, heads=HEADS, head_dim=HEAD_DIM, depth=DEPTH, expansion=EXPANSION, chunk_size=CHUNK,
+                             max_grad_norm=None, window=8, muon_steps=5).to(device)  # fmt: skip
+        return lambda x: layer(x)[0], layer
     if impl.startswith("rule-"):  # a named memory rule (titans.ops.memory.rules), eager
         from titans.layers import NeuralMemory
 
@@ -154,7 +178,12 @@ def main() -> None:
                    default=("titans", "titans-compile", "titans-pytorch", "titans-pytorch-b64"),
                    help="rows to measure (the naive row is controlled by --skip-naive)")
     p.add_argument("--rules", nargs="+", default=(), help="also measure these named memory rules (rows rule-NAME: "
-                   "titans, moneta, yaad, memora, omega; titans.ops.memory.rules), eager")
+                   "titans, moneta, yaad, memora, omega, atlas; titans.ops.memory.rules), eager")
+    p.add_argument("--muon", action="store_true",
+                   help="also measure ATLAS's Muon alone (row muon: window=8, muon_steps=5, no feature map)")
+    p.add_argument("--ns-direct", action="store_true",
+                   help="also measure each Muon row (muon, rule-atlas) with Newton-Schulz as Muon writes it "
+                        "(rows *-ns-direct)")
     p.add_argument("--bf16", action="store_true",
                    help="also measure each chosen implementation under bf16 autocast (rows *-bf16; ours with "
                         "product_dtype='bfloat16')")
@@ -186,6 +215,10 @@ def main() -> None:
         except ValueError as err:
             p.error(str(err))
     ours_impls += [f"rule-{name}" for name in args.rules]
+    ours_impls += ["muon"] if args.muon else []
+    if args.ns_direct:  # each Muon row, then the same with the iteration as written
+        muon_rows = {"muon", "rule-atlas"}
+        ours_impls = [row for impl in ours_impls for row in ((impl, f"{impl}-ns-direct") if impl in muon_rows else (impl,))]
     plan = [(impl, T) for impl in ours_impls for T in args.lengths]
     if not args.skip_naive:
         plan.append(("titans-naive", args.naive_length))

@@ -130,6 +130,30 @@ def check_analytic_backward_equals_autograd(kw, leaves, opts: dict, what: str) -
 
 
 
+def check_setting_keeps_states_apart(setting: str, value, **small) -> None:
+    """A model with the later-added memory ``setting`` (``TitansConfig`` field) at ``value`` names it
+    in its state fingerprint; one at the default does not name it at all (as before it existed, so
+    its saved states still load); neither model continues the other's state. ``small``: the rest
+    of both configs. The refusal names the setting and both sides' values."""
+    import re
+
+    import pytest
+
+    from titans.errors import StateMismatchError
+    from titans.model import TitansConfig, TitansLM
+
+    plain, other = (TitansLM(TitansConfig(**small, **extra)).eval() for extra in ({}, {setting: value}))
+    assert setting not in plain.state_fingerprint() and f"{setting}={value}" in other.state_fingerprint()
+    ids = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        for a, b in ((plain, other), (other, plain)):
+            state = a(ids)[2]
+            in_state, in_model = (str(value), "None") if a is other else ("None", str(value))
+            named = rf"another model layout \({setting}: state {re.escape(in_state)}, model {re.escape(in_model)}\)"
+            with pytest.raises(StateMismatchError, match=named):
+                b(ids, state=state)
+
+
 def memora_inputs(theta_scale: float, T: int = 256, seed: int = 0) -> dict:
     """``make_inputs`` for Memora's approximation measurements (``memora_gap``): B=2, 2 heads of 8,
     depth 2, expansion 2, no momentum; theta uniform in [0, 2 theta_scale], the forget gate alpha

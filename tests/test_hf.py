@@ -82,7 +82,8 @@ def test_fresh_model_keeps_titans_initialisation():
 @pytest.mark.parametrize(
     "variant, kw",
     [("mac", {}), ("mag", {}), ("transformer", {}), ("lmm", {"tie_embeddings": False}),
-     ("lmm", {"memory_feature_degree": 2, "memory_window": 3, "memory_objective": "huber"})],
+     ("lmm", {"memory_feature_degree": 2, "memory_window": 3, "memory_objective": "huber"}),
+     ("mag", {"memory_muon_steps": 3})],
 )
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, variant, kw):
     model = _model(variant, **kw)

@@ -81,7 +81,8 @@ def test_compiled_inference_groups_chunks_like_eager(monkeypatch):
     assert groups.count(3) == 2  # both groups ran
 
 
-@pytest.mark.parametrize("extra", [{}, {"memory_retention_kl": 1.0, "memory_momentum": False}], ids=["titans", "memora"])
+@pytest.mark.parametrize("extra", [{}, {"memory_retention_kl": 1.0, "memory_momentum": False}, {"memory_muon_steps": 3}],
+                         ids=["titans", "memora", "muon"])  # fmt: skip
 def test_compiled_mac_segments_stream_like_eager(monkeypatch, extra):
     """TitansLM.set_memory_compile under inference: MAC's whole segments run as one compiled graph
     each (MACBlock._segment_step, shared by both blocks); logits and memory state match eager."""
@@ -116,7 +117,9 @@ def test_compiled_mac_segments_stream_like_eager(monkeypatch, extra):
 
 @pytest.mark.parametrize(("variant", "extra"), [("mac", {}), ("mag", {}), ("mal", {}), ("lmm", {}),
                                               ("mag", {"memory_window": 3, "memory_feature_degree": 2}),
-                                              ("mac", {"memory_retention_kl": 1.0, "memory_momentum": False})])
+                                              ("mac", {"memory_retention_kl": 1.0, "memory_momentum": False}),
+                                              ("lmm", {"memory_muon_steps": 5, "memory_window": 3,
+                                                       "memory_theta_init": 0.05})])  # fmt: skip
 def test_compiled_decode_step_matches_eager_without_recompiling(variant, extra):
     """TitansLM.set_memory_compile: the one-token decode step runs as one compiled graph that
     serves every token of a stream (across segment, window and memory-chunk boundaries, from a

@@ -15,6 +15,7 @@ from _helpers import (
     check_analytic_backward_equals_autograd,
     check_chunk_equals_naive,
     check_layer_streams_in_pieces,
+    check_setting_keeps_states_apart,
     make_inputs,
     memora_gap,
     probe_loss,
@@ -292,18 +293,8 @@ def test_states_do_not_cross_retentions_and_older_fingerprints_stay():
     """A Memora model's state names its retention; a plain model's fingerprint does not name the
     setting at all (as before it existed, so its saved states still load), and neither model
     continues the other's state."""
-    from titans.errors import StateMismatchError
-    from titans.model import TitansConfig, TitansLM
-
-    small = dict(variant="lmm", dim=32, depth=1, heads=2, memory_chunk=4, memory_momentum=False)
-    plain, memora = TitansLM(TitansConfig(**small)).eval(), TitansLM(TitansConfig(**small, memory_retention_kl=1.0)).eval()
-    assert "retention_kl" not in plain.state_fingerprint() and "memory_retention_kl=1.0" in memora.state_fingerprint()
-    ids = torch.randint(0, 50, (1, 9))
-    with torch.no_grad():
-        for a, b in ((plain, memora), (memora, plain)):
-            state = a(ids)[2]
-            with pytest.raises(StateMismatchError, match=r"another model layout \(memory_retention_kl: state (1.0|None), model (None|1.0)\)"):
-                b(ids, state=state)
+    check_setting_keeps_states_apart("memory_retention_kl", 1.0, variant="lmm", dim=32, depth=1, heads=2,
+                                     memory_chunk=4, memory_momentum=False)  # fmt: skip
 
 
 def test_bf16_products_stay_near_float32():

@@ -211,14 +211,14 @@ def test_lq_retention_analytic_backward_steps_and_q2():
         chunk_memory(**kw2, chunk_size=8, retention_q=1.5, objective=opts["objective"])
 
 
-def test_named_rules_set_their_settings_and_refuse_contradictions(tmp_path):
+def test_named_rules_set_their_settings_and_refuse_contradictions(tmp_path, monkeypatch):
     from titans.io.config_files import ConfigError
     from titans.layers.neural_memory import NeuralMemory
     from titans.model import TitansConfig
     from titans.ops.memory.rules import MEMORY_RULES, rule_settings
     from titans.train.config import load_run_config
 
-    assert set(MEMORY_RULES) == {"titans", "moneta", "yaad", "memora", "omega"}
+    assert set(MEMORY_RULES) == {"titans", "moneta", "yaad", "memora", "omega", "atlas"}
     moneta = TitansConfig.with_memory_rule("moneta", variant="lmm", dim=32)
     assert (moneta.memory_objective, moneta.memory_objective_p, moneta.memory_retention_q, moneta.memory_momentum) == (
         "lp", 3.0, 4.0, False)  # fmt: skip
@@ -237,8 +237,18 @@ def test_named_rules_set_their_settings_and_refuse_contradictions(tmp_path):
         NeuralMemory.from_rule("yaad", 16, objective="l2")
     memora = TitansConfig.with_memory_rule("memora", variant="lmm", dim=32)
     assert (memora.memory_objective, memora.memory_retention_kl, memora.memory_momentum) == ("l2", 1.0, False)
-    with pytest.raises(ValueError, match="'atlas' needs ATLAS's Muon .* not implemented yet; available: titans"):
-        rule_settings("atlas")
+    atlas = TitansConfig.with_memory_rule("atlas", variant="lmm", dim=32)
+    assert (atlas.memory_window, atlas.memory_feature_degree, atlas.memory_muon_steps, atlas.memory_momentum) == (
+        8, 2, 5, True)  # fmt: skip
+    with pytest.raises(ValueError, match="memory rule 'atlas' sets muon_steps=5; the settings also ask for muon_steps=3"):
+        NeuralMemory.from_rule("atlas", 16, heads=2, muon_steps=3)
+    with pytest.raises(ValueError, match="memory rule 'titans' sets memory_muon_steps=None"):
+        TitansConfig.with_memory_rule("titans", memory_muon_steps=5)
+    import titans.ops.memory.rules as rules
+
+    monkeypatch.setattr(rules, "PENDING", {"later": "a paper's optimiser"})
+    with pytest.raises(ValueError, match="'later' needs a paper's optimiser, which is not implemented yet; available: titans"):
+        rule_settings("later")
     with pytest.raises(ValueError, match="unknown memory rule 'adam'"):
         rule_settings("adam")
     cfg = tmp_path / "c.yaml"

@@ -14,13 +14,14 @@ from _helpers import rel_rms
 
 from titans.inference.state_io import load_state, save_state, state_num_bytes
 from titans.model import VARIANTS, ModelState, TitansConfig, TitansLM
+from titans.ops.memory.rules import rule_settings
 
 
 # MAC with the memory writing the residual stream (mac_memory_input="residual") and MAG with its
 # inner gradients clipped (memory_max_grad_norm, acting on most tokens at this size) run every
 # model-level property test too.
 CASES = (*VARIANTS, "mac-residual", "mac-gate-attention", "mac-input", "mag-clip", "mac-omega", "mal-omega", "lmm-poly",
-         "mac-memora", "lmm-memora")
+         "mac-memora", "lmm-memora", "lmm-atlas", "mac-muon")
 
 
 def _cfg(variant, **kw):
@@ -36,6 +37,11 @@ def _cfg(variant, **kw):
         variant, kw = variant[:3], {"memory_retention_kl": 1.0, "memory_momentum": False, "memory_theta_init": 0.5, **kw}
     if variant == "lmm-poly":  # ATLAS's degree-2 feature map
         variant, kw = "lmm", {"memory_feature_degree": 2, **kw}
+    if variant == "lmm-atlas":  # the ATLAS rule (window 8, degree-2 keys, Muon); theta large enough to move M
+        fixed = {f"memory_{k}": v for k, v in rule_settings("atlas").items()}
+        variant, kw = "lmm", {**fixed, "memory_theta_init": 0.05, **kw}
+    if variant == "mac-muon":  # Muon alone (no window, no feature map)
+        variant, kw = "mac", {"memory_muon_steps": 3, "memory_theta_init": 0.05, **kw}
     if variant in ("mac-omega", "mal-omega"):  # the Omega rule over 3 tokens (with huber on the MAL)
         variant, kw = variant[:3], {"memory_window": 3, **kw}
         if variant == "mal":
@@ -516,6 +522,9 @@ def test_mac_whole_segment_step_matches_the_loop(variant, monkeypatch):
         ("mag", dict(memory_gate_kernel=3)),
         ("mac", dict(memory_gate_kernel=2, memory_window=3)),
         ("lmm-memora", dict(memory_gate_kernel=4)),
+        ("lmm-atlas", {}),
+        ("mac-muon", dict(memory_momentum=False, memory_chunk=3, memory_max_grad_norm=0.05)),
+        ("mag", dict(memory_muon_steps=2, memory_window=3, memory_objective="huber", memory_theta_init=0.05)),
     ],
 )
 def test_decode_step_matches_the_block_forward(variant, kw, monkeypatch):

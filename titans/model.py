@@ -27,6 +27,7 @@ from .errors import MemoryDivergedError, StateMismatchError
 from .layers.features import polynomial_feature_dim
 from .layers.neural_memory import NeuralMemory, parse_product_dtype
 from .ops.memory.objectives import Objective
+from .ops.memory.muon import check_muon_steps
 from .ops.memory.rules import MEMORY_RULES, merge_rule
 from .ops.memory.state import check_max_grad_norm, check_retention_kl, check_retention_q
 from .ops.tensors import standard_strides, state_tensors
@@ -109,6 +110,10 @@ class TitansConfig:
     # paper); K >= 2, a causal convolution of the input over the last K tokens, so that a gate can
     # tell a token by its context (e.g. the value of a "key value" pair). Not in the paper
     memory_gate_kernel: int = 0
+    # ATLAS's Muon inner optimiser (NeuralMemory muon_steps; None: the Titans step): each write steps
+    # along the memory's momentum orthogonalised by this many Newton-Schulz steps. ATLAS:
+    # memory_window=8, memory_feature_degree=2, memory_muon_steps=5 (with_memory_rule("atlas"))
+    memory_muon_steps: int | None = None
     memory_theta_init: float = 1e-3
     # 'softplus' leaves the memory's learning rate unbounded; 'sigmoid' bounds it by
     # memory_max_lr, which keeps the test-time updates stable when training pushes theta up
@@ -224,6 +229,18 @@ class TitansConfig:
                 raise ValueError("memory_zero_init_output and memory_retention_kl (Memora's retention) do not combine: "
                                  "Memora's weights are softmax rows of M_0's parameters, so zeroing them gives uniform "
                                  "rows, not a memory that answers zero")  # fmt: skip
+        check_muon_steps(self.memory_muon_steps, "memory_muon_steps")  # None or an integer in [1, 64], named first
+        if self.memory_muon_steps is not None:
+            if self.memory_retention_q is not None:
+                raise ValueError("memory_muon_steps (ATLAS's Muon) and memory_retention_q (Moneta's retention) do not "
+                                 "combine yet")  # fmt: skip
+            if self.memory_retention_kl is not None:
+                raise ValueError("memory_muon_steps (ATLAS's Muon) and memory_retention_kl (Memora's retention) do not "
+                                 "combine: Memora's step is a softmax of the gradient step, not a momentum "
+                                 "step")  # fmt: skip
+            if self.memory_product_dtype != "float32":
+                raise ValueError("memory_muon_steps (ATLAS's Muon) and memory_product_dtype='bfloat16' do not combine: "
+                                 "the Muon spans compute in float32")  # fmt: skip
         if self.memory_activation not in ("silu", "gelu", "relu"):
             raise ValueError(f"memory_activation must be 'silu', 'gelu' or 'relu', got {self.memory_activation!r}")
         if self.memory_qk_activation not in ("silu", "identity"):
@@ -282,6 +299,7 @@ class TitansConfig:
             objective=self.memory_objective, objective_p=self.memory_objective_p, delta_init=self.memory_delta_init,
             retention_q=self.memory_retention_q, retention_kl=self.memory_retention_kl, window=self.memory_window,
             feature_degree=self.memory_feature_degree, gate_kernel=self.memory_gate_kernel,
+            muon_steps=self.memory_muon_steps,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -300,7 +318,7 @@ class TitansConfig:
     @_class_or_instance
     def with_memory_rule(cls, config, rule: str, **fields) -> "TitansConfig":
         """A config whose memories follow a named rule (``titans.ops.memory.rules``: "titans",
-        "moneta", "yaad", "memora", "omega"), with ``fields`` for the rest; a field the rule fixes
+        "moneta", "yaad", "memora", "omega", "atlas"), with ``fields`` for the rest; a field the rule fixes
         to another value is refused. On the class, the other fields keep their defaults
         (``TitansConfig.with_memory_rule("moneta", dim=256)``); on a config, its own except the
         settings any rule sets, which follow the rule (``cfg.with_memory_rule("moneta")``)."""
@@ -349,11 +367,11 @@ _MEMORY_SETTINGS = (
     "memory_heads", "memory_depth", "memory_expansion", "memory_chunk", "memory_momentum", "memory_forgetting",
     "memory_conv_kernel", "memory_residual", "memory_activation", "memory_qk_activation", "memory_objective",
     "memory_objective_p", "memory_retention_q", "memory_retention_kl", "memory_window", "memory_feature_degree",
-    "memory_gate_kernel",
+    "memory_gate_kernel", "memory_muon_steps",
 )  # fmt: skip
 # Settings added after states were first saved: a fingerprint names them only away from these
 # defaults, so that states saved before them still fit the models they came from.
-_LATER_SETTINGS = {"memory_retention_kl": None, "memory_gate_kernel": 0}
+_LATER_SETTINGS = {"memory_retention_kl": None, "memory_gate_kernel": 0, "memory_muon_steps": None}
 STATE_SETTINGS = {
     "mac": ("segment", "persistent_tokens", *_MEMORY_SETTINGS, "mac_memory_input"),
     "mag": ("window", "persistent_tokens", *_MEMORY_SETTINGS),

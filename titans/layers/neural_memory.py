@@ -25,6 +25,7 @@ from ..errors import MemoryDivergedError, NonFiniteError, StateMismatchError
 from ..ops.memory import MemoryState, chunk_memory, memory_shapes, step_memory
 from ..ops.memory.chunk import chunk_memory_unchecked
 from ..ops.memory.mlp import mlp_read
+from ..ops.memory.muon import check_muon_steps
 from ..ops.memory.objectives import Objective
 from ..ops.memory.rules import merge_rule
 from ..ops.memory.state import (
@@ -419,8 +420,18 @@ class NeuralMemory(nn.Module):
             with 0. A gate can then tell a token by its context (whether it is the value of a
             "key value" pair) and not only by its identity. Not in the paper; the convolution's
             tail travels in the state (``NeuralMemoryState.gate_conv``).
+        muon_steps: ATLAS's Muon inner optimiser (eqs. 32-33; None: the Titans step): the momentum
+            sums the raw (windowed, clipped) gradients, ``S = eta S - grad``, and each write steps
+            along its Newton-Schulz orthogonalisation, ``M = (1 - alpha) M + theta NS_k(S)`` with
+            k = ``muon_steps`` quintic steps per weight matrix (``ops/memory/muon.py``): a step's size
+            is set by theta (its singular values at most 1.2 theta), not by the gradient's. Chunks stay exact
+            (each token's momentum is materialised and orthogonalised: ``O(n out in min(out, in) k)``
+            per chunk and layer, README "Muon: the ATLAS inner optimiser"). Not with
+            ``retention_q``, ``retention_kl`` or bf16 products. ATLAS is ``window=8``,
+            ``feature_degree=2``, ``muon_steps=5`` (``from_rule("atlas")``).
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
-            call compiles, for tens of seconds on CPU; later steps are faster).
+            call compiles, for tens of seconds on CPU; later steps are faster). The Muon spans
+            (``muon_steps``) run eagerly.
         product_dtype: ``"bfloat16"`` (or ``torch.bfloat16``): the matrix products inside each
             chunk run in bf16 while the memory's state stays float32 (``chunk_memory``'s
             ``product_dtype``); None (default): float32 throughout. One-token steps always run
@@ -456,6 +467,7 @@ class NeuralMemory(nn.Module):
         window: int = 1,
         feature_degree: int | None = None,
         gate_kernel: int = 0,
+        muon_steps: int | None = None,
         compile: bool = False,
         product_dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -495,6 +507,16 @@ class NeuralMemory(nn.Module):
                                  "pass momentum=False")  # fmt: skip
             if window > 1:
                 raise ValueError("window (the Omega rule) and retention_kl (Memora's retention) do not combine yet")
+        check_muon_steps(muon_steps)
+        if muon_steps is not None:
+            if retention_q is not None:
+                raise ValueError("muon_steps (ATLAS's Muon) and retention_q (Moneta's retention) do not combine yet")
+            if retention_kl is not None:
+                raise ValueError("muon_steps (ATLAS's Muon) and retention_kl (Memora's retention) do not combine: "
+                                 "Memora's step is a softmax of the gradient step, not a momentum step")  # fmt: skip
+            if parse_product_dtype(product_dtype) is not None:
+                raise ValueError("muon_steps (ATLAS's Muon) and product_dtype='bfloat16' do not combine: the Muon "
+                                 "spans compute in float32")  # fmt: skip
         if not (isinstance(delta_init, (int, float)) and 0 < delta_init < math.inf):
             raise ValueError(f"delta_init must be a positive number, got {delta_init!r}")
         if not 0 < theta_init < (max_lr if theta_activation == "sigmoid" else math.inf):
@@ -517,6 +539,7 @@ class NeuralMemory(nn.Module):
         check_retention_q(retention_q)
         self.retention_q = None if retention_q is None else float(retention_q)
         self.retention_kl = None if retention_kl is None else float(retention_kl)
+        self.muon_steps = muon_steps
         self.momentum, self.forgetting = momentum, forgetting
         self.conv_kernel = conv_kernel if conv_kernel > 1 else 0
         self.theta_activation, self.max_lr = theta_activation, max_lr
@@ -555,8 +578,8 @@ class NeuralMemory(nn.Module):
     @classmethod
     def from_rule(cls, rule: str, dim: int, **kwargs) -> "NeuralMemory":
         """A layer following a named rule (``titans.ops.memory.rules``: "titans", "moneta",
-        "yaad", "memora", "omega"), ``kwargs`` for the rest; a keyword the rule fixes otherwise is
-        refused."""
+        "yaad", "memora", "omega", "atlas"), ``kwargs`` for the rest; a keyword the rule fixes
+        otherwise is refused."""
         return cls(dim, **merge_rule(rule, kwargs))
 
     def reset_parameters(self) -> None:
@@ -648,6 +671,11 @@ class NeuralMemory(nn.Module):
                 theirs = "none" if tail is None else f"a tail of shape {tail}"
                 raise StateMismatchError(f"the state has {theirs} for the gates' convolution; this layer (gate_kernel="
                                          f"{self.gate_kernel}) takes {'none' if mine is None else mine}")  # fmt: skip
+            made = state.memory.muon_steps
+            if state.memory.momentum is not None and (made is None) != (self.muon_steps is None):
+                raise StateMismatchError(f"the state's momentum was written with muon_steps={made}, this layer has "
+                                         f"muon_steps={self.muon_steps}: a Muon momentum (ATLAS: raw gradients) and a "
+                                         f"Titans one (theta-scaled gradients) do not continue each other")  # fmt: skip
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -725,6 +753,7 @@ class NeuralMemory(nn.Module):
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
             max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(xg),
             retention_q=self.retention_q, gamma=self.window_gates(xg), retention_kl=self.retention_kl,
+            muon_steps=self.muon_steps,
         )  # fmt: skip
         if state is None:
             kwargs["weights"] = tuple(self.initial_weights)
@@ -812,7 +841,7 @@ class NeuralMemory(nn.Module):
         y, W, S = step_flat(
             flat(state.weights), flat(state.chunk_weights), flat(state.momentum), q.to(cd), kk, vv,
             gate(theta), gate(eta), gate(alpha), self.activation, self.residual, self.max_grad_norm,
-            self.objective, dd, self.retention_q, mix,
+            self.objective, dd, self.retention_q, mix, self.muon_steps,
         )  # fmt: skip
         answer = y.reshape(B, H, 1, D).transpose(1, 2).to(x.dtype)  # (B, 1, H, D)
         return answer, MemoryStep(unflat(W), state.chunk_weights, unflat(S), conv_tail, **window, gate_conv=gate_tail)
@@ -828,6 +857,8 @@ class NeuralMemory(nn.Module):
         shapes = [(batch_size, *w.shape) for w in self.initial_weights]
         groups = [m.weights, m.chunk_weights] + ([] if m.momentum is None else [m.momentum])
         if (m.log_weights is None) != (self.retention_kl is None):
+            return None
+        if m.momentum is not None and (m.muon_steps is None) != (self.muon_steps is None):
             return None
         groups += [] if m.log_weights is None else [m.log_weights]
         tail = None if not self.conv_kernel else (batch_size, self.conv_kernel - 1, self.to_qkv.out_features)
@@ -870,7 +901,7 @@ class NeuralMemory(nn.Module):
             before_valid = 0 if before.memory.window is None else before.memory.window.valid
             valid = min(self.window - 1, before_valid + 1)  # on the host: no device sync per token
             window = MemoryWindow(unflat(step.window_k), unflat(step.window_v), unflat(step.window_delta), valid)
-        memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window, step.log_weights)
+        memory = MemoryState(step.weights, step.momentum, chunk_weights, pos, window, step.log_weights, self.muon_steps)
         return NeuralMemoryState(memory, step.conv, step.gate_conv)
 
     def step(self, x: Tensor, state: MemoryStep) -> tuple[Tensor, MemoryStep]:
@@ -975,5 +1006,6 @@ class NeuralMemory(nn.Module):
             f"forgetting={self.forgetting}, conv_kernel={self.conv_kernel}, objective={self.objective.name}, retention_q={self.retention_q}, "
             f"retention_kl={self.retention_kl}, "
             f"window={self.window}, feature_degree={None if self.features is None else self.features.degree}, "
-            f"gate_kernel={self.gate_kernel}"
+            f"gate_kernel={self.gate_kernel}, "
+            f"muon_steps={self.muon_steps}"
         )

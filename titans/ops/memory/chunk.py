@@ -13,7 +13,10 @@ no per-token weights are ever stored.
 reference the analytic backward is tested against (it keeps every intermediate alive).
 Memora's softmax retention (``retention_kl``) is not linear inside a chunk: each chunk's first token
 takes its exact step (``step.kl_step_flat``) and the kernel runs the rest, the papers' chunk
-approximation (README, "Memora: KL retention").
+approximation (README, "Memora: KL retention"). ATLAS's Muon (``muon_steps``) is not linear in the
+momentum either: ``_muon_span`` materialises each token's momentum, orthogonalises it and sums the
+steps, exactly the token loop's rule (README, "Muon: the ATLAS inner optimiser"); autograd
+differentiates it, one node per chunk that runs the chunk again in the backward (``_MuonChunk``).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from .mlp import activation as act_fn
-from .mlp import activation_with_grads, clip_scale
+from .mlp import activation_with_grads, clip_scale, key_gradients
+from .muon import newton_schulz
 from .objectives import L2, Objective, as_objective
 from .step import kl_step_flat
 from .state import (
@@ -89,11 +94,32 @@ def _decay_products(theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None)
     return A, B, C, e[..., -1], E[..., -1, :] * theta
 
 
-def _chunk_coefficients(sizes: list[int], theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None):
-    """``_decay_products`` of every chunk span (``sizes`` along the time dim of the ``[N, T]``
-    gates), as one tuple per span. Each run of equal-length spans (all full chunks, typically) is
-    computed in one batched call: a few ops per call instead of a dozen per chunk, and one
-    autograd node per op for the whole sequence."""
+def _muon_products(theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None):
+    """Muon's span coefficients from its gates (positions 1..n, ``[..., n]`` inputs), for
+    ``S_t = e_t S0 - sum_{i<=t} E[t,i] G_i`` and ``M_t = A_t W0 + sum_{s<=t} Fth[t,s] O_s``:
+
+    A_t = prod_{j<=t} a_j,  Fth[t,s] = prod_{s<j<=t} a_j * theta_s,  e_t = prod_{j<=t} eta_j,
+    E[t,i] = prod_{i<j<=t} eta_j.
+
+    Returns (A, Fth, e, E); A is None without forgetting, e and E without momentum."""
+    n = theta.shape[-1]
+    if log_a is not None:
+        A, Fm = log_a.cumsum(-1).exp(), _decay_grid(log_a)
+    else:
+        A, Fm = None, torch.ones(n, n, dtype=theta.dtype, device=theta.device).tril()
+    Fth = Fm * theta.unsqueeze(-2)
+    if log_eta is None:
+        return A, Fth, None, None
+    return A, Fth, log_eta.cumsum(-1).exp(), _decay_grid(log_eta)
+
+
+def _chunk_coefficients(
+    sizes: list[int], theta: Tensor, log_a: Tensor | None, log_eta: Tensor | None, products=_decay_products
+):
+    """``products`` (``_decay_products``, or ``_muon_products``) of every chunk span (``sizes``
+    along the time dim of the ``[N, T]`` gates), as one tuple per span. Each run of equal-length
+    spans (all full chunks, typically) is computed in one batched call: a few ops per call instead
+    of a dozen per chunk, and one autograd node per op for the whole sequence."""
     out, t, i, gates = [], 0, 0, (theta, log_a, log_eta)
     while i < len(sizes):
         n, r = sizes[i], 1
@@ -101,7 +127,7 @@ def _chunk_coefficients(sizes: list[int], theta: Tensor, log_a: Tensor | None, l
             r += 1
         # (N, r*n) gates as (N, r, n): r chunks at once
         runs = [None if x is None else x[:, t : t + r * n].reshape(x.shape[0], r, n) for x in gates]
-        coefs = _decay_products(*runs)
+        coefs = products(*runs)
         per_chunk = [[None] * r if c is None else c.unbind(1) for c in coefs]
         out.extend(zip(*per_chunk))
         t, i = t + r * n, i + r
@@ -282,6 +308,129 @@ def _chunk_forward(
     if keep:
         return y, W_end, S_end, (dzs, dhs, zs[:-1], [t for p in proj for t in p], err)
     return y, W_end, S_end
+
+
+def _muon_span(q, k, v, delta, A, Fth, e, E, mix, W0, S0, Wg, act, residual, max_norm, objective, steps):
+    """One span of n tokens of ATLAS's Muon rule for N memories, in plain autograd ops: each
+    token's momentum ``S_t`` materialised (``[N, n, out, in]`` per layer), orthogonalised, and the
+    steps summed into each token's weights ``M_t``, which read its query.
+
+    q ``[N, n, D]``; k, v ``[N, m, D]`` / ``[N, m, D_v]`` the key side, ``delta`` ``[N, m]`` its
+    thresholds (objectives that take one): the span's own tokens (m = n), or with the Omega rule
+    the ``c - 1`` tokens before it and then its own, mixed by ``mix`` ``[N, n, m]`` (None: each
+    token its own gradient). ``A, Fth, e, E`` from ``_muon_products`` (e, E None without
+    momentum). W0, S0: the running weights and momentum before the span (S0 None without
+    momentum); Wg: the weights every gradient is taken at (None: W0, a span that opens a chunk).
+    Returns ``(y [N, n, D_v], W_end, S_end)``.
+
+    With ``G_i = sum_j mix[i, j] c_j u_j`` (``c_j`` the clip scale) the momentum is
+    ``S_t = e_t S0 - sum_j (E mix diag(c))[t, j] u_j``: one product of the factored gradients
+    ``dz_j h_j^T`` per layer. Then ``O_t = NS_k(S_t)`` and ``M_t = A_t W0 + sum_s Fth[t, s] O_s``
+    (a ``[n, n]`` by ``[n, out in]`` product)."""
+    Wg = W0 if Wg is None else Wg
+    hs, _, dzs = key_gradients(Wg, k, v, act, residual, objective, delta)
+    coef = mix  # [N, n, m]: the weight of u_j in token t's gradient G_t
+    if max_norm is not None:
+        scale = clip_scale(dzs, hs, max_norm)[0]  # (N, m)
+        coef = torch.diag_embed(scale) if coef is None else coef * scale.unsqueeze(-2)
+    if E is not None:  # momentum: the weight of u_j in S_t
+        coef = E if coef is None else E @ coef
+    r, W_end, S_end = q, [], None if S0 is None else []
+    for l, (dz, h) in enumerate(zip(dzs, hs)):
+        if coef is None:  # no momentum, window or clip: S_t = -u_t
+            G = dz.unsqueeze(-1) * h.unsqueeze(-2)  # (N, n, out, in)
+        else:
+            G = (coef.unsqueeze(-1) * dz.unsqueeze(1)).transpose(-1, -2) @ h.unsqueeze(1)  # (N, n, out, in)
+        S_all = -G if S0 is None else e[..., None, None] * S0[l].unsqueeze(1) - G
+        O = newton_schulz(S_all, steps)
+        M = (Fth @ O.flatten(2)).view(O.shape)  # sum_s Fth[t, s] O_s
+        M = M + (W0[l].unsqueeze(1) if A is None else A[..., None, None] * W0[l].unsqueeze(1))
+        z = (M @ r.unsqueeze(-1)).squeeze(-1)  # token t read with M_t: (N, n, out)
+        r = act_fn(act, z) if l < len(dzs) - 1 else z
+        # copies (when n > 1): a view of the last token would keep the span's per-token tensors
+        # alive in the state
+        W_end.append(M[:, -1].contiguous())
+        if S0 is not None:
+            S_end.append(S_all[:, -1].contiguous())
+    return (r + q if residual else r), W_end, S_end
+
+
+def _muon_spans(items, W, S, Wg, cfg, checkpointed: bool):
+    """The spans of one chunk in order, from the running weights W and momentum S: ``items`` are
+    ``(q, k, v, delta, gates, mix)`` of ``_muon_span``, ``cfg`` its ``(act, residual, max_norm,
+    objective, steps)``, ``Wg`` the chunk's start weights or None (the first span opens the chunk:
+    its start weights are W). ``checkpointed``: each span one checkpointed node. Returns
+    ``([y of each span], W, S)``."""
+    ys = []
+    for q, k, v, delta, gates, mix in items:
+        args = (q, k, v, delta, *gates, mix, W, S, Wg, *cfg)
+        y, W_next, S_next = checkpoint(_muon_span, *args, use_reentrant=False) if checkpointed else _muon_span(*args)
+        Wg = W if Wg is None else Wg  # the chunk's later spans take their gradients at its start weights
+        W, S = W_next, S_next
+        ys.append(y)
+    return ys, W, S
+
+
+class _MuonChunk(torch.autograd.Function):
+    """The spans of one chunk (``_muon_spans``) as one node that keeps only its inputs: the
+    forward runs without a graph; the backward runs the chunk again with one (each span
+    checkpointed when there are several, so that only their start states and one span's per-token
+    tensors are alive) and differentiates it. Training memory is then one state per chunk, however
+    short its spans (``torch.utils.checkpoint`` around the chunk would keep every span's start
+    state from the first forward on). ``layout``: ``(spans, layers, momentum, separate Wg)``."""
+
+    @staticmethod
+    def forward(ctx, cfg, layout, *flat):
+        items, W, S, Wg = _muon_unflatten(layout, flat)
+        ys, W, S = _muon_spans(items, W, S, Wg, cfg, checkpointed=False)
+        ctx.cfg, ctx.layout = cfg, layout
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*flat)
+        return (*ys, *W, *(S or ()))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad[2:]
+        with torch.enable_grad():
+            flat = [None if x is None else x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needs)]
+            items, W, S, Wg = _muon_unflatten(ctx.layout, flat)
+            ys, W, S = _muon_spans(items, W, S, Wg, ctx.cfg, checkpointed=len(items) > 1)
+            pairs = [(o, g) for o, g in zip((*ys, *W, *(S or ())), grads) if g is not None]
+            wrt = [x for x in flat if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                       if pairs and wrt else [None] * len(wrt))  # fmt: skip
+        return (None, None, *(next(got) if x is not None and x.requires_grad else None for x in flat))
+
+
+def _muon_flatten(items, W, S, Wg) -> tuple[tuple, tuple]:
+    """``(layout, flat tensors)`` of ``_muon_spans``' arguments, for ``_MuonChunk``."""
+    flat = [x for q, k, v, delta, gates, mix in items for x in (q, k, v, delta, *gates, mix)]
+    flat += [*W, *(S or ()), *(Wg or ())]
+    return (len(items), len(W), S is not None, Wg is not None), tuple(flat)
+
+
+def _muon_unflatten(layout, flat):
+    """``_muon_flatten``'s inverse: ``(items, W, S, Wg)``."""
+    n_items, L, has_mom, has_wg = layout
+    items = [(*flat[9 * i : 9 * i + 4], tuple(flat[9 * i + 4 : 9 * i + 8]), flat[9 * i + 8]) for i in range(n_items)]
+    rest = flat[9 * n_items :]
+    W, S = tuple(rest[:L]), (tuple(rest[L : 2 * L]) if has_mom else None)
+    return items, W, S, (tuple(rest[-L:]) if has_wg else None)
+
+
+# The Muon path materialises a few [N, n, out, in] tensors per layer and span: spans are cut to at
+# most this many floats of one such tensor (all layers and memories), so a wide memory (polynomial keys) runs in
+# shorter spans instead of running out of memory. Their gradients stay at the chunk's start weights
+# (a cut is a span entered mid-chunk), so the cut changes the cost, not the result.
+_MUON_SPAN_FLOATS = 2**23
+
+
+def _muon_block(N: int, shapes, chunk_size: int) -> int:
+    """Tokens per Muon span: ``chunk_size``, or fewer so that ``N * block * sum(out * in)`` stays
+    within ``_MUON_SPAN_FLOATS`` (at least one token)."""
+    per_token = N * sum(o * i for o, i in shapes)
+    return max(1, min(chunk_size, _MUON_SPAN_FLOATS // per_token))
 
 
 _GROUP = 16  # fresh full chunks per compiled call in compiled inference (see _chunk_group_forward)
@@ -640,6 +789,7 @@ def chunk_memory(
     retention_q: float | None = None,
     gamma: Tensor | None = None,
     retention_kl: float | None = None,
+    muon_steps: int | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunk-parallel neural memory; same signature and results as ``naive_memory``.
 
@@ -655,16 +805,21 @@ def chunk_memory(
     bf16 elementwise work is slower than float32's; a GPU gains more), outputs and per-chunk
     updates within ~1e-2 of the float64 loop (tests/test_memory_product_dtype.py). None
     (default): float32 throughout.
+    ``muon_steps = k``: ATLAS's Muon (``naive_memory``), each chunk exact with respect to the token
+    loop (``_muon_span``); "analytic" then means autograd through one chunk at a time, run again in
+    the backward (``_MuonChunk``; no hand-derived backward: the training memory is one state per
+    chunk plus one chunk's per-token tensors), "autograd" keeps every chunk's. ``compile`` leaves
+    its chunks eager, and ``product_dtype`` must be None.
     """
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
                  objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual,
-                 retention_kl=retention_kl)  # fmt: skip
+                 retention_kl=retention_kl, muon_steps=muon_steps)  # fmt: skip
     return chunk_memory_unchecked(
         q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha, weights=weights, state=state,
         chunk_size=chunk_size, activation=activation, residual=residual, max_grad_norm=max_grad_norm,
         backward=backward, compile=compile, product_dtype=product_dtype, objective=objective, delta=delta,
-        retention_q=retention_q, gamma=gamma, retention_kl=retention_kl,
+        retention_q=retention_q, gamma=gamma, retention_kl=retention_kl, muon_steps=muon_steps,
     )  # fmt: skip
 
 
@@ -691,6 +846,7 @@ def chunk_memory_unchecked(
     retention_q: float | None = None,
     gamma: Tensor | None = None,
     retention_kl: float | None = None,
+    muon_steps: int | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """``chunk_memory`` without ``check_inputs``, for callers that build q, k, v and the gates
     themselves from an input they validated once and then call the op many times (MAC, once
@@ -703,10 +859,14 @@ def chunk_memory_unchecked(
     dtype = q.dtype
     cd = compute_dtype(dtype)
     pd = check_product_dtype(product_dtype, cd)
+    if muon_steps is not None and pd != cd:
+        raise ValueError(f"product_dtype={product_dtype} does not apply to muon_steps (ATLAS's Muon): its spans "
+                         f"compute in {cd}; pass product_dtype=None")  # fmt: skip
     B, T, H, D = q.shape
     N = B * H
     if state is None:
-        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
+        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl,
+                                     muon_steps=muon_steps)
     L = state.depth
     has_mom = eta is not None
 
@@ -734,10 +894,12 @@ def chunk_memory_unchecked(
             torch.zeros_like(w) for w in W
         )
 
-    # Cut [0, T) into chunk spans; the first one completes the state's pending chunk.
+    # Cut [0, T) into chunk spans; the first one completes the state's pending chunk. Muon's spans
+    # may be shorter (see _MUON_SPAN_FLOATS).
+    block = T if muon_steps is None else _muon_block(N, [w.shape[-2:] for w in state.weights], chunk_size)
     sizes, t, pos = [], 0, state.position
     while t < T:
-        sizes.append(min(chunk_size - pos, T - t))
+        sizes.append(min(chunk_size - pos, T - t, block))
         t += sizes[-1]
         pos = (pos + sizes[-1]) % chunk_size
 
@@ -748,11 +910,13 @@ def chunk_memory_unchecked(
     use_fn = backward == "analytic" and torch.is_grad_enabled()
     # Groups of fresh chunks run as one compiled call in inference; Moneta's retention renormalises
     # between chunks and Memora's steps exactly at each chunk's first token, so they run chunk by chunk.
-    grouping = compile and not torch.is_grad_enabled() and retention_q is None and gamma is None and retention_kl is None
+    grouping = compile and not torch.is_grad_enabled() and retention_q is None and gamma is None
+    grouping = grouping and retention_kl is None and muon_steps is None
     group_forward = _maybe_compiled(_chunk_group_forward, True) if grouping else None
     ys, pos = [], state.position
     if retention_kl is None:
-        coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta)
+        products = _decay_products if muon_steps is None else _muon_products
+        coefficients = _chunk_coefficients(sizes, thf, log_a, log_eta, products)
     else:  # the kernel runs each chunk's tokens after its lag token (its first): their gates alone
         alpha_f = None if alpha is None else flat(alpha)
         coefficients, lag_gates = _kl_plan(sizes, state.position, chunk_size, thf, alpha_f, log_a)
@@ -774,6 +938,33 @@ def chunk_memory_unchecked(
         y, W, S = forward(q_c, k_c, v_c, *gates, W, S, None if fresh else Wg, activation, residual, max_grad_norm,
                           objective=objective, delta=d_c)  # fmt: skip
         return y, tuple(W), (tuple(S) if has_mom else None)
+
+    if muon_steps is not None:  # ATLAS's Muon (README, "Muon: the ATLAS inner optimiser"), chunk by chunk
+        cfg = (activation, residual, max_grad_norm, objective, muon_steps)
+        i = 0
+        while i < len(spans):
+            items, fresh = [], pos == 0
+            while i < len(spans) and (not items or pos != 0):  # the spans up to the chunk's end
+                n, q_c, k_c, v_c, gates, d_c = spans[i]
+                mix = None
+                if gamma is not None:
+                    k_c, v_c, d_c = k_spans[i], v_spans[i], d_spans[i]
+                    mix = window_weights(gamma_f, valid, starts[i], n).to(thf.dtype)  # (N, n, c - 1 + n)
+                items.append((q_c, k_c, v_c, d_c, gates, mix))
+                pos, i = (pos + n) % chunk_size, i + 1
+            if fresh:
+                Wg = W
+            if use_fn:  # training: one node per chunk that recomputes it in the backward
+                layout, flat = _muon_flatten(items, W, S, None if fresh else Wg)
+                out = _MuonChunk.apply(cfg, layout, *flat)
+                y, W, S = out[: len(items)], out[len(items) : len(items) + L], out[len(items) + L :] or None
+            else:
+                y, W, S = _muon_spans(items, W, S, None if fresh else Wg, cfg, checkpointed=False)
+            ys.extend(y)
+            W, S = tuple(W), (tuple(S) if has_mom else None)
+        y = torch.cat(ys, dim=1).reshape(B, H, T, vf.shape[-1]).transpose(1, 2).to(dtype)
+        window = next_window(kk, vv, dd, valid, c) if gamma is not None else None
+        return y, state_from_flat(B, H, W, S, Wg, pos, window, muon_steps=muon_steps)
 
     i = 0
     while i < len(spans):

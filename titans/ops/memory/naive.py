@@ -8,7 +8,9 @@ Per token t (gradients at the chunk-start weights M_c, everything else token by 
     y_t = M_t(q_t)
 
 With ``retention_kl`` (Memora) the update is MIRAS eq. 27 at a chunk's first token and the papers'
-linear approximation at the others (eqs. 30-32; see ``naive_memory``).
+linear approximation at the others (eqs. 30-32; see ``naive_memory``). With ``muon_steps = k``
+(ATLAS's Muon, eqs. 32-33) the momentum is the raw gradient sum and the step its Newton-Schulz
+orthogonalisation: ``S_t = eta_t S_{t-1} - u_t``, ``M_t = (1 - alpha_t) M_{t-1} + theta_t NS_k(S_t)``.
 
 The per-token gradient is taken with ``torch.func.grad`` (autograd), independently of the
 analytic gradients of the chunk path. Every token's weights stay alive for the backward pass,
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .mlp import activation
+from .muon import newton_schulz
 from .objectives import Objective, as_objective
 from .state import (
     MemoryState, MemoryWindow, check_inputs, compute_dtype, full_precision, initial_memory_state, kl_simplex, lq_scale,
@@ -61,6 +64,7 @@ def naive_memory(
     retention_q: float | None = None,
     gamma: Tensor | None = None,
     retention_kl: float | None = None,
+    muon_steps: int | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Token loop. q, k, v ``[B, T, H, D]``; theta, eta, alpha ``[B, T, H]`` (eta / alpha = None:
     no momentum / no forgetting). Start from ``weights`` (M_0, per layer ``[H, out, in]`` or
@@ -80,16 +84,20 @@ def naive_memory(
     token (the lag token, eq. 30) sets the weights to ``c softmax(Z)`` row by row (eq. 27 exactly),
     the chunk's other tokens take their gradients there and move the weights that reads use
     linearly, ``W = (1 - alpha) W - theta u`` (eqs. 31-32); at the chunk's end the weights are
-    ``c softmax(Z)`` again. At chunk_size 1 every token is a lag token: eq. 27 itself. Returns
-    ``(y [B, T, H, D], final state)``."""
+    ``c softmax(Z)`` again. At chunk_size 1 every token is a lag token: eq. 27 itself.
+    ``muon_steps = k``: ATLAS's Muon (eqs. 32-33; ``muon.py``): ``S_t = eta_t S_{t-1} - u_t`` (no
+    theta: the momentum sums the windowed, clipped gradients themselves; ``S_t = -u_t`` with eta
+    None) and ``M_t = (1 - alpha_t) M_{t-1} + theta_t NS_k(S_t)``, ``NS_k`` k Newton-Schulz steps on
+    each layer's ``[out, in]`` matrix of each memory. Returns ``(y [B, T, H, D], final state)``."""
     objective = as_objective(objective)
     check_inputs(q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, max_grad_norm=max_grad_norm,
                  objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual,
-                 retention_kl=retention_kl)  # fmt: skip
+                 retention_kl=retention_kl, muon_steps=muon_steps)  # fmt: skip
     dtype = q.dtype
     cd = compute_dtype(dtype)
     if state is None:
-        state = initial_memory_state(weights, q.shape[0], momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
+        state = initial_memory_state(weights, q.shape[0], momentum=eta is not None, dtype=cd, retention_kl=retention_kl,
+                                     muon_steps=muon_steps)
     W, Wc, pos = state.weights, state.chunk_weights, state.position
     S, Z = state.momentum, state.log_weights
     if S is None and eta is not None:
@@ -141,7 +149,13 @@ def naive_memory(
             if pos == 0:  # the chunk's end: back on the simplex
                 Z, W = kl_simplex(Z, retention_kl)
             continue
-        if eta is not None:
+        if muon_steps is not None:  # ATLAS: the momentum of the raw gradients, orthogonalised, times theta
+            if eta is not None:
+                et = eta[:, t, :, None, None].to(cd)
+                S = tuple(et * s - g for s, g in zip(S, u))
+            direction = S if eta is not None else tuple(-g for g in u)
+            step = tuple(th * newton_schulz(m, muon_steps) for m in direction)
+        elif eta is not None:
             et = eta[:, t, :, None, None].to(cd)
             S = tuple(et * s - th * g for s, g in zip(S, u))
             step = S
@@ -166,5 +180,6 @@ def naive_memory(
         position=pos,
         window=window,
         log_weights=None if Z is None else tuple(Z),
+        muon_steps=muon_steps,
     )
     return y, final

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ...errors import NonFiniteError
 from ...ops.tensors import nonfinite
+from .muon import check_muon_steps
 
 __all__ = ["MemoryState", "MemoryWindow", "memory_shapes", "initial_memory_state", "check_inputs"]
 
@@ -71,6 +72,10 @@ class MemoryState:
     log_weights:   Memora's log-weights (``retention_kl``), same shapes: what its KL retention
                    carries from token to token (``weights`` are what a read uses; at position 0
                    ``weights = exp(log_weights)``, every row on the simplex). None for other rules.
+    muon_steps:    the ``muon_steps`` of the call that wrote the state (None: the Titans step).
+                   ATLAS's Muon momentum sums the raw gradients, the Titans one theta-scaled
+                   steps, so a momentum of one kind does not continue under the other
+                   (``check_inputs`` refuses it); states saved before the field load as None.
     """
 
     weights: tuple[Tensor, ...]
@@ -79,6 +84,7 @@ class MemoryState:
     position: int = 0
     window: MemoryWindow | None = None
     log_weights: tuple[Tensor, ...] | None = None
+    muon_steps: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -136,11 +142,13 @@ def initial_memory_state(
     momentum: bool,
     dtype: torch.dtype | None = None,
     retention_kl: float | None = None,
+    muon_steps: int | None = None,
 ) -> MemoryState:
     """The state before any token: M_0 = ``weights`` (``[H, out, in]`` shared by the batch, or
     ``[B, H, out, in]``), S_0 = 0, position 0. Broadcasting keeps gradients flowing to ``weights``.
     With ``retention_kl = c`` (Memora) ``weights`` are logits, free parameters: the memory starts at
-    ``c * softmax`` of each of their rows (``kl_simplex``), and its log-weights are kept too."""
+    ``c * softmax`` of each of their rows (``kl_simplex``), and its log-weights are kept too.
+    ``muon_steps``: the calls that will continue it (``MemoryState.muon_steps``)."""
     ws = []
     for w in weights:
         if w.dim() == 3:
@@ -150,7 +158,7 @@ def initial_memory_state(
     if retention_kl is not None:
         logs, ws = kl_simplex(ws, retention_kl)
     mom = tuple(torch.zeros_like(w) for w in ws) if momentum else None
-    return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0, log_weights=logs)
+    return MemoryState(weights=ws, momentum=mom, chunk_weights=ws, position=0, log_weights=logs, muon_steps=muon_steps)
 
 
 def lq_scale(weights, q: float) -> Tensor:
@@ -191,7 +199,7 @@ def check_retention_q(retention_q) -> None:
 
 def state_from_flat(
     batch: int, heads: int, weights, momentum, chunk_weights, position: int, window: MemoryWindow | None = None,
-    log_weights=None,
+    log_weights=None, muon_steps: int | None = None,
 ) -> MemoryState:
     """Build a MemoryState from ``[B*H, out, in]`` tensors (the layout the fast paths compute in);
     ``window`` as ``[B*H, c - 1, ...]`` tensors."""
@@ -209,6 +217,7 @@ def state_from_flat(
             unflat(window.k), unflat(window.v), None if window.delta is None else unflat(window.delta), window.valid
         ),
         log_weights=None if log_weights is None else tuple(unflat(z) for z in log_weights),
+        muon_steps=muon_steps,
     )
 
 
@@ -301,6 +310,13 @@ def check_max_grad_norm(max_grad_norm, name: str = "max_grad_norm") -> None:
         raise ValueError(f"{name} must be a number in (0, {MAX_GRAD_NORM_LIMIT:g}] or None (no clip), got {max_grad_norm}")
 
 
+def _momentum_kind(muon_steps: int | None) -> str:
+    """What a momentum buffer sums under ``muon_steps``, for a refusal that names both sides."""
+    if muon_steps is None:
+        return "muon_steps=None (the Titans step: its momentum sums theta-scaled gradients)"
+    return f"muon_steps={muon_steps} (ATLAS's Muon: its momentum sums the raw gradients)"
+
+
 def check_inputs(
     q: Tensor,
     k: Tensor,
@@ -320,13 +336,21 @@ def check_inputs(
     gamma: Tensor | None = None,
     residual: bool = False,
     retention_kl: float | None = None,
+    muon_steps: int | None = None,
 ) -> None:
     """Raise a ValueError/TypeError that names the bad argument. ``objective`` (an
     ``objectives.Objective``; None is the paper's l2) decides whether ``delta`` is required;
-    ``gamma`` ``[B, T, H, c]`` are the Omega rule's window weights (None: a window of one token)."""
+    ``gamma`` ``[B, T, H, c]`` are the Omega rule's window weights (None: a window of one token);
+    ``muon_steps``: ATLAS's Muon with that many Newton-Schulz steps (None: the Titans step)."""
     check_max_grad_norm(max_grad_norm)
     check_retention_q(retention_q)
     check_retention_kl(retention_kl)
+    check_muon_steps(muon_steps)
+    if muon_steps is not None and retention_q is not None:
+        raise ValueError("muon_steps (ATLAS's Muon) and retention_q (Moneta's retention) do not combine yet")
+    if muon_steps is not None and retention_kl is not None:
+        raise ValueError("muon_steps (ATLAS's Muon) and retention_kl (Memora's retention) do not combine: Memora's "
+                         "step is a softmax of the gradient step, not a momentum step")  # fmt: skip
     if retention_kl is not None:
         if retention_q is not None:
             raise ValueError("retention_kl (Memora's KL retention) and retention_q (Moneta's l_q retention) are two "
@@ -410,6 +434,9 @@ def check_inputs(
         if (state.log_weights is None) != (retention_kl is None):
             raise ValueError("state holds Memora's log-weights: pass retention_kl" if retention_kl is None else
                              "state has no log-weights: it was not made with retention_kl (Memora's KL retention)")  # fmt: skip
+        if state.momentum is not None and (state.muon_steps is None) != (muon_steps is None):
+            raise ValueError(f"state.momentum was written with {_momentum_kind(state.muon_steps)}; this call has "
+                             f"{_momentum_kind(muon_steps)}: one does not continue the other")  # fmt: skip
         groups = [("state.weights", state.weights), ("state.chunk_weights", state.chunk_weights)]
         if state.momentum is not None:
             groups.append(("state.momentum", state.momentum))

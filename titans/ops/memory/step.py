@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .mlp import clip_scale, key_gradients, mlp_forward
+from .muon import newton_schulz
 from .objectives import L2, Objective, as_objective
 from .state import (
     full_precision,
@@ -47,6 +48,7 @@ def step_flat(
     delta: Tensor | None = None,
     retention_q: float | None = None,
     mix: Tensor | None = None,
+    muon_steps: int | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...] | None]:
     """The update itself, unchecked, on flat memories: weights ``[N, out, in]`` (N = batch x
     heads; ``Wc`` the pending chunk's start weights, where the gradient is taken), the query
@@ -55,9 +57,10 @@ def step_flat(
     ``retention_q``: W, Wc, S are Moneta's accumulators, used divided by ``lq_scale(Wc)``.
     k, v ``[N, m, D]``: the token itself (m = 1), or with the Omega rule its window (the c - 1
     tokens before it, then it; m = c) weighted by ``mix`` ``[N, m]``: the update's gradient is
-    ``sum_i mix_i u_i``, each ``u_i`` clipped on its own. Returns ``(y [N, 1, D], W, S)``; no
-    Python branch depends on values, so the one-token decode graph of ``TitansLM`` traces it as
-    it is."""
+    ``sum_i mix_i u_i``, each ``u_i`` clipped on its own. ``muon_steps = k``: ATLAS's Muon,
+    ``S = eta S - u`` and ``W = (1 - alpha) W + theta NS_k(S)`` (``muon.py``). Returns
+    ``(y [N, 1, D], W, S)``; no Python branch depends on values, so the one-token decode graph of
+    ``TitansLM`` traces it as it is."""
     if retention_q is not None:  # everything below is linear in the accumulators: scale in, scale out
         s = lq_scale(Wc, retention_q)[:, None, None]  # (N, 1, 1)
         y, W, S = step_flat(
@@ -73,7 +76,11 @@ def step_flat(
     if coef is not None:
         dzs = [dz * coef.unsqueeze(-1) for dz in dzs]
     u = [dz.transpose(-1, -2) @ h for dz, h in zip(dzs, hs)]  # sum over the key tokens of rank-1 gradients
-    if eta is not None:
+    if muon_steps is not None:  # ATLAS: theta scales the orthogonalised momentum of the raw gradients
+        direction = tuple(-g for g in u) if S is None else tuple(eta * s - g for s, g in zip(S, u))
+        S = None if eta is None else direction
+        step = tuple(th * newton_schulz(m, muon_steps) for m in direction)
+    elif eta is not None:
         S = tuple(-th * g for g in u) if S is None else tuple(eta * s - th * g for s, g in zip(S, u))
         step = S
     else:
@@ -173,6 +180,7 @@ def step_memory(
     retention_q: float | None = None,
     gamma: Tensor | None = None,
     retention_kl: float | None = None,
+    muon_steps: int | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """One token: q, k, v ``[B, 1, H, D]``, gates (and ``delta``) ``[B, 1, H]``, ``gamma``
     ``[B, 1, H, c]``. Returns ``(y [B, 1, H, D], state)``."""
@@ -180,13 +188,14 @@ def step_memory(
     check_inputs(
         q, k, v, theta, eta, alpha, weights, state, chunk_size, activation, single_token=True, max_grad_norm=max_grad_norm,
         objective=objective, delta=delta, retention_q=retention_q, gamma=gamma, residual=residual,
-        retention_kl=retention_kl,
+        retention_kl=retention_kl, muon_steps=muon_steps,
     )  # fmt: skip
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     B, _, H, D = q.shape
     N = B * H
     if state is None:
-        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl)
+        state = initial_memory_state(weights, B, momentum=eta is not None, dtype=cd, retention_kl=retention_kl,
+                                     muon_steps=muon_steps)
 
     def flat_w(w: Tensor) -> Tensor:  # (B, H, o, i) -> (B*H, o, i)
         return w.to(cd).reshape(N, *w.shape[2:])
@@ -221,7 +230,7 @@ def step_memory(
     y, W, S = step_flat(
         W, Wc, S_prev, tok(q), kk, vv, gate(theta),
         None if eta is None else gate(eta), None if alpha is None else gate(alpha),
-        activation, residual, max_grad_norm, objective, dd, retention_q, mix,
+        activation, residual, max_grad_norm, objective, dd, retention_q, mix, muon_steps,
     )  # fmt: skip
-    final = state_from_flat(B, H, W, S, Wc, pos, window)
+    final = state_from_flat(B, H, W, S, Wc, pos, window, muon_steps=muon_steps)
     return y.reshape(B, H, 1, v.shape[-1]).transpose(1, 2).to(dtype), final
