@@ -83,7 +83,7 @@ def test_fresh_model_keeps_titans_initialisation():
     "variant, kw",
     [("mac", {}), ("mag", {}), ("transformer", {}), ("lmm", {"tie_embeddings": False}),
      ("lmm", {"memory_feature_degree": 2, "memory_window": 3, "memory_objective": "huber"}),
-     ("mag", {"memory_muon_steps": 3})],
+     ("mag", {"memory_muon_steps": 3}), ("mac", {"memory_gate_kernel": 3})],
 )
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, variant, kw):
     model = _model(variant, **kw)
@@ -118,6 +118,20 @@ def test_missing_checkpoint_weights_get_titans_initialisation(tmp_path):
     assert torch.equal(loaded.model.blocks[0].memory.to_theta.bias, theta_bias)
     kept = {k: v for k, v in model.state_dict().items() if k not in gone}
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in kept.items())
+
+
+def test_a_checkpoint_without_the_gates_convolution_loads_with_the_starting_taps(tmp_path):
+    """A model saved without gate_kernel, loaded with it: the new taps read the current token
+    alone (NeuralMemory's init, not PyTorch's random Conv1d init), so the logits are the saved
+    model's."""
+    model = _model("mag")
+    model.save_pretrained(tmp_path)
+    loaded = TitansForCausalLM.from_pretrained(tmp_path, memory_gate_kernel=3)
+    taps = loaded.model.blocks[0].memory.gate_conv.weight
+    assert torch.equal(taps[:, 0, -1], torch.ones(32)) and not taps[:, 0, :-1].any()
+    ids = _ids(T=13)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("variant", ["mac", "transformer"])

@@ -593,18 +593,26 @@ def test_a_hostile_run_record_or_manifest_is_refused_by_name(tmp_path, capsys, n
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
-def test_a_checkpoint_file_that_links_outside_its_directory_is_refused(tmp_path):
+def test_a_checkpoint_file_that_links_to_anything_but_a_file_is_refused(tmp_path):
+    """A link to an ordinary file (a download cache's layout) reads bytes the manifest checks; a
+    link to a device, a directory or another file's bytes is refused by name, on one line."""
     import os
 
     out = ckpt.save_for_inference(TitansLM(tiny_run(tmp_path).model), ByteTokenizer(), tmp_path / "ck")
-    shutil.move(out / "model.safetensors", tmp_path / "elsewhere.safetensors")
-    os.symlink(tmp_path / "elsewhere.safetensors", out / "model.safetensors")  # the manifest still matches
-    with pytest.raises(ckpt.CheckpointError, match="model.safetensors is a link to .*outside the checkpoint directory"):
-        ckpt.load_pretrained(out)
-    (out / "model.safetensors").unlink()
-    shutil.move(tmp_path / "elsewhere.safetensors", out / "model.safetensors")
-    os.symlink(out / "model.safetensors", out / "same.safetensors")  # a link inside the directory is its own file
+    shutil.move(out / "model.safetensors", tmp_path / "blob")
+    os.symlink(tmp_path / "blob", out / "model.safetensors")  # the manifest still matches
     ckpt.load_pretrained(out)
+    for target, said in (("/dev/zero", "which is not an ordinary file"), (tmp_path, "which is not an ordinary file"),
+                         (out / "run.json", "truncated or altered")):  # fmt: skip
+        (out / "model.safetensors").unlink()
+        os.symlink(target, out / "model.safetensors")
+        with pytest.raises(ckpt.CheckpointError, match=said):
+            ckpt.load_pretrained(out)
+    (out / "model.safetensors").unlink()
+    os.symlink(str(tmp_path / "blob") + "\n\x1b[31m", out / "model.safetensors")  # a dangling name with escapes
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.load_pretrained(out)
+    assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
 
 
 @pytest.mark.parametrize("change, said", [
@@ -778,6 +786,8 @@ def test_a_config_file_with_a_python_tag_is_one_line(tmp_path, capsys):
 def test_inputs_and_states_found_by_the_independent_probe_are_refused_by_name():
     """Found by a second reader: each gave an internal error (SDPA's dtype error, a size mismatch,
     an AttributeError, an overflow in the clip) instead of a message naming the problem."""
+    from dataclasses import replace
+
     from titans.errors import StateMismatchError
     from titans.layers import NeuralMemory
     from titans.model import TitansConfig
@@ -801,6 +811,9 @@ def test_inputs_and_states_found_by_the_independent_probe_are_refused_by_name():
         layer(x, type(own)(memory=torch.zeros(3), conv=own.conv))
     with pytest.raises(ValueError, match="empty batch dimension"):
         layer(x[:0])
+    for position in (2.5, -1, 4, True):
+        with pytest.raises(StateMismatchError, match=r"memory position must be an integer in \[0, chunk_size=4\)"):
+            layer(x, type(own)(memory=replace(own.memory, position=position), conv=own.conv))
     for make in (lambda: NeuralMemory(dim=16, heads=2, max_grad_norm=1e20),
                  lambda: TitansConfig(memory_max_grad_norm=1e20)):  # fmt: skip
         with pytest.raises(ValueError, match=r"max_grad_norm must be a number in \(0, 1e\+18\]"):

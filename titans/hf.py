@@ -195,9 +195,12 @@ def _normal_init(module: nn.Module, std: float) -> None:
 def _titans_init_plan(lm: TitansLM) -> dict:
     """module -> how ``TitansLM`` initialises its own parameters: its constructor's rule for the
     Linear / Embedding layers (normal(init_std), except the neural memories' ``to_*``), the neural
-    memories' own init for their gates and M_0, PyTorch's default for the rest."""
-    owners = {}
+    memories' own init for their gates, the gates' convolution and M_0, PyTorch's default for the
+    rest."""
+    owners, gate_taps = {}, {}
     for m in lm.modules():
+        if isinstance(m, NeuralMemory) and m.gate_kernel:  # starts at the current token (gate_kernel)
+            gate_taps[m.gate_conv] = m.reset_gate_taps
         if isinstance(m, NeuralMemory):
             for child in (m.to_theta, m.to_eta, m.to_alpha, m.to_delta, m.to_gamma, m.initial_weights):
                 if child is not None:
@@ -208,6 +211,8 @@ def _titans_init_plan(lm: TitansLM) -> dict:
             plan[m] = partial(_normal_init, m, lm.cfg.init_std)
         elif m in owners:
             plan[m] = owners[m].reset_parameters
+        elif m in gate_taps:
+            plan[m] = gate_taps[m]
         elif isinstance(m, PersistentMemory):
             plan[m] = partial(nn.init.normal_, m.tokens, std=0.02)
         elif isinstance(m, PolynomialFeatures):

@@ -516,9 +516,10 @@ class TitansLM(nn.Module):
         """The settings a state of this model depends on (``STATE_SETTINGS``), as ``key=value``
         words: what a state carries to say which models it fits, and what an error shows."""
         cfg = self.cfg
-        values = {"memory_heads": cfg.memory_heads or cfg.heads, "memory_expansion": float(cfg.memory_expansion)}
+        values = {"memory_heads": cfg.memory_heads or cfg.heads, "memory_expansion": float(cfg.memory_expansion),
+                  "memory_gate_kernel": cfg.memory_gate_kernel if cfg.memory_gate_kernel > 1 else 0}  # 1 is 0
         keys = ("variant", "dim", "depth", "heads", *STATE_SETTINGS[cfg.variant])
-        keys = [k for k in keys if k not in _LATER_SETTINGS or getattr(cfg, k) != _LATER_SETTINGS[k]]
+        keys = [k for k in keys if k not in _LATER_SETTINGS or values.get(k, getattr(cfg, k)) != _LATER_SETTINGS[k]]
         return " ".join(f"{k}={values.get(k, getattr(cfg, k))}" for k in keys)
 
     def check_state(self, state: ModelState) -> None:

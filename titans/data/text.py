@@ -34,7 +34,7 @@ import numpy as np
 from .stream import rank_rows
 from .tokenizers import ByteTokenizer, Tokenizer, encode_batch, load_tokenizer, train_bpe
 from ..errors import UserError
-from ..io.files import sha256_file, write_text_atomic
+from ..io.files import printable, sha256_file, write_text_atomic
 
 __all__ = [
     "SHARD_TOKENS",
@@ -395,10 +395,11 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"{path} lacks {', '.join(missing)}; prepare the data again")
     try:
         dtype = np.dtype(manifest["dtype"])
-    except TypeError:
+    except (TypeError, ValueError):
         dtype = None
     if dtype is None or dtype.kind not in "iu":
-        raise DataError(f"{path} records dtype {manifest['dtype']!r}, not an integer type; prepare the data again")
+        raise DataError(f"{path} records dtype {printable(repr(manifest['dtype']))}, not an integer type; prepare the "
+                        f"data again")  # fmt: skip
     splits = manifest["splits"]
     malformed = DataError(f"{path}: its splits are not tables of shards (file, tokens, sha256); prepare the data again")
     if not isinstance(splits, dict) or not all(
@@ -445,8 +446,8 @@ class TokenSplit:
 
     def _open(self, shard: dict[str, Any], dtype: np.dtype, verify: bool) -> np.ndarray:
         path = self.data_dir / shard["file"]
-        if path.is_symlink() and path.resolve().parent != self.data_dir.resolve():
-            raise DataError(f"shard {path} is a link to {os.readlink(path)}, outside {self.data_dir}")
+        if path.is_symlink() and not path.resolve().is_file():
+            raise DataError(f"shard {path} is a link to {printable(os.readlink(path))}, which is not an ordinary file")
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} listed in the manifest is missing; prepare the data again")
         if verify:

@@ -10,6 +10,14 @@ from pathlib import Path
 __all__ = ["sha256_file", "write_text_atomic"]
 
 
+def printable(text: str, limit: int = 80) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (control characters and line
+    breaks as ``?``): names and values from files someone else wrote must not reach the terminal
+    raw."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[:limit] + " ..."
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MB blocks (shards, checkpoints and archives are large)."""
     h = hashlib.sha256()

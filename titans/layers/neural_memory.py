@@ -430,8 +430,9 @@ class NeuralMemory(nn.Module):
             ``retention_q``, ``retention_kl`` or bf16 products. ATLAS is ``window=8``,
             ``feature_degree=2``, ``muon_steps=5`` (``from_rule("atlas")``).
         compile: run the memory's chunk computations through ``torch.compile`` (opt-in: the first
-            call compiles, for tens of seconds on CPU; later steps are faster). The Muon spans
-            (``muon_steps``) run eagerly.
+            call compiles, for tens of seconds on CPU; later steps are faster). The chunk op keeps the
+            Muon spans (``muon_steps``) out of its compiled groups; a caller that compiles a whole
+            call (MAC's compiled segment step) traces them with it.
         product_dtype: ``"bfloat16"`` (or ``torch.bfloat16``): the matrix products inside each
             chunk run in bf16 while the memory's state stays float32 (``chunk_memory``'s
             ``product_dtype``); None (default): float32 throughout. One-token steps always run
@@ -595,12 +596,17 @@ class NeuralMemory(nn.Module):
             if lin is not None:
                 nn.init.normal_(lin.weight, std=0.02)
                 nn.init.constant_(lin.bias, bias)
-        if self.gate_kernel:  # the gates start reading the current token alone (gate_kernel=0's gates)
-            with torch.no_grad():
-                self.gate_conv.weight.zero_()
-                self.gate_conv.weight[:, 0, -1] = 1.0
+        self.reset_gate_taps()
         if self.associative_init:
             self._init_associative()
+
+    @torch.no_grad()
+    def reset_gate_taps(self) -> None:
+        """``gate_kernel``'s convolution reads the current token alone: the gates of gate_kernel=0,
+        so that a model gains the setting without changing what it computes."""
+        if self.gate_kernel:
+            self.gate_conv.weight.zero_()
+            self.gate_conv.weight[:, 0, -1] = 1.0
 
     @torch.no_grad()
     def _init_associative(self) -> None:
@@ -648,6 +654,10 @@ class NeuralMemory(nn.Module):
                 raise TypeError(f"state must be a NeuralMemoryState, got {type(state).__name__}")
             if not isinstance(state.memory, MemoryState):
                 raise TypeError(f"state.memory must be a MemoryState, got {type(state.memory).__name__}")
+            position = state.memory.position
+            if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < self.chunk_size:
+                raise StateMismatchError(f"the state's memory position must be an integer in [0, chunk_size="
+                                         f"{self.chunk_size}), got {position!r}")  # fmt: skip
             mine = [tuple(w.shape) for w in self.initial_weights]
             theirs = [tuple(w.shape[-3:]) for w in state.memory.weights]
             if theirs != mine:
@@ -671,9 +681,9 @@ class NeuralMemory(nn.Module):
                 theirs = "none" if tail is None else f"a tail of shape {tail}"
                 raise StateMismatchError(f"the state has {theirs} for the gates' convolution; this layer (gate_kernel="
                                          f"{self.gate_kernel}) takes {'none' if mine is None else mine}")  # fmt: skip
-            made = state.memory.muon_steps
-            if state.memory.momentum is not None and (made is None) != (self.muon_steps is None):
-                raise StateMismatchError(f"the state's momentum was written with muon_steps={made}, this layer has "
+            written_with = state.memory.muon_steps
+            if state.memory.momentum is not None and (written_with is None) != (self.muon_steps is None):
+                raise StateMismatchError(f"the state's momentum was written with muon_steps={written_with}, this layer has "
                                          f"muon_steps={self.muon_steps}: a Muon momentum (ATLAS: raw gradients) and a "
                                          f"Titans one (theta-scaled gradients) do not continue each other")  # fmt: skip
 
@@ -746,13 +756,13 @@ class NeuralMemory(nn.Module):
         qkv = self._activate(qkv)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b t h d", three=3, h=self.heads)
         q, k = self.featurize(l2_normalize(q)), self.featurize(l2_normalize(k))
-        xg, gate_tail = self.gate_inputs(x, None if state is None else state.gate_conv)
-        theta, eta, alpha = self.gates(xg)
+        gate_in, gate_tail = self.gate_inputs(x, None if state is None else state.gate_conv)
+        theta, eta, alpha = self.gates(gate_in)
         kwargs = dict(
             q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha,
             chunk_size=self.chunk_size, activation=self.activation, residual=self.residual,
-            max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(xg),
-            retention_q=self.retention_q, gamma=self.window_gates(xg), retention_kl=self.retention_kl,
+            max_grad_norm=self.max_grad_norm, objective=self.objective, delta=self.threshold(gate_in),
+            retention_q=self.retention_q, gamma=self.window_gates(gate_in), retention_kl=self.retention_kl,
             muon_steps=self.muon_steps,
         )  # fmt: skip
         if state is None:
@@ -804,9 +814,9 @@ class NeuralMemory(nn.Module):
         run it inside one compiled graph. Returns ``(answer [B, 1, H, D], state)``. Checked
         against ``memorize`` by the tests."""
         B, H, D = x.shape[0], self.heads, self.head_dim
-        conv_tail, xg, gate_tail = state.conv, x, None
+        conv_tail, gate_in, gate_tail = state.conv, x, None
         if self.gate_kernel:
-            xg, gate_tail = _token_depthwise(x, state.gate_conv, self.gate_conv.weight)
+            gate_in, gate_tail = _token_depthwise(x, state.gate_conv, self.gate_conv.weight)
         u = self.to_qkv(x)
         if self.conv_kernel:
             u, conv_tail = self._token_conv(u, conv_tail, slice(None))
@@ -815,8 +825,8 @@ class NeuralMemory(nn.Module):
         cd = compute_dtype(x.dtype)
         flat = lambda ws: None if ws is None else tuple(w.to(cd).reshape(B * H, *w.shape[2:]) for w in ws)  # noqa: E731
         gate = lambda g: None if g is None else g.to(cd).reshape(B * H, 1, 1)  # noqa: E731  (B, 1, H) -> (B*H, 1, 1)
-        theta, eta, alpha = self.gates(xg)
-        delta = self.threshold(xg)
+        theta, eta, alpha = self.gates(gate_in)
+        delta = self.threshold(gate_in)
         kk, vv = k.to(cd), v.to(cd)
         dd = None if delta is None else delta.to(cd).reshape(B * H, 1)
         mix, window = None, {}
@@ -824,7 +834,7 @@ class NeuralMemory(nn.Module):
             c = self.window
             kk, vv = torch.cat([state.window_k, kk], 1), torch.cat([state.window_v, vv], 1)
             dd = None if dd is None else torch.cat([state.window_delta, dd], 1)
-            gamma = self.window_gates(xg).to(cd).reshape(B * H, 1, c)
+            gamma = self.window_gates(gate_in).to(cd).reshape(B * H, 1, c)
             mix = window_weights(gamma, state.window_valid, 0, 1).squeeze(1)  # (B*H, c)
             window = dict(window_k=kk[:, 1:], window_v=vv[:, 1:], window_delta=None if dd is None else dd[:, 1:],
                           window_valid=torch.clamp(state.window_valid + 1, max=c - 1))  # fmt: skip

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from ..errors import UserError, first_line
-from ..io.files import sha256_file, write_text_atomic
+from ..io.files import printable, sha256_file, write_text_atomic
 from .tree_io import TreeError, load_tree, save_tree
 
 __all__ = [
@@ -212,9 +212,9 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
     for name in listed:
         file = path / name
         entry = manifest.get(name)
+        _inside(path, name)
         if entry is None or not file.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
-        _inside(path, name)
         if not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
             raise CheckpointError(f"checkpoint {path}: MANIFEST.json's entry for {name} has no size and SHA-256")
         size = file.stat().st_size
@@ -228,12 +228,13 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = FILES) -> Pa
 
 
 def _inside(path: Path, name: str) -> None:
-    """Refuse a file of checkpoint ``path`` that is a link leading out of it: a load reads the
-    checkpoint's own files only."""
+    """Refuse a file of checkpoint ``path`` that is a link to anything but an ordinary file (a
+    device, a pipe, a directory): a link to a file, as in a download cache, reads bytes whose
+    SHA-256 the manifest checks like any other."""
     file = path / name
-    if file.is_symlink() and file.resolve().parent != path.resolve():
-        raise CheckpointError(f"checkpoint {path}: {name} is a link to {os.readlink(file)}, outside the checkpoint "
-                              f"directory")  # fmt: skip
+    if file.is_symlink() and not file.resolve().is_file():
+        raise CheckpointError(f"checkpoint {path}: {name} is a link to {printable(os.readlink(file))}, which is not an "
+                              f"ordinary file")  # fmt: skip
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

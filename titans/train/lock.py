@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
+from ..io.files import printable
 
 __all__ = ["RunLockError", "run_lock"]
 
@@ -35,8 +36,8 @@ def _holder(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
     text = os.read(fd, 256).decode("utf-8", errors="replace").strip()
     line = text.splitlines()[0] if text else ""
-    clean = "".join(c if c.isprintable() else "?" for c in line)[:80]
-    return clean + (" ..." if clean != text else "")
+    clean = printable(line)
+    return clean + (" ..." if line != text and not clean.endswith(" ...") else "")
 
 
 def _remove_partial_checkpoints(out_dir: Path) -> list[str]:

@@ -9,9 +9,10 @@ from torch import nn
 
 __all__ = ["param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
 
-# the memory's data-dependent gates: weight decay would pull them toward the fixed gate of a
-# zero input, which the paper's gates are meant to move away from
-_GATE_NAMES = (".to_theta.", ".to_eta.", ".to_alpha.")
+# the memory's data-dependent gates, and the convolution the gates read through (gate_kernel):
+# weight decay would pull them toward the fixed gate of a zero input, which the paper's gates are
+# meant to move away from
+_GATE_NAMES = (".to_theta.", ".to_eta.", ".to_alpha.", ".gate_conv.")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -132,7 +132,8 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
     if run.train.init_new is not None:
         pattern = re.compile(run.train.init_new)
         own = model.state_dict()
-        kept = sorted(name for name in set(own) - set(weights) if pattern.search(name))
+        tied = {"head.weight"} if model.head.weight is model.embed.weight and "embed.weight" in weights else set()
+        kept = sorted(name for name in set(own) - set(weights) - tied if pattern.search(name))
         if not kept:
             raise ConfigError(f"train.init_new {run.train.init_new!r} matches no parameter that {where} lacks")
         weights = {**weights, **{name: own[name] for name in kept}}
