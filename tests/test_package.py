@@ -40,10 +40,10 @@ def test_the_wheel_carries_what_the_demo_needs_and_runs_where_it_is_installed(tm
     (sdist,) = (tmp_path / "dist").glob("titans_ltm-*.tar.gz")
     with tarfile.open(sdist) as tar:
         packed = {name.split("/", 1)[-1] for name in tar.getnames()}
-    assert {"pyproject.toml", "README.md", "titans/__init__.py", "titans/recipes/recall-mag-3.yaml"} <= packed
+    assert {"pyproject.toml", "README.md", "titans/__init__.py", "titans/recipes/recall-mag-4.yaml"} <= packed
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("titans/recipes/recall-mag-3.yaml", "titans/checkpoints/recall-mag-3/model.safetensors",
-                   "titans/checkpoints/recall-mag-3/run.json", "titans/__main__.py"):  # fmt: skip
+    for needed in ("titans/recipes/recall-mag-4.yaml", "titans/checkpoints/recall-mag-4/model.safetensors",
+                   "titans/checkpoints/recall-mag-4/run.json", "titans/__main__.py"):  # fmt: skip
         assert needed in names, needed
     site = tmp_path / "site"
     installed = run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel))
@@ -51,7 +51,7 @@ def test_the_wheel_carries_what_the_demo_needs_and_runs_where_it_is_installed(tm
     # -S: no site, so no editable finder for this checkout; the dependencies come after the wheel
     env = {"PYTHONPATH": f"{site}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     probe = ("import titans, titans.train.checkpoint as c; print(titans.__file__); print(titans.__version__); "
-             "m, t, i = c.load_pretrained(c.__file__.rsplit('/train/', 1)[0] + '/checkpoints/recall-mag-3'); "
+             "m, t, i = c.load_pretrained(c.__file__.rsplit('/train/', 1)[0] + '/checkpoints/recall-mag-4'); "
              "print(type(m).__name__, m.cfg.variant, t.vocab_size)")  # fmt: skip
     out = run(sys.executable, "-S", "-c", probe, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -61,6 +61,6 @@ def test_the_wheel_carries_what_the_demo_needs_and_runs_where_it_is_installed(tm
     assert helped.returncode == 0 and "niah" in helped.stdout, helped.stderr[-2000:]
     # a short real run of the installed package: the shipped MAG answers two needle prompts
     smoke = run(sys.executable, "-S", "-m", "titans", "eval", "niah", "--checkpoint",
-                str(site / "titans" / "checkpoints" / "recall-mag-3"), "--variants", "mk-pk", "--lengths", "1K",
+                str(site / "titans" / "checkpoints" / "recall-mag-4"), "--variants", "mk-pk", "--lengths", "1K",
                 "--samples", "2", "--no-progress", "--out", str(tmp_path / "smoke"), cwd=tmp_path, env=env)  # fmt: skip
     assert smoke.returncode == 0 and "MK-NIAH-PK" in smoke.stdout, (smoke.stdout + smoke.stderr)[-2000:]

@@ -28,7 +28,7 @@ RECIPES = PACKAGE / "recipes"
 # with the neural memory) trained to retrieve by key (titans/recipes/recall-mag-*.yaml), and the
 # sliding-window transformer (window 64) as the baseline.
 DEMO_MODELS = {
-    "titans-mag": "recall-mag-3",
+    "titans-mag": "recall-mag-4",
     "swa": "niah-pair-swa",
 }
 # Longest context a model runs at in the demo (none yet: every demo model's state is of constant
