@@ -377,10 +377,9 @@ class NeuralMemory(nn.Module):
             The scale is differentiated like the rest of the rule.
         qk_activation: what follows the query and key projections before their l2 normalisation:
             ``"silu"`` (the paper, Section 4.4) or ``"identity"``. SiLU's outputs are mostly
-            positive, so after normalisation any two keys have a cosine of ~0.7 (measured on the
-            NIAH models: 0.75 between a question's query and its own needle's key, 0.73 to the
-            other needles'); a memory trained by gradient steps on such keys reads back a blend
-            dominated by the latest write. Without it, keys of unrelated tokens start near
+            positive, so after normalisation any two keys have a cosine of ~0.7 (a question's query
+            is then about as close to the other needles' keys as to its own); a memory trained by
+            gradient steps on such keys reads back a blend dominated by the latest write. Without it, keys of unrelated tokens start near
             orthogonal. The values keep SiLU either way.
         objective: the loss of each write, the attentional bias (``ops/memory/objectives.py``):
             ``"l2"`` (the paper's ``||M(k) - v||^2``), ``"lp"`` (MIRAS eqs. 10-11, Moneta's

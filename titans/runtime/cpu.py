@@ -24,9 +24,8 @@ def tune_cpu_allocator() -> bool:
 
     PyTorch on CPU allocates through malloc; glibc serves blocks above a threshold (at most
     32 MB) with fresh ``mmap`` pages and unmaps them on free, so every new activation tensor pays
-    page faults. On the 2-core machine this project is measured on, that made a 1 MB elementwise
-    op 6x slower than writing into an existing buffer, and a 16K-token training step of the
-    memory layer 1.3x slower per token than a 1K one. Serving every block from the heap and never
+    page faults, which on a small CPU can cost more than the elementwise op that fills it, and more
+    per token the longer the sequence (docs/speed.md). Serving every block from the heap and never
     trimming it lets freed blocks be reused (the process keeps its peak resident size, as a GPU
     caching allocator does). It is process-wide, so it is opt-in: the CLI and the benchmarks call
     it; a library user may call it once at start (or preload jemalloc/tcmalloc instead). Returns
