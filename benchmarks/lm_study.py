@@ -72,10 +72,11 @@ class Preset:
 
 # Every memory model bounds each inner step (memory_max_grad_norm): untrained memories of this size
 # diverge within the first thousand tokens of a row without it (docs/reliability.md). And its
-# learning rate (theta) is bounded by a sigmoid at max_lr: with the unbounded softplus the gates
-# can raise theta while momentum keeps each write acting for thousands of tokens, and the outer
-# gradient through that recurrence explodes (docs/lm_study.md, "Stability").
-BOUNDED = {"memory_max_grad_norm": 10.0, "memory_theta_activation": "sigmoid", "memory_max_lr": 0.1}
+# learning rate (theta) is bounded by a sigmoid at max_lr: a 64-token chunk takes every gradient at
+# its start weights and momentum re-applies them, so one chunk moves the memory by up to
+# chunk * max_lr / (1 - eta) clipped gradients, and with a larger bound the outer gradient through
+# that recurrence explodes (docs/lm_study.md, "Stability").
+BOUNDED = {"memory_max_grad_norm": 10.0, "memory_theta_activation": "sigmoid", "memory_max_lr": 0.01}
 PRESETS = {
     "cpu": Preset(dim=128, depth=4, heads=4, window=128, vocab=8192, seq_len=2048, rows=4, tokens=2_000_000,
                   lrs=(5e-4, 1e-3, 2e-3), warmup_steps=25, held_out_plays=4, held_out_wiki=0.02,
