@@ -58,29 +58,34 @@ def non_embedding_params(model: TitansLM) -> int:
 
 
 class Task:
-    """Rows of one task: ``batch(rng, n, length, pairs) -> (ids [n, length + 1], weight [n, length])``
-    (weight: the loss weight of each target; the scored targets are those above ``scored``)."""
+    """Rows of one task: ``batch(rng, n, length, pairs) -> (inputs [n, length], targets [n, length],
+    weight [n, length])`` (weight: the loss weight of each target; the scored targets are those
+    above ``scored``)."""
 
     def __init__(self, name: str, args) -> None:
         self.name, self.args = name, args
         self.vocab = KV_VOCAB if name == "kv" else args.mqar_vocab
         self.scored = 1.0 if name == "kv" else 0.0  # kv: the answers; mqar: the queried values
 
-    def batch(self, rng: np.random.Generator, n: int, length: int, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, rng: np.random.Generator, n: int, length: int, pairs: int):
         if self.name == "kv":
             ids, answer = recall_rows(rng, n, length, pairs)
-            return ids, 1.0 + (self.args.answer_weight - 1.0) * answer[:, 1:].float()
+            return ids[:, :-1], ids[:, 1:], 1.0 + (self.args.answer_weight - 1.0) * answer[:, 1:].float()
         ids, labels = generate_mqar(n, vocab_size=self.vocab, seq_len=length + 1, num_pairs=pairs,
                                     seed=[self.args.seed, int(rng.integers(2**31))])  # fmt: skip
-        return ids, (labels[:, 1:] != -100).float()
+        # MQAR's targets are its labels (the value after each queried key), not the next input:
+        # the input there is filler, as in Zoology
+        scored = labels[:, 1:] != -100
+        return ids[:, :-1], torch.where(scored, labels[:, 1:], 0), scored.float()
 
     def accuracy(self, model: TitansLM, length: int, pairs: int, rows: int = 32) -> float:
         """Accuracy on ``rows`` held-out rows (the same rows for every rule and step)."""
-        ids, weight = self.batch(np.random.default_rng([10_000, self.args.seed, length, pairs]), rows, length, pairs)
+        inputs, targets, weight = self.batch(np.random.default_rng([10_000, self.args.seed, length, pairs]), rows,
+                                             length, pairs)  # fmt: skip
         with torch.no_grad():
-            logits, _, _ = model(ids[:, :-1])
+            logits, _, _ = model(inputs)
         mask = weight > self.scored
-        return (logits.argmax(-1) == ids[:, 1:])[mask].float().mean().item()
+        return (logits.argmax(-1) == targets)[mask].float().mean().item()
 
 
 def train(rule: str, task: Task, args) -> dict:
@@ -91,10 +96,10 @@ def train(rule: str, task: Task, args) -> dict:
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 50)  # 50 warm-up steps
-        ids, weight = task.batch(rng, args.batch, args.length, args.pairs)
+        inputs, targets, weight = task.batch(rng, args.batch, args.length, args.pairs)
         start = time.perf_counter()
-        logits, _, _ = model(ids[:, :-1])
-        ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        logits, _, _ = model(inputs)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         loss = (ce * weight.flatten()).sum() / weight.sum()
         opt.zero_grad()
         loss.backward()
