@@ -302,6 +302,15 @@ def _token_depthwise(u: Tensor, tail: Tensor, weight: Tensor) -> tuple[Tensor, T
     return (full * w).sum(1, keepdim=True), full[:, 1:].contiguous()
 
 
+def _check_tail(tail: Tensor | None, kernel: int, shape: tuple[int, ...], what: str, setting: str) -> None:
+    """Refuse a state's convolution tail that this layer's ``kernel`` (0: none) cannot continue."""
+    theirs = None if tail is None else tuple(tail.shape)
+    mine = shape if kernel else None
+    if theirs != mine:
+        raise StateMismatchError(f"the state has {'none' if theirs is None else f'a tail of shape {theirs}'} for "
+                                 f"{what}; this layer ({setting}={kernel}) takes {'none' if mine is None else mine}")
+
+
 def _next_tail(u: Tensor, tail: Tensor | None, K: int) -> Tensor:
     """The last K-1 inputs of ``[tail || u]`` (zeros before the first token): the next call's tail.
     A copy, not a view: a state kept between calls must not pin the whole ``[B, T, C]`` projection."""
@@ -668,18 +677,11 @@ class NeuralMemory(nn.Module):
                 raise ValueError(
                     f"state was made for batch size {state.memory.batch_size}, x has {x.shape[0]}"
                 )
-            tail = None if state.conv is None else tuple(state.conv.shape)
-            mine = None if not self.conv_kernel else (x.shape[0], self.conv_kernel - 1, self.to_qkv.out_features)
-            if tail != mine:
-                theirs = "none" if tail is None else f"a tail of shape {tail}"
-                raise StateMismatchError(f"the state has {theirs} for the q/k/v convolution; this layer (conv_kernel="
-                                         f"{self.conv_kernel}) takes {'none' if mine is None else mine}")  # fmt: skip
-            tail = None if state.gate_conv is None else tuple(state.gate_conv.shape)
-            mine = None if not self.gate_kernel else (x.shape[0], self.gate_kernel - 1, self.dim)
-            if tail != mine:
-                theirs = "none" if tail is None else f"a tail of shape {tail}"
-                raise StateMismatchError(f"the state has {theirs} for the gates' convolution; this layer (gate_kernel="
-                                         f"{self.gate_kernel}) takes {'none' if mine is None else mine}")  # fmt: skip
+            B = x.shape[0]
+            _check_tail(state.conv, self.conv_kernel, (B, self.conv_kernel - 1, self.to_qkv.out_features),
+                        "the q/k/v convolution", "conv_kernel")  # fmt: skip
+            _check_tail(state.gate_conv, self.gate_kernel, (B, self.gate_kernel - 1, self.dim),
+                        "the gates' convolution", "gate_kernel")  # fmt: skip
             written_with = state.memory.muon_steps
             if state.memory.momentum is not None and (written_with is None) != (self.muon_steps is None):
                 raise StateMismatchError(f"the state's momentum was written with muon_steps={written_with}, this layer has "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from ..errors import UserError, first_line
+from ..io.config_files import ConfigError
 from ..io.files import printable, sha256_file, write_text_atomic
 from .tree_io import TreeError, load_tree, save_tree
 
@@ -267,10 +269,21 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a safetensors weights file ({err})") from err
 
 
-def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+def load_model_weights(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str, keep_initial: re.Pattern | None = None,
+    keep_setting: str = "keep_initial",
+) -> list[str]:
+    """Load ``weights`` into ``model``, every parameter and buffer of it, of its shapes. The
+    parameters missing from ``weights`` whose names ``keep_initial`` matches (re.search) keep the
+    model's own values (a module added since the weights were saved); their names are returned,
+    and a pattern that matches none is refused as a ConfigError naming ``keep_setting``."""
     own = model.state_dict()
     if _tied(model) and "head.weight" not in weights and "embed.weight" in weights:
         weights = {**weights, "head.weight": weights["embed.weight"]}  # exported without the tied copy
+    kept = [] if keep_initial is None else sorted(n for n in set(own) - set(weights) if keep_initial.search(n))
+    if keep_initial is not None and not kept:
+        raise ConfigError(f"{keep_setting} {keep_initial.pattern!r} matches no parameter that {where} lacks")
+    weights = {**weights, **{name: own[name] for name in kept}}
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
@@ -287,6 +300,7 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
                 f"{where}: {name} has shape {tuple(tensor.shape)}, the model has {tuple(own[name].shape)}"
             )
     model.load_state_dict(weights)
+    return kept
 
 
 def load_pretrained(

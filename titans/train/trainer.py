@@ -127,17 +127,10 @@ def _init_from(model: TitansLM, path: str, run: RunConfig, tokenizer, verbose: b
             f"train.init_from: {where} was trained with another tokenizer "
             f"({theirs.get('name')!r}, this run {tokenizer.to_spec().get('name')!r})"
         )
+    fresh = None if run.train.init_new is None else re.compile(run.train.init_new)
     weights = ckpt.read_weights(where / "model.safetensors")
-    kept = []
-    if run.train.init_new is not None:
-        pattern = re.compile(run.train.init_new)
-        own = model.state_dict()
-        tied = {"head.weight"} if model.head.weight is model.embed.weight and "embed.weight" in weights else set()
-        kept = sorted(name for name in set(own) - set(weights) - tied if pattern.search(name))
-        if not kept:
-            raise ConfigError(f"train.init_new {run.train.init_new!r} matches no parameter that {where} lacks")
-        weights = {**weights, **{name: own[name] for name in kept}}
-    ckpt.load_model_weights(model, weights, f"train.init_from {where}")
+    kept = ckpt.load_model_weights(model, weights, f"train.init_from {where}", keep_initial=fresh,
+                                   keep_setting="train.init_new")  # fmt: skip
     old, new = _with_defaults(saved["config"], "model"), run.to_dict()["model"]
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if verbose:

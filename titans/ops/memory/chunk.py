@@ -801,8 +801,8 @@ def chunk_memory(
     ``product_dtype``: ``torch.bfloat16`` runs the chunk's matrix products in bf16 (each product's
     inputs and output rounded to bf16) while the recurrent state (weights, momentum, their
     gradients and the gates' decays), the key side's forward and its error ``M(k) - v`` stay
-    float32: 1.1-1.3x the layer's training speed on a 2-core CPU with native bf16 products (its
-    bf16 elementwise work is slower than float32's; a GPU gains more), outputs and per-chunk
+    float32: faster only where the hardware multiplies bf16 natively (docs/speed.md; on a CPU its
+    bf16 elementwise work is slower than float32's, a GPU gains more), outputs and per-chunk
     updates within ~1e-2 of the float64 loop (tests/test_memory_product_dtype.py). None
     (default): float32 throughout.
     ``muon_steps = k``: ATLAS's Muon (``naive_memory``), each chunk exact with respect to the token
